@@ -1,0 +1,93 @@
+//! `config`: the repository's parameters, fixed at `dsync init`.
+
+use super::{open, seal, Reader, Writer};
+use crate::error::{Error, Result};
+
+pub const MAGIC: &[u8; 8] = b"DSYNCCFG";
+
+/// Parameters every writer and reader of a repository must agree on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Random id of the repository.
+    pub repo_id: u64,
+    /// Signature block size in bytes (a power of two).
+    pub block_size: u32,
+    /// Signature entries per signature page.
+    pub page_entries: u32,
+    /// Most uncompressed bytes in one pack frame.
+    pub frame_size: u32,
+    /// zstd level for pack frames.
+    pub zstd_level: i32,
+    /// A pack is closed once it holds this many compressed bytes.
+    pub pack_target: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            repo_id: crate::id::random_u64(),
+            block_size: 4096,
+            page_entries: 256,
+            frame_size: 128 * 1024,
+            zstd_level: 1,
+            pack_target: 64 << 20,
+        }
+    }
+}
+
+impl Config {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.repo_id);
+        w.u32(self.block_size);
+        w.u32(self.page_entries);
+        w.u32(self.frame_size);
+        w.u32(self.zstd_level as u32);
+        w.u64(self.pack_target);
+        seal(MAGIC, &w.buf, false)
+    }
+
+    /// # Errors
+    /// [`Error::Corrupt`] when the file is damaged or a parameter is out of range.
+    pub fn decode(bytes: &[u8], object: &str) -> Result<Config> {
+        let body = open(MAGIC, bytes, object)?;
+        let mut r = Reader::new(&body, object);
+        let c = Config {
+            repo_id: r.u64()?,
+            block_size: r.u32()?,
+            page_entries: r.u32()?,
+            frame_size: r.u32()?,
+            zstd_level: r.u32()? as i32,
+            pack_target: r.u64()?,
+        };
+        r.finish()?;
+        let bad = |what: &str| Error::corrupt(object, 0, format!("{what} out of range"));
+        if !c.block_size.is_power_of_two() || !(512..=1 << 20).contains(&c.block_size) {
+            return Err(bad("block size"));
+        }
+        if !(1..=65536).contains(&c.page_entries) {
+            return Err(bad("page entries"));
+        }
+        if !(4096..=super::pack::MAX_FRAME).contains(&c.frame_size) {
+            return Err(bad("frame size"));
+        }
+        if !(-7..=22).contains(&c.zstd_level) {
+            return Err(bad("zstd level"));
+        }
+        if !(1 << 20..=1 << 36).contains(&c.pack_target) {
+            return Err(bad("pack target"));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let c = Config::default();
+        assert_eq!(Config::decode(&c.encode(), "config").unwrap(), c);
+    }
+}
