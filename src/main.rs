@@ -1,1 +1,182 @@
-fn main(){}
+//! The `dsync` binary: parses the command line, calls the store, prints, and
+//! maps errors to exit codes.
+
+mod cli;
+mod progress;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use dsync_store::{BackupOptions, Error, Repo};
+
+use cli::{Cli, Command};
+use progress::Bar;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // A closed pipe (`dsync cat ... | head`) is not a failure.
+            let broken_pipe = e.chain().any(|c| {
+                let io = match c.downcast_ref::<Error>() {
+                    Some(Error::Io { source, .. }) => Some(source),
+                    _ => c.downcast_ref::<std::io::Error>(),
+                };
+                io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("dsync: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// Exit codes, documented in README.md and `dsync --help`.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<Error>() {
+        Some(Error::Corrupt { .. }) => 3,
+        Some(Error::Locked { .. }) => 4,
+        _ => 1,
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init { repo } => {
+            Repo::init(&repo, Default::default())?;
+            if !cli.quiet {
+                println!("created repository {}", repo.display());
+            }
+        }
+        Command::Backup { repo, paths, checksum, json } => {
+            let r = Repo::open_or_init(&repo)?;
+            let bar = Bar::new(cli.quiet || json);
+            let opts = BackupOptions { checksum, ..Default::default() };
+            let rep = dsync_store::backup(&r, &paths, &opts, &bar);
+            bar.done();
+            let rep = rep?;
+            let s = &rep.snapshot;
+            if json {
+                let files: Vec<_> = rep
+                    .files
+                    .iter()
+                    .map(|f| {
+                        serde_json::json!({
+                            "name": f.name, "size": f.size, "reused": f.reused,
+                            "bytes_read": f.bytes_read, "literal_bytes": f.stats.literal,
+                            "aligned_match_bytes": f.stats.aligned, "shifted_match_bytes": f.stats.shifted,
+                            "hole_bytes": f.stats.hole, "border_literal_bytes": f.stats.border_literal,
+                            "compressed_bytes": f.bytes_compressed,
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({
+                    "snapshot": s.id.to_string(), "time": dsync_store::time::local(s.time_ns),
+                    "bytes_read": s.stats.bytes_read, "bytes_added": s.stats.bytes_added,
+                    "seconds": s.stats.duration_ns as f64 / 1e9, "files": files,
+                });
+                println!("{v}");
+            } else if !cli.quiet {
+                for f in &rep.files {
+                    if f.reused {
+                        println!("{}: unchanged (size, mtime, inode), not read", f.name);
+                    } else {
+                        println!(
+                            "{}: {} read, {} new ({} compressed), {} unchanged, {} moved, {} holes",
+                            f.name,
+                            human(f.bytes_read),
+                            human(f.stats.literal),
+                            human(f.bytes_compressed),
+                            human(f.stats.aligned),
+                            human(f.stats.shifted),
+                            human(f.stats.hole)
+                        );
+                    }
+                }
+                println!(
+                    "snapshot {} saved: {} read, repository grew by {} in {:.2} s",
+                    &s.id.to_string()[..8],
+                    human(s.stats.bytes_read),
+                    human(s.stats.bytes_added),
+                    s.stats.duration_ns as f64 / 1e9
+                );
+            }
+        }
+        Command::List { repo, json } => {
+            let r = Repo::open(&repo)?;
+            let out = std::io::stdout();
+            let mut out = out.lock();
+            let snaps = r.snapshots()?;
+            if !json {
+                writeln!(out, "{:<16}  {:<19}  {:>5}  {:>10}  {:>10}", "ID", "TIME", "FILES", "SIZE", "ADDED")?;
+            }
+            for s in snaps {
+                let (files, size) = s.totals();
+                if json {
+                    let v = serde_json::json!({
+                        "id": s.id.to_string(), "time": dsync_store::time::local(s.time_ns),
+                        "time_unix_ns": s.time_ns, "host": s.host, "paths": s.paths,
+                        "files": files, "size": size, "bytes_added": s.stats.bytes_added,
+                    });
+                    writeln!(out, "{v}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<16}  {:<19}  {:>5}  {:>10}  {:>10}",
+                        s.id.to_string(),
+                        dsync_store::time::local(s.time_ns),
+                        files,
+                        human(size),
+                        human(s.stats.bytes_added)
+                    )?;
+                }
+            }
+        }
+        Command::Restore { repo, snapshot, to, path, force } => {
+            let r = Repo::open(&repo)?;
+            let s = r.resolve(&snapshot)?;
+            let bar = Bar::new(cli.quiet);
+            let rep = dsync_store::restore(&r, &s, path.as_deref(), &to, force, &bar);
+            bar.done();
+            let rep = rep?;
+            if !cli.quiet {
+                for (p, n) in &rep.files {
+                    println!("restored {} ({}), verified", p.display(), human(*n));
+                }
+            }
+        }
+        Command::Cat { repo, snapshot, path } => {
+            let r = Repo::open(&repo)?;
+            let s = r.resolve(&snapshot)?;
+            let node = dsync_store::restore::find_file(&s, &path)?;
+            let dsync_store::NodeKind::File(f) = &node.kind else {
+                anyhow::bail!("{path} is not a file");
+            };
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            let what = format!("snapshot {} file {}", s.id, path);
+            dsync_store::cat(&r, f, &what, &mut lock).with_context(|| format!("cat {path}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}

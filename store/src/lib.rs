@@ -2,9 +2,22 @@
 //! backup, restore and read paths over them. It knows nothing of the command
 //! line or of FUSE. store/FORMAT.md specifies every byte it writes.
 
+pub mod backup;
 pub mod delta;
 pub mod error;
 pub mod format;
 pub mod id;
+pub mod map;
+pub mod pack;
+pub mod read;
+pub mod repo;
+pub mod restore;
+pub mod time;
 
+pub use backup::{backup, BackupOptions, BackupReport, FileReport, NoProgress, Progress};
 pub use error::{Error, Result};
+pub use format::snapshot::{FileVersion, Node, NodeKind, Snapshot};
+pub use id::{MapId, PackId, SigId, SnapshotId};
+pub use read::VersionReader;
+pub use repo::Repo;
+pub use restore::{cat, restore, RestoreReport};

@@ -1,0 +1,47 @@
+//! Progress bars on a terminal (indicatif); nothing when stderr is not a
+//! terminal or with --quiet.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub struct Bar {
+    bar: Option<ProgressBar>,
+}
+
+impl Bar {
+    pub fn new(quiet: bool) -> Self {
+        let show = !quiet && std::io::stderr().is_terminal();
+        let bar = show.then(|| {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template("{msg:20!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            b
+        });
+        Bar { bar }
+    }
+
+    pub fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl dsync_store::Progress for Bar {
+    fn start(&self, name: &str, size: u64) {
+        if let Some(b) = &self.bar {
+            b.set_message(name.to_string());
+            b.set_position(0);
+            b.set_length(size);
+        }
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! Backup: one snapshot per call, each source file diffed against its previous
+//! version's signature and stored as an extent map.
+//!
+//! The file is read once, in chunks of a few MiB that a rayon pool reads,
+//! diffs and compresses in parallel (in batches of a few chunks per thread, so
+//! memory stays bounded whatever the file size); the calling thread then
+//! appends each chunk's frames to the pack, turns its ops into extents (a copy
+//! of the previous version resolves through the previous map, so no version
+//! ever points at another version), pages its signature entries (a page equal
+//! to the previous version's is shared, not rewritten) and feeds the
+//! whole-file hash. Holes are found with SEEK_DATA/SEEK_HOLE and never read.
+//!
+//! Write order (FORMAT.md, "Write ordering"): packs and signature files are
+//! finished and fsynced, maps written and fsynced, their directories fsynced,
+//! and only then is the manifest renamed into `snapshots/`. A crash before the
+//! rename leaves unreferenced files and no snapshot.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::delta::signature::{FileHasher, ZeroBlock};
+use crate::delta::{diff_chunk, Chunk, DeltaStats, Op, SigView};
+use crate::error::{Error, IoContext, Result};
+use crate::format::map::{MapBody, PageRef};
+use crate::format::snapshot::{FileVersion, Node, NodeKind, Snapshot, SnapshotStats, ROOT};
+use crate::format::sig::ENTRY_SIZE;
+use crate::id::{MapId, SnapshotId};
+use crate::map::{FileMap, MapBuilder, Piece};
+use crate::pack::{compress_frames, CompressedFrame, PackWriter};
+use crate::repo::{fsync_dir, write_atomic, write_new, Repo, SigWriter};
+
+/// Reports progress of long work. All methods default to doing nothing.
+pub trait Progress: Sync {
+    /// A new file of `size` bytes starts.
+    fn start(&self, _name: &str, _size: u64) {}
+    /// `bytes` more were processed.
+    fn advance(&self, _bytes: u64) {}
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// What `dsync backup` was asked to do.
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    /// Read every file even when size, mtime and inode are unchanged.
+    pub checksum: bool,
+    /// The snapshot's time (Unix ns); now when `None`.
+    pub time_ns: Option<i64>,
+    /// Bytes per chunk diffed by one task (rounded to whole blocks).
+    pub chunk_size: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            checksum: false,
+            time_ns: None,
+            chunk_size: 4 << 20,
+        }
+    }
+}
+
+/// What happened to one source file.
+#[derive(Clone, Debug)]
+pub struct FileReport {
+    pub name: String,
+    pub size: u64,
+    /// Unchanged metadata: the previous version was reused without reading.
+    pub reused: bool,
+    /// There was a previous version to diff against.
+    pub had_previous: bool,
+    pub stats: DeltaStats,
+    pub bytes_read: u64,
+    /// Compressed bytes of new literal data.
+    pub bytes_compressed: u64,
+    /// Damaged pages of the previous signature (matched nothing).
+    pub damaged_sig_pages: u64,
+}
+
+/// The result of a backup.
+#[derive(Clone, Debug)]
+pub struct BackupReport {
+    pub snapshot: Snapshot,
+    pub files: Vec<FileReport>,
+}
+
+/// Runs a backup of `paths` into `repo`.
+///
+/// # Errors
+/// [`Error::Locked`] when another writer runs; [`Error::InvalidInput`] for a
+/// missing, unreadable or unsupported source; [`Error::SourceChanged`];
+/// [`Error::Io`] (a full disk among them). On any error no snapshot is made and
+/// every earlier one is untouched.
+pub fn backup(repo: &Repo, paths: &[PathBuf], opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupReport> {
+    let started = Instant::now();
+    let _lock = repo.lock()?;
+    if paths.is_empty() {
+        return Err(Error::InvalidInput("nothing to back up: give at least one path".into()));
+    }
+    // Check every source before writing anything.
+    let mut sources = Vec::new();
+    for p in paths {
+        let md = std::fs::metadata(p).map_err(|e| {
+            Error::InvalidInput(format!("cannot back up {}: {}", p.display(), e))
+        })?;
+        if !md.is_file() {
+            return Err(Error::InvalidInput(format!(
+                "cannot back up {}: only regular files are supported in this version (directories come with stage 2)",
+                p.display()
+            )));
+        }
+        let name = p
+            .file_name()
+            .ok_or_else(|| Error::InvalidInput(format!("cannot back up {}: it has no file name", p.display())))?
+            .as_encoded_bytes()
+            .to_vec();
+        if sources.iter().any(|(_, n, _): &(PathBuf, Vec<u8>, _)| *n == name) {
+            return Err(Error::InvalidInput(format!(
+                "two sources are named {:?}; each path is stored under its base name",
+                String::from_utf8_lossy(&name)
+            )));
+        }
+        File::open(p).map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", p.display(), e)))?;
+        sources.push((std::path::absolute(p).unwrap_or_else(|_| p.clone()), name, md));
+    }
+    let previous = repo.snapshots()?;
+
+    let mut w = Writer::new(repo)?;
+    let mut nodes = Vec::new();
+    let mut files = Vec::new();
+    let mut bytes_read = 0;
+    for (path, name, md) in &sources {
+        let prev = previous
+            .iter()
+            .rev()
+            .find_map(|s| match s.root_node(name) {
+                Some(Node { kind: NodeKind::File(f), .. }) => Some(f.clone()),
+                _ => None,
+            });
+        let display = String::from_utf8_lossy(name).into_owned();
+        progress.start(&display, md.len());
+        let unchanged = prev.as_ref().is_some_and(|f| {
+            f.size == md.len() && f.ino == md.ino() && f.dev == md.dev() && f.ctime_ns == ctime_ns(md) && mtime_ns_of(md) == f_mtime(&previous, name)
+        });
+        let (version, report) = if unchanged && !opts.checksum {
+            let Some(f) = prev else { unreachable_prev()? };
+            progress.advance(md.len());
+            let report = FileReport {
+                name: display,
+                size: md.len(),
+                reused: true,
+                had_previous: true,
+                stats: DeltaStats::default(),
+                bytes_read: 0,
+                bytes_compressed: 0,
+                damaged_sig_pages: 0,
+            };
+            (f, report)
+        } else {
+            let prev_loaded = match &prev {
+                Some(f) => {
+                    let map = repo.load_map(f.map)?;
+                    let sig = repo.sig_view(&map)?;
+                    Some((map, sig))
+                }
+                None => None,
+            };
+            w.file(path, &display, prev_loaded.as_ref().map(|(m, s)| (m, s)), opts, progress)?
+        };
+        bytes_read += report.bytes_read;
+        nodes.push(Node {
+            parent: ROOT,
+            name: name.clone(),
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime_ns: mtime_ns_of(md),
+            kind: NodeKind::File(version),
+        });
+        files.push(report);
+    }
+    let mut added = w.finish()?;
+    let mut snap = Snapshot {
+        id: SnapshotId::random(),
+        time_ns: opts.time_ns.unwrap_or_else(crate::time::now_ns),
+        host: crate::repo::hostname(),
+        paths: sources.iter().map(|(p, _, _)| p.display().to_string()).collect(),
+        stats: SnapshotStats {
+            bytes_read,
+            bytes_added: 0,
+            duration_ns: 0,
+        },
+        nodes,
+    };
+    // The manifest's own size counts in bytes_added; it does not change the
+    // encoded length by more than a varint would, and our ints are fixed width.
+    let probe = snap.encode().len() as u64;
+    added += probe;
+    snap.stats.bytes_added = added;
+    snap.stats.duration_ns = started.elapsed().as_nanos() as u64;
+    let bytes = snap.encode();
+    write_atomic(&repo.dir("tmp"), &repo.dir("snapshots").join(format!("{}.snap", snap.id)), &bytes)?;
+    Ok(BackupReport { snapshot: snap, files })
+}
+
+fn unreachable_prev<T>() -> Result<T> {
+    Err(Error::InvalidInput("internal: previous version vanished".into()))
+}
+
+fn f_mtime(previous: &[Snapshot], name: &[u8]) -> i64 {
+    previous
+        .iter()
+        .rev()
+        .find_map(|s| s.root_node(name).map(|n| n.mtime_ns))
+        .unwrap_or(i64::MIN)
+}
+
+fn mtime_ns_of(md: &std::fs::Metadata) -> i64 {
+    md.mtime() * 1_000_000_000 + md.mtime_nsec()
+}
+
+fn ctime_ns(md: &std::fs::Metadata) -> i64 {
+    md.ctime() * 1_000_000_000 + md.ctime_nsec()
+}
+
+/// One chunk after the parallel stage.
+struct ChunkOut {
+    len: u64,
+    ops: Vec<Op>,
+    entries: Vec<[u8; ENTRY_SIZE]>,
+    digests: Vec<[u8; 32]>,
+    frames: Vec<CompressedFrame>,
+    stats: DeltaStats,
+    read: u64,
+}
+
+/// The files a backup writes, shared by all its source files.
+struct Writer<'r> {
+    repo: &'r Repo,
+    pack: Option<PackWriter>,
+    sig: Option<SigWriter>,
+    added: u64,
+    buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+impl<'r> Writer<'r> {
+    fn new(repo: &'r Repo) -> Result<Self> {
+        Ok(Writer {
+            repo,
+            pack: None,
+            sig: None,
+            added: 0,
+            buffers: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        let mut b = self.buffers.lock().ok().and_then(|mut v| v.pop()).unwrap_or_default();
+        b.clear();
+        b.resize(len, 0);
+        b
+    }
+
+    fn give_back(&self, b: Vec<u8>) {
+        if let Ok(mut v) = self.buffers.lock() {
+            v.push(b);
+        }
+    }
+
+    fn pack(&mut self) -> Result<&mut PackWriter> {
+        let full = self
+            .pack
+            .as_ref()
+            .is_some_and(|p| p.file_len() >= self.repo.config().pack_target);
+        if full {
+            if let Some(p) = self.pack.take() {
+                self.added += p.finish()?;
+            }
+        }
+        if self.pack.is_none() {
+            self.pack = Some(PackWriter::create(&self.repo.dir("packs"))?);
+        }
+        self.pack
+            .as_mut()
+            .ok_or_else(|| Error::InvalidInput("internal: no pack".into()))
+    }
+
+    fn sig(&mut self) -> Result<&mut SigWriter> {
+        if self.sig.is_none() {
+            self.sig = Some(SigWriter::create(&self.repo.dir("sigs"), self.repo.config().page_entries)?);
+        }
+        self.sig
+            .as_mut()
+            .ok_or_else(|| Error::InvalidInput("internal: no signature file".into()))
+    }
+
+    /// Backs up one file; returns its version and report.
+    fn file(
+        &mut self,
+        path: &Path,
+        name: &str,
+        prev: Option<(&FileMap, &SigView)>,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+    ) -> Result<(FileVersion, FileReport)> {
+        let cfg = self.repo.config().clone();
+        let bs = cfg.block_size as usize;
+        let file = File::open(path).map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", path.display(), e)))?;
+        let before = file.metadata().at(path)?;
+        let size = before.len();
+        let data_ranges = data_ranges(&file, size);
+        let chunk_size = (opts.chunk_size.div_ceil(bs).max(1) * bs) as u64;
+        let nchunks = size.div_ceil(chunk_size);
+        let batch = (rayon::current_num_threads() * 2).max(2) as u64;
+        let prev_sig = prev.map(|(_, s)| s);
+        let zero = ZeroBlock::new(cfg.block_size);
+
+        let mut hasher = FileHasher::new(size, cfg.block_size);
+        let mut builder = MapBuilder::default();
+        let mut pager = Pager::new(cfg.page_entries, prev, zero);
+        let mut stats = DeltaStats::default();
+        let mut read = 0u64;
+        let mut compressed = 0u64;
+        let mut pos = 0u64;
+
+        let mut c0 = 0;
+        while c0 < nchunks {
+            let c1 = (c0 + batch).min(nchunks);
+            let outs: Vec<Result<ChunkOut>> = (c0..c1)
+                .into_par_iter()
+                .map(|c| {
+                    let off = c * chunk_size;
+                    let len = (size - off).min(chunk_size);
+                    self.chunk(&file, path, off, len, size, &data_ranges, prev_sig, &cfg)
+                })
+                .collect();
+            for out in outs {
+                let out = out?;
+                let pack = self.pack()?;
+                let mut base = None;
+                for f in &out.frames {
+                    let at = pack.append(f)?;
+                    base.get_or_insert(at);
+                    compressed += f.bytes.len() as u64;
+                }
+                let pack_id = pack.id;
+                let base = base.unwrap_or(0);
+                for op in &out.ops {
+                    match *op {
+                        Op::Hole { len } => pos += len,
+                        Op::Literal { len, at } => {
+                            builder.push(pos, len, pack_id, base + at as u64);
+                            pos += len;
+                        }
+                        Op::Copy { len, from } => {
+                            let Some((pm, _)) = prev else {
+                                return Err(Error::InvalidInput("internal: copy without a previous version".into()));
+                            };
+                            pm.resolve(from, len, |p| match p {
+                                Piece::Data { len, pack, offset } => {
+                                    builder.push(pos, len, pack, offset);
+                                    pos += len;
+                                }
+                                Piece::Hole { len } => pos += len,
+                            });
+                        }
+                    }
+                }
+                for e in &out.entries {
+                    if let Some(page) = pager.push(e) {
+                        let r = self.store_page(&page, &mut pager)?;
+                        pager.refs.push(r);
+                    }
+                }
+                hasher.update(&out.digests);
+                stats.add(&out.stats);
+                read += out.read;
+                progress.advance(out.len);
+            }
+            c0 = c1;
+        }
+        if let Some(page) = pager.flush() {
+            let r = self.store_page(&page, &mut pager)?;
+            pager.refs.push(r);
+        }
+        if pos != size {
+            return Err(Error::InvalidInput(format!("internal: map covers {pos} of {size} bytes")));
+        }
+        let after = file.metadata().at(path)?;
+        let what = if after.len() != size {
+            Some(format!("size {} -> {}", size, after.len()))
+        } else if mtime_ns_of(&after) != mtime_ns_of(&before) {
+            Some("modification time changed".to_string())
+        } else if ctime_ns(&after) != ctime_ns(&before) {
+            Some("change time changed".to_string())
+        } else {
+            None
+        };
+        if let Some(detail) = what {
+            return Err(Error::SourceChanged { path: path.into(), detail });
+        }
+        let body = MapBody {
+            file_size: size,
+            block_size: cfg.block_size,
+            page_entries: cfg.page_entries,
+            extents: builder.extents,
+            pages: std::mem::take(&mut pager.refs),
+        };
+        let map_id = MapId::random();
+        let enc = body.encode();
+        write_new(&self.repo.dir("maps").join(format!("{map_id}.map")), &enc)?;
+        self.added += enc.len() as u64;
+        let version = FileVersion {
+            size,
+            hash: hasher.finish(),
+            map: map_id,
+            dev: before.dev(),
+            ino: before.ino(),
+            ctime_ns: ctime_ns(&before),
+            flags: 0,
+        };
+        let report = FileReport {
+            name: name.to_string(),
+            size,
+            reused: false,
+            had_previous: prev.is_some(),
+            stats,
+            bytes_read: read,
+            bytes_compressed: compressed,
+            damaged_sig_pages: prev_sig.map_or(0, |s| s.damaged_pages()),
+        };
+        Ok((version, report))
+    }
+
+    fn store_page(&mut self, page: &[u8], pager: &mut Pager<'_>) -> Result<PageRef> {
+        if let Some(r) = pager.shared(page) {
+            return Ok(r);
+        }
+        let entries = (page.len() / ENTRY_SIZE) as u32;
+        let sum = xxhash_rust::xxh3::xxh3_64(page);
+        if page == &pager.zero_page[..page.len()] {
+            return Ok(PageRef { sig: None, slot: 0, entries, sum });
+        }
+        let w = self.sig()?;
+        let slot = w.append(page)?;
+        Ok(PageRef { sig: Some(w.id), slot, entries, sum })
+    }
+
+    /// Reads, diffs and compresses one chunk (runs on a pool thread).
+    #[allow(clippy::too_many_arguments)]
+    fn chunk(
+        &self,
+        file: &File,
+        path: &Path,
+        off: u64,
+        len: u64,
+        size: u64,
+        data: &[(u64, u64)],
+        prev: Option<&SigView>,
+        cfg: &crate::format::config::Config,
+    ) -> Result<ChunkOut> {
+        let bs = cfg.block_size as u64;
+        let mut buf = self.buffer(len as usize);
+        let end = off + len;
+        let nb = len.div_ceil(bs) as usize;
+        let mut holes = vec![true; nb];
+        let mut read = 0u64;
+        let first = data.partition_point(|&(_, e)| e <= off);
+        for &(ds, de) in &data[first..] {
+            if ds >= end {
+                break;
+            }
+            let s = ds.max(off);
+            let e = de.min(end);
+            let dst = &mut buf[(s - off) as usize..(e - off) as usize];
+            read_full(file, dst, s).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::SourceChanged {
+                    path: path.into(),
+                    detail: "file shrank while it was read".into(),
+                },
+                _ => Error::io(path, e),
+            })?;
+            read += e - s;
+            let b0 = ((s - off) / bs) as usize;
+            let b1 = ((e - off).div_ceil(bs)) as usize;
+            holes[b0..b1].fill(false);
+        }
+        let d = diff_chunk(
+            &Chunk {
+                data: &buf,
+                offset: off,
+                file_size: size,
+                holes: &holes,
+            },
+            cfg.block_size,
+            prev,
+        );
+        // Gather literals into one stream and compress it.
+        let mut lit = self.buffer(0);
+        let mut ops = Vec::with_capacity(d.ops.len());
+        for op in d.ops {
+            match op {
+                Op::Literal { len, at } => {
+                    let o = lit.len();
+                    lit.extend_from_slice(&buf[at..at + len as usize]);
+                    ops.push(Op::Literal { len, at: o });
+                }
+                o => ops.push(o),
+            }
+        }
+        let mut frames = Vec::new();
+        compress_frames(&lit, cfg.frame_size as usize, cfg.zstd_level, &mut frames)?;
+        self.give_back(lit);
+        self.give_back(buf);
+        Ok(ChunkOut {
+            len,
+            ops,
+            entries: d.entries,
+            digests: d.digests,
+            frames,
+            stats: d.stats,
+            read,
+        })
+    }
+
+    /// Finishes the pack and signature file and fsyncs the directories.
+    fn finish(&mut self) -> Result<u64> {
+        if let Some(p) = self.pack.take() {
+            self.added += p.finish()?;
+        }
+        if let Some(s) = self.sig.take() {
+            self.added += s.finish()?;
+        }
+        for d in ["packs", "sigs", "maps"] {
+            fsync_dir(&self.repo.dir(d))?;
+        }
+        Ok(self.added)
+    }
+}
+
+/// Cuts signature entries into pages and recognises pages the previous version
+/// already stored.
+struct Pager<'a> {
+    pe: usize,
+    cur: Vec<u8>,
+    index: usize,
+    refs: Vec<PageRef>,
+    prev: Option<(&'a FileMap, &'a SigView)>,
+    zero_page: Vec<u8>,
+}
+
+impl<'a> Pager<'a> {
+    fn new(page_entries: u32, prev: Option<(&'a FileMap, &'a SigView)>, zero: ZeroBlock) -> Self {
+        Pager {
+            pe: page_entries as usize,
+            cur: Vec::with_capacity(page_entries as usize * ENTRY_SIZE),
+            index: 0,
+            refs: Vec::new(),
+            prev,
+            zero_page: zero.entry.repeat(page_entries as usize),
+        }
+    }
+
+    /// Adds an entry; returns a full page when one is complete.
+    fn push(&mut self, e: &[u8; ENTRY_SIZE]) -> Option<Vec<u8>> {
+        self.cur.extend_from_slice(e);
+        if self.cur.len() == self.pe * ENTRY_SIZE {
+            self.flush()
+        } else {
+            None
+        }
+    }
+
+    fn flush(&mut self) -> Option<Vec<u8>> {
+        if self.cur.is_empty() {
+            return None;
+        }
+        let p = std::mem::replace(&mut self.cur, Vec::with_capacity(self.pe * ENTRY_SIZE));
+        Some(p)
+    }
+
+    /// The previous version's reference for this page index, if its bytes are
+    /// the same. Advances the page index.
+    fn shared(&mut self, page: &[u8]) -> Option<PageRef> {
+        let i = self.index;
+        self.index += 1;
+        let (map, sig) = self.prev?;
+        let r = *map.body.pages.get(i)?;
+        if r.entries as usize * ENTRY_SIZE != page.len() {
+            return None;
+        }
+        (sig.page(i)? == page).then_some(r)
+    }
+}
+
+/// The data ranges of a file (SEEK_DATA/SEEK_HOLE); the whole file when the
+/// file system cannot tell.
+fn data_ranges(file: &File, size: u64) -> Vec<(u64, u64)> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    while (pos as u64) < size {
+        // SAFETY: lseek on a valid fd has no memory effects.
+        let d = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if d < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return vec![(0, size)];
+        }
+        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+        if h < 0 {
+            return vec![(0, size)];
+        }
+        let (d, h) = (d as u64, (h as u64).min(size));
+        if h > d {
+            out.push((d, h));
+        }
+        if h <= pos as u64 {
+            break;
+        }
+        pos = h as i64;
+    }
+    out
+}
+
+fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    file.read_exact_at(buf, off)
+}

@@ -1,0 +1,146 @@
+//! Random-access reads of one stored file version: one binary search in its
+//! extent map, then one frame (usually from the cache) per piece. Any version
+//! reads the same way whatever its age; there is no chain to walk.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::snapshot::FileVersion;
+use crate::map::FileMap;
+use crate::pack::PackCache;
+use crate::repo::Repo;
+
+/// An open file version.
+#[derive(Clone)]
+pub struct VersionReader {
+    map: Arc<FileMap>,
+    cache: Arc<PackCache>,
+    /// What errors name: "snapshot S file F".
+    what: Arc<str>,
+}
+
+impl VersionReader {
+    /// Opens `file` for reading.
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::Corrupt`] when the map cannot be loaded or does
+    /// not describe a file of the manifest's size.
+    pub fn open(repo: &Repo, file: &FileVersion, what: &str) -> Result<VersionReader> {
+        let map = repo.load_map(file.map)?;
+        if map.size() != file.size {
+            return Err(Error::corrupt(
+                format!("maps/{}.map", file.map),
+                0,
+                format!("map is for {} bytes, the manifest says {} ({what})", map.size(), file.size),
+            ));
+        }
+        Ok(VersionReader {
+            map: Arc::new(map),
+            cache: repo.cache().clone(),
+            what: what.into(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.map.size()
+    }
+
+    pub fn map(&self) -> &FileMap {
+        &self.map
+    }
+
+    /// Fills `buf` from offset `off`; returns the bytes read (short only at the
+    /// end of the file).
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] naming the pack and frame when stored bytes fail
+    /// their checksum; [`Error::Io`] when a pack cannot be read. No byte of
+    /// `buf` is then to be trusted.
+    pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let size = self.size();
+        if off >= size {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(size - off) as usize;
+        let buf = &mut buf[..want];
+        let ex = self.map.extents();
+        let mut i = self.map.first_after(off);
+        let mut done = 0usize;
+        while done < want {
+            let pos = off + done as u64;
+            match ex.get(i) {
+                Some(e) if e.logical <= pos => {
+                    let n = ((e.end() - pos) as usize).min(want - done);
+                    self.copy(e.pack, e.offset + (pos - e.logical), &mut buf[done..done + n])
+                        .map_err(|err| self.context(err))?;
+                    done += n;
+                    i += 1;
+                }
+                next => {
+                    let limit = next.map_or(size, |e| e.logical);
+                    let n = ((limit - pos) as usize).min(want - done);
+                    buf[done..done + n].fill(0);
+                    done += n;
+                }
+            }
+        }
+        Ok(want)
+    }
+
+    fn copy(&self, pack: crate::id::PackId, mut off: u64, mut out: &mut [u8]) -> Result<()> {
+        let p = self.cache.pack(pack)?;
+        while !out.is_empty() {
+            let (fi, start) = p.frame_at(off).ok_or_else(|| {
+                Error::corrupt(
+                    format!("pack {pack}"),
+                    off,
+                    format!("an extent points past the pack's {} bytes", p.uncompressed_len()),
+                )
+            })?;
+            let frame = self.cache.frame(&p, fi)?;
+            let at = (off - start) as usize;
+            let n = (frame.len() - at).min(out.len());
+            out[..n].copy_from_slice(&frame[at..at + n]);
+            out = &mut out[n..];
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    fn context(&self, e: Error) -> Error {
+        match e {
+            Error::Corrupt { object, offset, detail } => Error::Corrupt {
+                object: format!("{} ({})", object, self.what),
+                offset,
+                detail,
+            },
+            Error::Io { path, source } => Error::Io {
+                path: format!("{} ({})", path.display(), self.what).into(),
+                source,
+            },
+            e => e,
+        }
+    }
+
+    /// The data ranges (not holes) that intersect `[from, to)`, for SEEK_DATA.
+    pub fn next_data(&self, from: u64) -> Option<u64> {
+        let ex = self.map.extents();
+        let i = self.map.first_after(from);
+        ex.get(i).map(|e| e.logical.max(from))
+    }
+
+    /// The start of the first hole at or after `from` (the file size if none).
+    pub fn next_hole(&self, from: u64) -> u64 {
+        let ex = self.map.extents();
+        let mut i = self.map.first_after(from);
+        let mut pos = from;
+        while let Some(e) = ex.get(i) {
+            if e.logical > pos {
+                return pos;
+            }
+            pos = e.end();
+            i += 1;
+        }
+        pos.min(self.size()).max(from)
+    }
+}
