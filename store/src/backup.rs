@@ -31,7 +31,8 @@ use crate::format::snapshot::{FileVersion, Node, NodeKind, Snapshot, SnapshotSta
 use crate::format::sig::ENTRY_SIZE;
 use crate::id::{MapId, SnapshotId};
 use crate::map::{FileMap, MapBuilder, Piece};
-use crate::pack::{compress_frames, CompressedFrame, PackWriter};
+use crate::format::config::Config;
+use crate::pack::{compress_frames, FrameMeta, PackWriter, Unsynced};
 use crate::repo::{fsync_dir, write_atomic, write_new, Repo, SigWriter};
 
 /// Reports progress of long work. All methods default to doing nothing.
@@ -236,9 +237,123 @@ struct ChunkOut {
     ops: Vec<Op>,
     entries: Vec<[u8; ENTRY_SIZE]>,
     digests: Vec<[u8; 32]>,
-    frames: Vec<CompressedFrame>,
+    /// Compressed frames, back to back.
+    compressed: Vec<u8>,
+    frames: Vec<FrameMeta>,
     stats: DeltaStats,
     read: u64,
+}
+
+/// Reused chunk-sized buffers, so the hot loop allocates (and page-faults)
+/// nothing after the first batch.
+#[derive(Default)]
+pub(crate) struct Buffers(Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    pub(crate) fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self.0.lock().ok().and_then(|mut v| v.pop()).unwrap_or_default();
+        b.clear();
+        b.resize(len, 0);
+        b
+    }
+
+    pub(crate) fn give(&self, b: Vec<u8>) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(b);
+        }
+    }
+}
+
+/// What the parallel stage of one file reads from.
+struct Source<'a> {
+    file: &'a File,
+    path: &'a Path,
+    size: u64,
+    data: &'a [(u64, u64)],
+    prev: Option<&'a SigView>,
+    cfg: &'a Config,
+    buffers: &'a Buffers,
+}
+
+impl Source<'_> {
+    /// Reads, diffs and compresses one chunk (runs on a pool thread).
+    fn chunk(&self, off: u64, len: u64) -> Result<ChunkOut> {
+        let bs = self.cfg.block_size as u64;
+        let mut buf = self.buffers.take(len as usize);
+        let end = off + len;
+        let nb = len.div_ceil(bs) as usize;
+        let mut holes = vec![true; nb];
+        let mut read = 0u64;
+        let first = self.data.partition_point(|&(_, e)| e <= off);
+        for &(ds, de) in &self.data[first..] {
+            if ds >= end {
+                break;
+            }
+            let s = ds.max(off);
+            let e = de.min(end);
+            let dst = &mut buf[(s - off) as usize..(e - off) as usize];
+            self.file.read_exact_at(dst, s).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::SourceChanged {
+                    path: self.path.into(),
+                    detail: "file shrank while it was read".into(),
+                },
+                _ => Error::io(self.path, e),
+            })?;
+            read += e - s;
+            let b0 = ((s - off) / bs) as usize;
+            let b1 = ((e - off).div_ceil(bs)) as usize;
+            holes[b0..b1].fill(false);
+        }
+        let d = diff_chunk(
+            &Chunk {
+                data: &buf,
+                offset: off,
+                file_size: self.size,
+                holes: &holes,
+            },
+            self.cfg.block_size,
+            self.prev,
+        );
+        // Gather literals into one stream and compress it.
+        let mut lit = self.buffers.take(0);
+        let mut ops = Vec::with_capacity(d.ops.len());
+        for op in d.ops {
+            match op {
+                Op::Literal { len, at } => {
+                    let o = lit.len();
+                    lit.extend_from_slice(&buf[at..at + len as usize]);
+                    ops.push(Op::Literal { len, at: o });
+                }
+                o => ops.push(o),
+            }
+        }
+        self.buffers.give(buf);
+        let mut compressed = self.buffers.take(0);
+        let mut frames = Vec::new();
+        compress_frames(&lit, self.cfg.frame_size as usize, self.cfg.zstd_level, &mut compressed, &mut frames)?;
+        self.buffers.give(lit);
+        Ok(ChunkOut {
+            len,
+            ops,
+            entries: d.entries,
+            digests: d.digests,
+            compressed,
+            frames,
+            stats: d.stats,
+            read,
+        })
+    }
+}
+
+/// The sequential state of one file's backup.
+struct FileState<'a> {
+    builder: MapBuilder,
+    pager: Pager<'a>,
+    hasher: FileHasher,
+    stats: DeltaStats,
+    read: u64,
+    compressed: u64,
+    pos: u64,
 }
 
 /// The files a backup writes, shared by all its source files.
@@ -246,8 +361,9 @@ struct Writer<'r> {
     repo: &'r Repo,
     pack: Option<PackWriter>,
     sig: Option<SigWriter>,
+    unsynced: Vec<Unsynced>,
     added: u64,
-    buffers: Mutex<Vec<Vec<u8>>>,
+    buffers: Buffers,
 }
 
 impl<'r> Writer<'r> {
@@ -256,22 +372,10 @@ impl<'r> Writer<'r> {
             repo,
             pack: None,
             sig: None,
+            unsynced: Vec::new(),
             added: 0,
-            buffers: Mutex::new(Vec::new()),
+            buffers: Buffers::default(),
         })
-    }
-
-    fn buffer(&self, len: usize) -> Vec<u8> {
-        let mut b = self.buffers.lock().ok().and_then(|mut v| v.pop()).unwrap_or_default();
-        b.clear();
-        b.resize(len, 0);
-        b
-    }
-
-    fn give_back(&self, b: Vec<u8>) {
-        if let Ok(mut v) = self.buffers.lock() {
-            v.push(b);
-        }
     }
 
     fn pack(&mut self) -> Result<&mut PackWriter> {
@@ -281,7 +385,9 @@ impl<'r> Writer<'r> {
             .is_some_and(|p| p.file_len() >= self.repo.config().pack_target);
         if full {
             if let Some(p) = self.pack.take() {
-                self.added += p.finish()?;
+                let (n, u) = p.finish()?;
+                self.added += n;
+                self.unsynced.push(u);
             }
         }
         if self.pack.is_none() {
@@ -321,77 +427,67 @@ impl<'r> Writer<'r> {
         let batch = (rayon::current_num_threads() * 2).max(2) as u64;
         let prev_sig = prev.map(|(_, s)| s);
         let zero = ZeroBlock::new(cfg.block_size);
+        let buffers = std::mem::take(&mut self.buffers);
+        let src = Source {
+            file: &file,
+            path,
+            size,
+            data: &data_ranges,
+            prev: prev_sig,
+            cfg: &cfg,
+            buffers: &buffers,
+        };
+        let mut st = FileState {
+            builder: MapBuilder::default(),
+            pager: Pager::new(cfg.page_entries, prev, zero),
+            hasher: FileHasher::new(size, cfg.block_size),
+            stats: DeltaStats::default(),
+            read: 0,
+            compressed: 0,
+            pos: 0,
+        };
 
-        let mut hasher = FileHasher::new(size, cfg.block_size);
-        let mut builder = MapBuilder::default();
-        let mut pager = Pager::new(cfg.page_entries, prev, zero);
-        let mut stats = DeltaStats::default();
-        let mut read = 0u64;
-        let mut compressed = 0u64;
-        let mut pos = 0u64;
-
-        let mut c0 = 0;
-        while c0 < nchunks {
+        // Pipeline: while the pool diffs batch k+1, this thread stores batch k.
+        let compute = |c0: u64| -> Vec<Result<ChunkOut>> {
             let c1 = (c0 + batch).min(nchunks);
-            let outs: Vec<Result<ChunkOut>> = (c0..c1)
+            (c0..c1)
                 .into_par_iter()
                 .map(|c| {
                     let off = c * chunk_size;
-                    let len = (size - off).min(chunk_size);
-                    self.chunk(&file, path, off, len, size, &data_ranges, prev_sig, &cfg)
+                    src.chunk(off, (size - off).min(chunk_size))
                 })
-                .collect();
-            for out in outs {
-                let out = out?;
-                let pack = self.pack()?;
-                let mut base = None;
-                for f in &out.frames {
-                    let at = pack.append(f)?;
-                    base.get_or_insert(at);
-                    compressed += f.bytes.len() as u64;
-                }
-                let pack_id = pack.id;
-                let base = base.unwrap_or(0);
-                for op in &out.ops {
-                    match *op {
-                        Op::Hole { len } => pos += len,
-                        Op::Literal { len, at } => {
-                            builder.push(pos, len, pack_id, base + at as u64);
-                            pos += len;
-                        }
-                        Op::Copy { len, from } => {
-                            let Some((pm, _)) = prev else {
-                                return Err(Error::InvalidInput("internal: copy without a previous version".into()));
-                            };
-                            pm.resolve(from, len, |p| match p {
-                                Piece::Data { len, pack, offset } => {
-                                    builder.push(pos, len, pack, offset);
-                                    pos += len;
-                                }
-                                Piece::Hole { len } => pos += len,
-                            });
-                        }
+                .collect()
+        };
+        let mut pending: Vec<Result<ChunkOut>> = Vec::new();
+        let mut c0 = 0;
+        loop {
+            let more = c0 < nchunks;
+            let (next, stored) = rayon::join(
+                || if more { compute(c0) } else { Vec::new() },
+                || -> Result<()> {
+                    for out in pending.drain(..) {
+                        let out = out?;
+                        self.store_chunk(&out, prev, &mut st)?;
+                        progress.advance(out.len);
+                        buffers.give(out.compressed);
                     }
-                }
-                for e in &out.entries {
-                    if let Some(page) = pager.push(e) {
-                        let r = self.store_page(&page, &mut pager)?;
-                        pager.refs.push(r);
-                    }
-                }
-                hasher.update(&out.digests);
-                stats.add(&out.stats);
-                read += out.read;
-                progress.advance(out.len);
+                    Ok(())
+                },
+            );
+            stored?;
+            if !more {
+                break;
             }
-            c0 = c1;
+            pending = next;
+            c0 = (c0 + batch).min(nchunks);
         }
-        if let Some(page) = pager.flush() {
-            let r = self.store_page(&page, &mut pager)?;
-            pager.refs.push(r);
+        if let Some(page) = st.pager.flush() {
+            let r = self.store_page(&page, &mut st.pager)?;
+            st.pager.refs.push(r);
         }
-        if pos != size {
-            return Err(Error::InvalidInput(format!("internal: map covers {pos} of {size} bytes")));
+        self.buffers = buffers;
+        if st.pos != size {
+            return Err(Error::InvalidInput(format!("internal: map covers {} of {size} bytes", st.pos)));
         }
         let after = file.metadata().at(path)?;
         let what = if after.len() != size {
@@ -410,8 +506,8 @@ impl<'r> Writer<'r> {
             file_size: size,
             block_size: cfg.block_size,
             page_entries: cfg.page_entries,
-            extents: builder.extents,
-            pages: std::mem::take(&mut pager.refs),
+            extents: st.builder.extents,
+            pages: std::mem::take(&mut st.pager.refs),
         };
         let map_id = MapId::random();
         let enc = body.encode();
@@ -419,7 +515,7 @@ impl<'r> Writer<'r> {
         self.added += enc.len() as u64;
         let version = FileVersion {
             size,
-            hash: hasher.finish(),
+            hash: st.hasher.finish(),
             map: map_id,
             dev: before.dev(),
             ino: before.ino(),
@@ -431,12 +527,56 @@ impl<'r> Writer<'r> {
             size,
             reused: false,
             had_previous: prev.is_some(),
-            stats,
-            bytes_read: read,
-            bytes_compressed: compressed,
+            stats: st.stats,
+            bytes_read: st.read,
+            bytes_compressed: st.compressed,
             damaged_sig_pages: prev_sig.map_or(0, |s| s.damaged_pages()),
         };
         Ok((version, report))
+    }
+
+    /// Appends a chunk's frames, extents, signature pages and hashes.
+    fn store_chunk<'p>(&mut self, out: &ChunkOut, prev: Option<(&FileMap, &SigView)>, st: &mut FileState<'p>) -> Result<()> {
+        let pack = self.pack()?;
+        let mut base = None;
+        for f in &out.frames {
+            let at = pack.append(&out.compressed[f.start..f.start + f.clen as usize], f.ulen, f.sum)?;
+            base.get_or_insert(at);
+            st.compressed += f.clen as u64;
+        }
+        let pack_id = pack.id;
+        let base = base.unwrap_or(0);
+        for op in &out.ops {
+            match *op {
+                Op::Hole { len } => st.pos += len,
+                Op::Literal { len, at } => {
+                    st.builder.push(st.pos, len, pack_id, base + at as u64);
+                    st.pos += len;
+                }
+                Op::Copy { len, from } => {
+                    let Some((pm, _)) = prev else {
+                        return Err(Error::InvalidInput("internal: copy without a previous version".into()));
+                    };
+                    pm.resolve(from, len, |p| match p {
+                        Piece::Data { len, pack, offset } => {
+                            st.builder.push(st.pos, len, pack, offset);
+                            st.pos += len;
+                        }
+                        Piece::Hole { len } => st.pos += len,
+                    });
+                }
+            }
+        }
+        for e in &out.entries {
+            if let Some(page) = st.pager.push(e) {
+                let r = self.store_page(&page, &mut st.pager)?;
+                st.pager.refs.push(r);
+            }
+        }
+        st.hasher.update(&out.digests);
+        st.stats.add(&out.stats);
+        st.read += out.read;
+        Ok(())
     }
 
     fn store_page(&mut self, page: &[u8], pager: &mut Pager<'_>) -> Result<PageRef> {
@@ -453,90 +593,19 @@ impl<'r> Writer<'r> {
         Ok(PageRef { sig: Some(w.id), slot, entries, sum })
     }
 
-    /// Reads, diffs and compresses one chunk (runs on a pool thread).
-    #[allow(clippy::too_many_arguments)]
-    fn chunk(
-        &self,
-        file: &File,
-        path: &Path,
-        off: u64,
-        len: u64,
-        size: u64,
-        data: &[(u64, u64)],
-        prev: Option<&SigView>,
-        cfg: &crate::format::config::Config,
-    ) -> Result<ChunkOut> {
-        let bs = cfg.block_size as u64;
-        let mut buf = self.buffer(len as usize);
-        let end = off + len;
-        let nb = len.div_ceil(bs) as usize;
-        let mut holes = vec![true; nb];
-        let mut read = 0u64;
-        let first = data.partition_point(|&(_, e)| e <= off);
-        for &(ds, de) in &data[first..] {
-            if ds >= end {
-                break;
-            }
-            let s = ds.max(off);
-            let e = de.min(end);
-            let dst = &mut buf[(s - off) as usize..(e - off) as usize];
-            read_full(file, dst, s).map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => Error::SourceChanged {
-                    path: path.into(),
-                    detail: "file shrank while it was read".into(),
-                },
-                _ => Error::io(path, e),
-            })?;
-            read += e - s;
-            let b0 = ((s - off) / bs) as usize;
-            let b1 = ((e - off).div_ceil(bs)) as usize;
-            holes[b0..b1].fill(false);
-        }
-        let d = diff_chunk(
-            &Chunk {
-                data: &buf,
-                offset: off,
-                file_size: size,
-                holes: &holes,
-            },
-            cfg.block_size,
-            prev,
-        );
-        // Gather literals into one stream and compress it.
-        let mut lit = self.buffer(0);
-        let mut ops = Vec::with_capacity(d.ops.len());
-        for op in d.ops {
-            match op {
-                Op::Literal { len, at } => {
-                    let o = lit.len();
-                    lit.extend_from_slice(&buf[at..at + len as usize]);
-                    ops.push(Op::Literal { len, at: o });
-                }
-                o => ops.push(o),
-            }
-        }
-        let mut frames = Vec::new();
-        compress_frames(&lit, cfg.frame_size as usize, cfg.zstd_level, &mut frames)?;
-        self.give_back(lit);
-        self.give_back(buf);
-        Ok(ChunkOut {
-            len,
-            ops,
-            entries: d.entries,
-            digests: d.digests,
-            frames,
-            stats: d.stats,
-            read,
-        })
-    }
-
-    /// Finishes the pack and signature file and fsyncs the directories.
+    /// Finishes the pack and signature file, fsyncs everything written and
+    /// the directories.
     fn finish(&mut self) -> Result<u64> {
         if let Some(p) = self.pack.take() {
-            self.added += p.finish()?;
+            let (n, u) = p.finish()?;
+            self.added += n;
+            self.unsynced.push(u);
         }
         if let Some(s) = self.sig.take() {
             self.added += s.finish()?;
+        }
+        for u in self.unsynced.drain(..) {
+            u.sync()?;
         }
         for d in ["packs", "sigs", "maps"] {
             fsync_dir(&self.repo.dir(d))?;
@@ -633,6 +702,3 @@ fn data_ranges(file: &File, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
-fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-    file.read_exact_at(buf, off)
-}

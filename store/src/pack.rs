@@ -16,26 +16,66 @@ use crate::format::pack::{self as fmt, FrameEntry};
 use crate::format::FORMAT_VERSION;
 use crate::id::PackId;
 
-/// A frame compressed by a worker thread, ready to append.
-pub struct CompressedFrame {
-    pub bytes: Vec<u8>,
+/// A frame compressed by a worker thread: `clen` bytes at `start` of the
+/// chunk's compressed buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameMeta {
+    pub start: usize,
+    pub clen: u32,
     pub ulen: u32,
     pub sum: u64,
 }
 
-/// Compresses `data` into frames of at most `frame_size` uncompressed bytes.
-pub fn compress_frames(data: &[u8], frame_size: usize, level: i32, out: &mut Vec<CompressedFrame>) -> Result<()> {
-    for part in data.chunks(frame_size.max(1)) {
-        let bytes = zstd::bulk::compress(part, level)
-            .map_err(|e| Error::InvalidInput(format!("zstd compression failed: {e}")))?;
-        let sum = xxhash_rust::xxh3::xxh3_64(&bytes);
-        out.push(CompressedFrame {
-            bytes,
-            ulen: part.len() as u32,
-            sum,
-        });
-    }
-    Ok(())
+thread_local! {
+    static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+    static RBUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses `data` into frames of at most `frame_size` uncompressed bytes,
+/// appended to `out` (a reused buffer: no allocation per frame), with a
+/// compression context kept per thread.
+///
+/// # Errors
+/// [`Error::InvalidInput`] if zstd fails (it does not on valid parameters).
+pub fn compress_frames(data: &[u8], frame_size: usize, level: i32, out: &mut Vec<u8>, frames: &mut Vec<FrameMeta>) -> Result<()> {
+    let zerr = |e: std::io::Error| Error::InvalidInput(format!("zstd compression failed: {e}"));
+    CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).map_err(zerr)?));
+        }
+        let Some((_, cctx)) = c.as_mut() else {
+            return Err(Error::InvalidInput("zstd context missing".into()));
+        };
+        for part in data.chunks(frame_size.max(1)) {
+            let start = out.len();
+            let bound = zstd::zstd_safe::compress_bound(part.len());
+            out.resize(start + bound, 0);
+            let n = cctx.compress_to_buffer(part, &mut out[start..]).map_err(zerr)?;
+            out.truncate(start + n);
+            let sum = xxhash_rust::xxh3::xxh3_64(&out[start..start + n]);
+            frames.push(FrameMeta { start, clen: n as u32, ulen: part.len() as u32, sum });
+        }
+        Ok(())
+    })
+}
+
+/// Decompresses one frame into `out` (cleared first) with a per-thread context.
+fn decompress_frame(src: &[u8], ulen: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
+    DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        let Some(dctx) = d.as_mut() else {
+            return Err(std::io::Error::other("zstd context missing"));
+        };
+        out.clear();
+        out.reserve(ulen);
+        dctx.decompress_to_buffer(src, out)?;
+        Ok(())
+    })
 }
 
 /// Appends frames to a new pack file.
@@ -45,7 +85,37 @@ pub struct PackWriter {
     file: File,
     pos: u64,
     ulen: u64,
+    flushed: u64,
     frames: Vec<FrameEntry>,
+}
+
+/// A written file whose fsync is still due.
+pub struct Unsynced {
+    file: File,
+    path: PathBuf,
+}
+
+impl Unsynced {
+    pub fn new(file: File, path: PathBuf) -> Self {
+        Unsynced { file, path }
+    }
+
+    /// # Errors
+    /// [`Error::Io`] when the data cannot be made durable.
+    pub fn sync(self) -> Result<()> {
+        self.file.sync_all().at(&self.path)
+    }
+}
+
+/// Asks the kernel to start writing a range back (no wait).
+pub fn start_writeback(file: &File, off: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    let len = if len == u64::MAX { 0 } else { len };
+    // SAFETY: a valid fd; sync_file_range has no memory effects. Failure only
+    // means the final fsync does all the work.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), off as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 impl PackWriter {
@@ -66,6 +136,7 @@ impl PackWriter {
             file,
             pos: fmt::HEADER_SIZE,
             ulen: 0,
+            flushed: 0,
             frames: Vec::new(),
         })
     }
@@ -84,29 +155,37 @@ impl PackWriter {
     ///
     /// # Errors
     /// [`Error::Io`] on a write failure (a full disk among them).
-    pub fn append(&mut self, f: &CompressedFrame) -> Result<u64> {
-        self.file.write_all_at(&f.bytes, self.pos).at(&self.path)?;
+    pub fn append(&mut self, bytes: &[u8], ulen: u32, sum: u64) -> Result<u64> {
+        self.file.write_all_at(bytes, self.pos).at(&self.path)?;
         self.frames.push(FrameEntry {
             file_offset: self.pos,
-            clen: f.bytes.len() as u32,
-            ulen: f.ulen,
-            sum: f.sum,
+            clen: bytes.len() as u32,
+            ulen,
+            sum,
         });
-        self.pos += f.bytes.len() as u64;
+        self.pos += bytes.len() as u64;
+        // Start writeback early, so the fsync at the end of the backup finds
+        // little left to write.
+        if self.pos - self.flushed >= 8 << 20 {
+            start_writeback(&self.file, self.flushed, self.pos - self.flushed);
+            self.flushed = self.pos;
+        }
         let at = self.ulen;
-        self.ulen += f.ulen as u64;
+        self.ulen += ulen as u64;
         Ok(at)
     }
 
-    /// Writes the index and fsyncs. Returns the pack's size in bytes.
+    /// Writes the index and starts writeback. Returns the pack's size and a
+    /// handle the caller must [`Unsynced::sync`] before anything references
+    /// the pack.
     ///
     /// # Errors
-    /// [`Error::Io`] on a write or sync failure.
-    pub fn finish(self) -> Result<u64> {
+    /// [`Error::Io`] on a write failure.
+    pub fn finish(self) -> Result<(u64, Unsynced)> {
         let idx = fmt::encode_index(&self.frames, self.pos);
         self.file.write_all_at(&idx, self.pos).at(&self.path)?;
-        self.file.sync_all().at(&self.path)?;
-        Ok(self.pos + idx.len() as u64)
+        start_writeback(&self.file, self.flushed, u64::MAX);
+        Ok((self.pos + idx.len() as u64, Unsynced { file: self.file, path: self.path }))
     }
 }
 
@@ -181,22 +260,39 @@ impl PackReader {
     /// [`Error::Corrupt`] naming the pack and frame when the checksum or the
     /// decompression fails; [`Error::Io`] on a read error.
     pub fn read_frame(&self, i: u32) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_frame_into(i, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`PackReader::read_frame`], into a reused buffer.
+    ///
+    /// # Errors
+    /// As [`PackReader::read_frame`].
+    pub fn read_frame_into(&self, i: u32, out: &mut Vec<u8>) -> Result<()> {
         let f = self
             .frames
             .get(i as usize)
             .ok_or_else(|| Error::corrupt(&self.name, 0, format!("no frame {i}")))?;
-        let mut c = vec![0u8; f.clen as usize];
+        RBUF.with(|c| {
+            let mut c = c.borrow_mut();
+            c.resize(f.clen as usize, 0);
+            self.read_checked(i, f, &mut c, out)
+        })
+    }
+
+    fn read_checked(&self, i: u32, f: &FrameEntry, c: &mut [u8], out: &mut Vec<u8>) -> Result<()> {
         self.file
-            .read_exact_at(&mut c, f.file_offset)
+            .read_exact_at(c, f.file_offset)
             .map_err(|e| Error::io(PathBuf::from(&self.name), e))?;
-        if xxhash_rust::xxh3::xxh3_64(&c) != f.sum {
+        if xxhash_rust::xxh3::xxh3_64(c) != f.sum {
             return Err(Error::corrupt(
                 format!("{} frame {i}", self.name),
                 f.file_offset,
                 "frame checksum mismatch",
             ));
         }
-        let out = zstd::bulk::decompress(&c, f.ulen as usize).map_err(|e| {
+        decompress_frame(c, f.ulen as usize, out).map_err(|e| {
             Error::corrupt(format!("{} frame {i}", self.name), f.file_offset, format!("zstd: {e}"))
         })?;
         if out.len() != f.ulen as usize {
@@ -206,7 +302,7 @@ impl PackReader {
                 "frame decompresses to the wrong length",
             ));
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -10,6 +10,13 @@ use crate::map::FileMap;
 use crate::pack::PackCache;
 use crate::repo::Repo;
 
+/// The last frame one sequential reader decompressed.
+#[derive(Default)]
+pub struct Scratch {
+    key: Option<(crate::id::PackId, u32)>,
+    frame: Vec<u8>,
+}
+
 /// An open file version.
 #[derive(Clone)]
 pub struct VersionReader {
@@ -57,6 +64,20 @@ impl VersionReader {
     /// their checksum; [`Error::Io`] when a pack cannot be read. No byte of
     /// `buf` is then to be trusted.
     pub fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        self.read_inner(off, buf, None)
+    }
+
+    /// As [`VersionReader::read_at`] for one sequential reader (restore, cat):
+    /// frames are decompressed into `scratch` instead of the shared cache, so a
+    /// whole-file pass neither churns the cache nor allocates per frame.
+    ///
+    /// # Errors
+    /// As [`VersionReader::read_at`].
+    pub fn read_at_with(&self, off: u64, buf: &mut [u8], scratch: &mut Scratch) -> Result<usize> {
+        self.read_inner(off, buf, Some(scratch))
+    }
+
+    fn read_inner(&self, off: u64, buf: &mut [u8], mut scratch: Option<&mut Scratch>) -> Result<usize> {
         let size = self.size();
         if off >= size {
             return Ok(0);
@@ -71,7 +92,7 @@ impl VersionReader {
             match ex.get(i) {
                 Some(e) if e.logical <= pos => {
                     let n = ((e.end() - pos) as usize).min(want - done);
-                    self.copy(e.pack, e.offset + (pos - e.logical), &mut buf[done..done + n])
+                    self.copy(e.pack, e.offset + (pos - e.logical), &mut buf[done..done + n], scratch.as_deref_mut())
                         .map_err(|err| self.context(err))?;
                     done += n;
                     i += 1;
@@ -87,7 +108,7 @@ impl VersionReader {
         Ok(want)
     }
 
-    fn copy(&self, pack: crate::id::PackId, mut off: u64, mut out: &mut [u8]) -> Result<()> {
+    fn copy(&self, pack: crate::id::PackId, mut off: u64, mut out: &mut [u8], mut scratch: Option<&mut Scratch>) -> Result<()> {
         let p = self.cache.pack(pack)?;
         while !out.is_empty() {
             let (fi, start) = p.frame_at(off).ok_or_else(|| {
@@ -97,7 +118,21 @@ impl VersionReader {
                     format!("an extent points past the pack's {} bytes", p.uncompressed_len()),
                 )
             })?;
-            let frame = self.cache.frame(&p, fi)?;
+            let shared;
+            let frame: &[u8] = match scratch.as_deref_mut() {
+                Some(s) => {
+                    if s.key != Some((pack, fi)) {
+                        s.key = None;
+                        p.read_frame_into(fi, &mut s.frame)?;
+                        s.key = Some((pack, fi));
+                    }
+                    &s.frame
+                }
+                None => {
+                    shared = self.cache.frame(&p, fi)?;
+                    &shared
+                }
+            };
             let at = (off - start) as usize;
             let n = (frame.len() - at).min(out.len());
             out[..n].copy_from_slice(&frame[at..at + n]);

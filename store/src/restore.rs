@@ -18,6 +18,11 @@ use crate::repo::Repo;
 
 const CHUNK: u64 = 4 << 20;
 
+thread_local! {
+    /// One decompressed frame per pool thread, reused across chunks.
+    static SCRATCH: std::cell::RefCell<crate::read::Scratch> = std::cell::RefCell::new(crate::read::Scratch::default());
+}
+
 /// What restore wrote.
 #[derive(Clone, Debug)]
 pub struct RestoreReport {
@@ -148,6 +153,7 @@ fn write_verified(
     let mut hasher = FileHasher::new(size, block_size);
     let nchunks = size.div_ceil(CHUNK);
     let batch = (rayon::current_num_threads() * 2).max(2) as u64;
+    let buffers = crate::backup::Buffers::default();
     let mut c0 = 0;
     while c0 < nchunks {
         let c1 = (c0 + batch).min(nchunks);
@@ -156,8 +162,8 @@ fn write_verified(
             .map(|c| {
                 let off = c * CHUNK;
                 let len = (size - off).min(CHUNK);
-                let mut buf = vec![0u8; len as usize];
-                reader.read_at(off, &mut buf)?;
+                let mut buf = buffers.take(len as usize);
+                SCRATCH.with(|sc| reader.read_at_with(off, &mut buf, &mut sc.borrow_mut()))?;
                 // Write the stored ranges; holes stay holes.
                 let mut hole_block = vec![true; len.div_ceil(bs) as usize];
                 let mut pos = off;
@@ -199,6 +205,7 @@ fn write_verified(
                     }
                 }
                 progress.advance(len);
+                buffers.give(buf);
                 Ok(digests)
             })
             .collect();
@@ -227,9 +234,10 @@ pub fn cat(repo: &Repo, f: &FileVersion, what: &str, w: &mut dyn std::io::Write)
     let bs = repo.config().block_size;
     let mut hasher = FileHasher::new(f.size, bs);
     let mut buf = vec![0u8; CHUNK as usize];
+    let mut scratch = crate::read::Scratch::default();
     let mut off = 0;
     while off < f.size {
-        let n = reader.read_at(off, &mut buf)?;
+        let n = reader.read_at_with(off, &mut buf, &mut scratch)?;
         let blocks: Vec<&[u8]> = buf[..n].chunks(bs as usize).collect();
         let mut d = Vec::with_capacity(blocks.len());
         digest_many(&blocks, &mut d);
