@@ -279,19 +279,23 @@ impl Source<'_> {
     /// Reads, diffs and compresses one chunk (runs on a pool thread).
     fn chunk(&self, off: u64, len: u64) -> Result<ChunkOut> {
         let bs = self.cfg.block_size as u64;
-        let mut buf = self.buffers.take(len as usize);
         let end = off + len;
+        // A block's worth of context on each side, for matches across borders.
+        let lo = off.saturating_sub(bs - 1);
+        let hi = (end + bs - 1).min(self.size);
+        let pre = (off - lo) as usize;
+        let mut buf = self.buffers.take((hi - lo) as usize);
         let nb = len.div_ceil(bs) as usize;
         let mut holes = vec![true; nb];
         let mut read = 0u64;
-        let first = self.data.partition_point(|&(_, e)| e <= off);
+        let first = self.data.partition_point(|&(_, e)| e <= lo);
         for &(ds, de) in &self.data[first..] {
-            if ds >= end {
+            if ds >= hi {
                 break;
             }
-            let s = ds.max(off);
-            let e = de.min(end);
-            let dst = &mut buf[(s - off) as usize..(e - off) as usize];
+            let s = ds.max(lo);
+            let e = de.min(hi);
+            let dst = &mut buf[(s - lo) as usize..(e - lo) as usize];
             self.file.read_exact_at(dst, s).map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => Error::SourceChanged {
                     path: self.path.into(),
@@ -299,14 +303,20 @@ impl Source<'_> {
                 },
                 _ => Error::io(self.path, e),
             })?;
-            read += e - s;
-            let b0 = ((s - off) / bs) as usize;
-            let b1 = ((e - off).div_ceil(bs)) as usize;
-            holes[b0..b1].fill(false);
+            // Mark the chunk's own blocks that hold data.
+            let (s, e) = (s.max(off), e.min(end));
+            if e > s {
+                read += e - s;
+                let b0 = ((s - off) / bs) as usize;
+                let b1 = ((e - off).div_ceil(bs)) as usize;
+                holes[b0..b1].fill(false);
+            }
         }
         let d = diff_chunk(
             &Chunk {
                 data: &buf,
+                start: pre,
+                len: len as usize,
                 offset: off,
                 file_size: self.size,
                 holes: &holes,
@@ -321,7 +331,7 @@ impl Source<'_> {
             match op {
                 Op::Literal { len, at } => {
                     let o = lit.len();
-                    lit.extend_from_slice(&buf[at..at + len as usize]);
+                    lit.extend_from_slice(&buf[pre + at..pre + at + len as usize]);
                     ops.push(Op::Literal { len, at: o });
                 }
                 o => ops.push(o),

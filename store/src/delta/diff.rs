@@ -86,10 +86,14 @@ pub struct ChunkDelta {
     pub stats: DeltaStats,
 }
 
-/// A chunk of the new version.
+/// A chunk of the new version, with up to a block of the bytes around it as
+/// context, so that a shifted match straddling a chunk border is still found:
+/// the chunk's own bytes are `data[start..start + len]`.
 pub struct Chunk<'a> {
     pub data: &'a [u8],
-    /// Offset of `data[0]` in the file; a multiple of the block size.
+    pub start: usize,
+    pub len: usize,
+    /// Offset of the chunk's first byte in the file; a multiple of the block size.
     pub offset: u64,
     /// Size of the whole new file.
     pub file_size: u64,
@@ -108,14 +112,15 @@ enum State {
 /// block size must be `block_size`.
 pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> ChunkDelta {
     let bs = block_size as usize;
-    let data = chunk.data;
+    let all = chunk.data;
+    let data = &all[chunk.start..chunk.start + chunk.len];
     let nb = data.len().div_ceil(bs);
     let first_block = chunk.offset / bs as u64;
     let zero = match old {
         Some(o) => *o.zero(),
         None => super::signature::ZeroBlock::new(block_size),
     };
-    let old = old.filter(|o| o.block_size() == block_size);
+    let old = old.filter(|o| o.block_size() == block_size && !o.table_is_empty());
     let mut out = ChunkDelta {
         ops: Vec::new(),
         entries: Vec::with_capacity(nb),
@@ -197,7 +202,7 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
                 }
                 let end = (e * bs).min(data.len());
                 match old {
-                    Some(o) if end - start >= bs => search(data, start, end, bs, o, &digests, &mut out),
+                    Some(o) => search(all, chunk.start, start, end, bs, o, &digests, &mut out),
                     _ => {
                         push(&mut out.ops, Op::Literal { len: (end - start) as u64, at: start });
                         out.stats.literal += (end - start) as u64;
@@ -225,22 +230,38 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
     out
 }
 
-/// Rolling search of `data[start..end)` (block-aligned start) for old blocks.
-fn search(data: &[u8], start: usize, end: usize, bs: usize, old: &SigView, digests: &[Digest], out: &mut ChunkDelta) {
+/// Rolling search for old blocks in the changed run `[start, end)` of the chunk
+/// (chunk coordinates). Windows may reach up to a block outside the run, into
+/// unchanged neighbours or the chunk's context, but only the run's own bytes
+/// are emitted: a window that matches across the run's edge still copies the
+/// part inside it.
+#[allow(clippy::too_many_arguments)]
+fn search(all: &[u8], base: usize, start: usize, end: usize, bs: usize, old: &SigView, digests: &[Digest], out: &mut ChunkDelta) {
     let table = old.table();
-    let mut lit_start = start;
-    let mut p = start;
-    let mut expect: Option<u64> = None;
-    if table.is_empty() || end - start < bs {
-        push(&mut out.ops, Op::Literal { len: (end - start) as u64, at: start });
-        out.stats.literal += (end - start) as u64;
+    // In `all`'s coordinates.
+    let (s, e) = (base + start, base + end);
+    let first = s.saturating_sub(bs - 1);
+    let literal = |out: &mut ChunkDelta, a: usize, b: usize| {
+        if b > a {
+            push(&mut out.ops, Op::Literal { len: (b - a) as u64, at: a - base });
+            out.stats.literal += (b - a) as u64;
+        }
+    };
+    if table.is_empty() || all.len() < bs || first + bs > all.len() {
+        literal(out, s, e);
         return;
     }
+    // The last window start: it must overlap the run and fit in `all`.
+    let last = (e - 1).min(all.len() - bs);
+    let mut lit_start = s;
+    let mut p = first;
+    let mut expect: Option<u64> = None;
+    let data = all;
     let mut roll = Rollsum::new(&data[p..p + bs]);
     let strong_at = |p: usize| -> [u8; STRONG_SIZE] {
         let mut s = [0u8; STRONG_SIZE];
-        if p % bs == 0 {
-            s.copy_from_slice(&digests[p / bs][..STRONG_SIZE]);
+        if p >= base && (p - base) % bs == 0 && (p - base) / bs < digests.len() && p + bs <= base + digests.len() * bs {
+            s.copy_from_slice(&digests[(p - base) / bs][..STRONG_SIZE]);
         } else {
             let h = blake2b_simd::Params::new().hash_length(32).hash(&data[p..p + bs]);
             s.copy_from_slice(&h.as_bytes()[..STRONG_SIZE]);
@@ -278,32 +299,30 @@ fn search(data: &[u8], start: usize, end: usize, bs: usize, old: &SigView, diges
             }
         }
         if let Some(j) = found {
-            if p > lit_start {
-                push(&mut out.ops, Op::Literal { len: (p - lit_start) as u64, at: lit_start });
-                out.stats.literal += (p - lit_start) as u64;
+            let cs = p.max(lit_start);
+            let ce = (p + bs).min(e);
+            literal(out, lit_start, cs);
+            if ce > cs {
+                push(&mut out.ops, Op::Copy { len: (ce - cs) as u64, from: j * bs as u64 + (cs - p) as u64 });
+                out.stats.shifted += (ce - cs) as u64;
+                lit_start = ce;
             }
-            push(&mut out.ops, Op::Copy { len: bs as u64, from: j * bs as u64 });
-            out.stats.shifted += bs as u64;
             p += bs;
-            lit_start = p;
             expect = Some(j + 1);
-            if p + bs > end {
+            if p > last {
                 break;
             }
             roll = Rollsum::new(&data[p..p + bs]);
         } else {
             expect = None;
-            if p + bs >= end {
+            if p >= last {
                 break;
             }
             roll.rotate(data[p], data[p + bs]);
             p += 1;
         }
     }
-    if end > lit_start {
-        push(&mut out.ops, Op::Literal { len: (end - lit_start) as u64, at: lit_start });
-        out.stats.literal += (end - lit_start) as u64;
-    }
+    literal(out, lit_start, e);
 }
 
 /// Appends `op`, merging it into the previous one when they continue each other.

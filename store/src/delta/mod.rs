@@ -56,13 +56,20 @@ pub fn diff(old: &SigView, new: &[u8], chunk_size: usize) -> Delta {
     use rayon::prelude::*;
     let bs = old.block_size();
     let chunk_size = chunk_size.div_ceil(bs as usize).max(1) * bs as usize;
-    let parts: Vec<ChunkDelta> = new
-        .par_chunks(chunk_size)
-        .enumerate()
-        .map(|(i, data)| {
+    let bs_us = bs as usize;
+    let n = new.len().div_ceil(chunk_size);
+    let parts: Vec<ChunkDelta> = (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let off = i * chunk_size;
+            let len = (new.len() - off).min(chunk_size);
+            let lo = off.saturating_sub(bs_us - 1);
+            let hi = (off + len + bs_us - 1).min(new.len());
             let c = Chunk {
-                data,
-                offset: (i * chunk_size) as u64,
+                data: &new[lo..hi],
+                start: off - lo,
+                len,
+                offset: off as u64,
                 file_size: new.len() as u64,
                 holes: &[],
             };
