@@ -38,13 +38,19 @@ pub struct Delta {
 }
 
 impl Delta {
-    /// Bytes this delta would take as a plain stream: literals plus 17 bytes per op.
+    /// Bytes this delta takes as a compact stream (the form stage 3 sends over
+    /// the network): per op a tag byte and LEB128 varints for its length (and
+    /// a copy's source offset), plus the literal bytes.
     pub fn encoded_len(&self) -> u64 {
+        fn varint(v: u64) -> u64 {
+            (64 - v.leading_zeros() as u64).div_ceil(7).max(1)
+        }
         self.ops
             .iter()
-            .map(|o| match o {
-                Op::Literal { len, .. } => 17 + len,
-                _ => 17,
+            .map(|o| match *o {
+                Op::Literal { len, .. } => 1 + varint(len) + len,
+                Op::Copy { len, from } => 1 + varint(len) + varint(from),
+                Op::Hole { len } => 1 + varint(len),
             })
             .sum()
     }
