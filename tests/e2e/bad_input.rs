@@ -1,0 +1,129 @@
+//! Bad input: one clear line on stderr, a documented exit code, nothing lost.
+
+use std::os::unix::io::AsRawFd;
+
+use super::util::*;
+
+fn repo_with_one(env: &Env) -> String {
+    let img = env.path("disk.img");
+    std::fs::write(&img, pseudo(1 << 20, 1)).unwrap();
+    env.ok(&["backup", s(&env.repo()), s(&img)]);
+    blake2(&img)
+}
+
+fn still_restores(env: &Env, hash: &str, name: &str) {
+    let dest = env.path(name);
+    env.ok(&["restore", s(&env.repo()), "latest", "--to", s(&dest)]);
+    assert_eq!(blake2(&dest.join("disk.img")), hash);
+}
+
+#[test]
+fn missing_source() {
+    let env = Env::new();
+    let h = repo_with_one(&env);
+    let err = env.fails(&["backup", s(&env.repo()), "/nonexistent/disk.img"], 1);
+    assert!(err.contains("/nonexistent/disk.img"), "{err}");
+    assert_eq!(env.ids().len(), 1);
+    still_restores(&env, &h, "r");
+}
+
+#[test]
+fn directory_source_is_refused() {
+    let env = Env::new();
+    let err = env.fails(&["backup", s(&env.repo()), s(env.dir.path())], 1);
+    assert!(err.contains("only regular files"), "{err}");
+}
+
+#[test]
+fn not_a_repository() {
+    let env = Env::new();
+    std::fs::create_dir(env.path("empty")).unwrap();
+    let err = env.fails(&["list", s(&env.path("empty"))], 1);
+    assert!(err.contains("not a dsync repository"), "{err}");
+    let err = env.fails(&["init", s(env.dir.path())], 1);
+    assert!(err.contains("non-empty"), "{err}");
+}
+
+#[test]
+fn snapshot_that_matches_nothing() {
+    let env = Env::new();
+    repo_with_one(&env);
+    let err = env.fails(&["restore", s(&env.repo()), "2001-01-01", "--to", "x"], 1);
+    assert!(err.contains("no snapshot matches"), "{err}");
+    let err = env.fails(&["restore", s(&env.repo()), "zzz", "--to", "x"], 1);
+    assert!(err.contains("no snapshot matches"), "{err}");
+    let err = env.fails(&["cat", s(&env.repo()), "latest", "other.img"], 1);
+    assert!(err.contains("other.img"), "{err}");
+}
+
+#[test]
+fn existing_destination_needs_force() {
+    let env = Env::new();
+    let h = repo_with_one(&env);
+    std::fs::write(env.path("taken"), b"mine").unwrap();
+    let err = env.fails(&["restore", s(&env.repo()), "latest", "--to", s(&env.path("taken")), "disk.img"], 1);
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(env.path("taken")).unwrap(), b"mine");
+    env.ok(&["restore", s(&env.repo()), "latest", "--to", s(&env.path("taken")), "disk.img", "--force"]);
+    assert_eq!(blake2(&env.path("taken")), h);
+}
+
+#[test]
+fn second_writer_is_refused() {
+    let env = Env::new();
+    let h = repo_with_one(&env);
+    let lock = std::fs::File::open(env.repo().join("lock")).unwrap();
+    // SAFETY: valid fd.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    let err = env.fails(&["backup", s(&env.repo()), s(&env.path("disk.img"))], 4);
+    assert!(err.contains("locked"), "{err}");
+    // Readers do not block on the lock.
+    still_restores(&env, &h, "r");
+    drop(lock);
+    env.ok(&["backup", s(&env.repo()), s(&env.path("disk.img")), "--checksum"]);
+}
+
+#[test]
+fn newer_format_is_refused() {
+    let env = Env::new();
+    repo_with_one(&env);
+    let cfg = env.repo().join("config");
+    let mut b = std::fs::read(&cfg).unwrap();
+    b[8] = 9;
+    // Re-seal so that only the version is "wrong".
+    let split = b.len() - 32;
+    let sum = blake2b_simd::Params::new().hash_length(32).hash(&b[..split]);
+    b[split..].copy_from_slice(sum.as_bytes());
+    std::fs::write(&cfg, b).unwrap();
+    let err = env.fails(&["list", s(&env.repo())], 1);
+    assert!(err.contains("newer"), "{err}");
+}
+
+#[test]
+fn damaged_manifest_is_named() {
+    let env = Env::new();
+    repo_with_one(&env);
+    let id = env.ids().remove(0);
+    let p = env.repo().join("snapshots").join(format!("{id}.snap"));
+    let mut b = std::fs::read(&p).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 0x10;
+    std::fs::write(&p, b).unwrap();
+    let err = env.fails(&["list", s(&env.repo())], 3);
+    assert!(err.contains(&id) && err.contains("damaged"), "{err}");
+}
+
+#[test]
+fn damaged_pack_fails_restore_and_names_it() {
+    let env = Env::new();
+    repo_with_one(&env);
+    let packs = env.repo().join("packs");
+    let pack = std::fs::read_dir(&packs).unwrap().next().unwrap().unwrap().path();
+    let mut b = std::fs::read(&pack).unwrap();
+    b[100] ^= 0xff;
+    std::fs::write(&pack, b).unwrap();
+    let dest = env.path("out");
+    let err = env.fails(&["restore", s(&env.repo()), "latest", "--to", s(&dest)], 3);
+    assert!(err.contains("frame") && err.contains("disk.img"), "{err}");
+    assert!(!dest.join("disk.img").exists(), "a damaged version left a file behind");
+}

@@ -1,0 +1,3 @@
+mod backup_restore;
+mod bad_input;
+mod util;
