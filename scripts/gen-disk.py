@@ -20,7 +20,10 @@ import tempfile
 POOL_DIRS = ["/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/lib", "/usr/bin"]
 
 
-def pool_files():
+def pool_files(for_days):
+    """Files from /usr; one in eight (by a hash of the path) is kept for the
+    days, so that a day's new files are not copies of what the base holds."""
+    import zlib
     out = []
     for d in POOL_DIRS:
         for root, dirs, files in os.walk(d):
@@ -28,6 +31,8 @@ def pool_files():
             for f in sorted(files):
                 p = os.path.join(root, f)
                 try:
+                    if (zlib.crc32(p.encode()) % 8 == 0) != for_days:
+                        continue
                     if os.path.isfile(p) and not os.path.islink(p):
                         s = os.path.getsize(p)
                         if 1024 <= s <= 16 << 20:
@@ -58,7 +63,7 @@ def prand(rnd, n):
 
 def base(img, size_mib, data_mib):
     rnd = random.Random(1)
-    files = pool_files()
+    files = pool_files(False)
     with tempfile.TemporaryDirectory() as d:
         chosen, total = pick(files, rnd, (data_mib - 256) << 20)
         for k, p in enumerate(chosen):
@@ -82,7 +87,7 @@ def base(img, size_mib, data_mib):
 
 def day(img, n, new_mib, writes):
     rnd = random.Random(1000 + n)
-    files = pool_files()
+    files = pool_files(True)
     chosen, total = pick(files, rnd, (new_mib << 20) - (4 << 20))
     with tempfile.TemporaryDirectory() as d:
         cmds = [f"mkdir /day{n}"]

@@ -51,10 +51,12 @@ pub enum Command {
         json: bool,
     },
     /// Restore a snapshot (or one file of it) to DEST.
-    #[command(after_help = "SNAPSHOT is an id or unique id prefix, a local time YYYY-MM-DDTHH:MM:SS, \
+    #[command(
+        after_help = "SNAPSHOT is an id or unique id prefix, a local time YYYY-MM-DDTHH:MM:SS, \
 a day YYYY-MM-DD (the last snapshot of that day), or `latest`.\n\n\
 Examples:\n  dsync restore /backup/vms 2024-05-01 --to /tmp/old            # every file, into /tmp/old/\n  \
-dsync restore /backup/vms latest --to /tmp/disk.qcow2 disk.qcow2  # one file")]
+dsync restore /backup/vms latest --to /tmp/disk.qcow2 disk.qcow2  # one file"
+    )]
     Restore {
         repo: PathBuf,
         snapshot: String,

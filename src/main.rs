@@ -53,10 +53,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("created repository {}", repo.display());
             }
         }
-        Command::Backup { repo, paths, checksum, json } => {
+        Command::Backup {
+            repo,
+            paths,
+            checksum,
+            json,
+        } => {
             let r = Repo::open_or_init(&repo)?;
             let bar = Bar::new(cli.quiet || json);
-            let opts = BackupOptions { checksum, ..Default::default() };
+            let opts = BackupOptions {
+                checksum,
+                ..Default::default()
+            };
             let rep = dsync_store::backup(&r, &paths, &opts, &bar);
             bar.done();
             let rep = rep?;
@@ -113,7 +121,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut out = out.lock();
             let snaps = r.snapshots()?;
             if !json {
-                writeln!(out, "{:<16}  {:<19}  {:>5}  {:>10}  {:>10}", "ID", "TIME", "FILES", "SIZE", "ADDED")?;
+                writeln!(
+                    out,
+                    "{:<16}  {:<19}  {:>5}  {:>10}  {:>10}",
+                    "ID", "TIME", "FILES", "SIZE", "ADDED"
+                )?;
             }
             for s in snaps {
                 let (files, size) = s.totals();
@@ -137,7 +149,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Restore { repo, snapshot, to, path, force } => {
+        Command::Restore {
+            repo,
+            snapshot,
+            to,
+            path,
+            force,
+        } => {
             let r = Repo::open(&repo)?;
             let s = r.resolve(&snapshot)?;
             let bar = Bar::new(cli.quiet);
@@ -150,7 +168,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Cat { repo, snapshot, path } => {
+        Command::Cat {
+            repo,
+            snapshot,
+            path,
+        } => {
             let r = Repo::open(&repo)?;
             let s = r.resolve(&snapshot)?;
             let node = dsync_store::restore::find_file(&s, &path)?;

@@ -26,12 +26,12 @@ use rayon::prelude::*;
 use crate::delta::signature::{FileHasher, ZeroBlock};
 use crate::delta::{diff_chunk, Chunk, DeltaStats, Op, SigView};
 use crate::error::{Error, IoContext, Result};
+use crate::format::config::Config;
 use crate::format::map::{MapBody, PageRef};
-use crate::format::snapshot::{FileVersion, Node, NodeKind, Snapshot, SnapshotStats, ROOT};
 use crate::format::sig::ENTRY_SIZE;
+use crate::format::snapshot::{FileVersion, Node, NodeKind, Snapshot, SnapshotStats, ROOT};
 use crate::id::{MapId, SnapshotId};
 use crate::map::{FileMap, MapBuilder, Piece};
-use crate::format::config::Config;
 use crate::pack::{compress_frames, FrameMeta, PackWriter, Unsynced};
 use crate::repo::{fsync_dir, write_atomic, write_new, Repo, SigWriter};
 
@@ -99,18 +99,24 @@ pub struct BackupReport {
 /// missing, unreadable or unsupported source; [`Error::SourceChanged`];
 /// [`Error::Io`] (a full disk among them). On any error no snapshot is made and
 /// every earlier one is untouched.
-pub fn backup(repo: &Repo, paths: &[PathBuf], opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupReport> {
+pub fn backup(
+    repo: &Repo,
+    paths: &[PathBuf],
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
     let started = Instant::now();
     let _lock = repo.lock()?;
     if paths.is_empty() {
-        return Err(Error::InvalidInput("nothing to back up: give at least one path".into()));
+        return Err(Error::InvalidInput(
+            "nothing to back up: give at least one path".into(),
+        ));
     }
     // Check every source before writing anything.
     let mut sources = Vec::new();
     for p in paths {
-        let md = std::fs::metadata(p).map_err(|e| {
-            Error::InvalidInput(format!("cannot back up {}: {}", p.display(), e))
-        })?;
+        let md = std::fs::metadata(p)
+            .map_err(|e| Error::InvalidInput(format!("cannot back up {}: {}", p.display(), e)))?;
         if !md.is_file() {
             return Err(Error::InvalidInput(format!(
                 "cannot back up {}: only regular files are supported in this version (directories come with stage 2)",
@@ -119,17 +125,30 @@ pub fn backup(repo: &Repo, paths: &[PathBuf], opts: &BackupOptions, progress: &d
         }
         let name = p
             .file_name()
-            .ok_or_else(|| Error::InvalidInput(format!("cannot back up {}: it has no file name", p.display())))?
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "cannot back up {}: it has no file name",
+                    p.display()
+                ))
+            })?
             .as_encoded_bytes()
             .to_vec();
-        if sources.iter().any(|(_, n, _): &(PathBuf, Vec<u8>, _)| *n == name) {
+        if sources
+            .iter()
+            .any(|(_, n, _): &(PathBuf, Vec<u8>, _)| *n == name)
+        {
             return Err(Error::InvalidInput(format!(
                 "two sources are named {:?}; each path is stored under its base name",
                 String::from_utf8_lossy(&name)
             )));
         }
-        File::open(p).map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", p.display(), e)))?;
-        sources.push((std::path::absolute(p).unwrap_or_else(|_| p.clone()), name, md));
+        File::open(p)
+            .map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", p.display(), e)))?;
+        sources.push((
+            std::path::absolute(p).unwrap_or_else(|_| p.clone()),
+            name,
+            md,
+        ));
     }
     let previous = repo.snapshots()?;
 
@@ -138,17 +157,21 @@ pub fn backup(repo: &Repo, paths: &[PathBuf], opts: &BackupOptions, progress: &d
     let mut files = Vec::new();
     let mut bytes_read = 0;
     for (path, name, md) in &sources {
-        let prev = previous
-            .iter()
-            .rev()
-            .find_map(|s| match s.root_node(name) {
-                Some(Node { kind: NodeKind::File(f), .. }) => Some(f.clone()),
-                _ => None,
-            });
+        let prev = previous.iter().rev().find_map(|s| match s.root_node(name) {
+            Some(Node {
+                kind: NodeKind::File(f),
+                ..
+            }) => Some(f.clone()),
+            _ => None,
+        });
         let display = String::from_utf8_lossy(name).into_owned();
         progress.start(&display, md.len());
         let unchanged = prev.as_ref().is_some_and(|f| {
-            f.size == md.len() && f.ino == md.ino() && f.dev == md.dev() && f.ctime_ns == ctime_ns(md) && mtime_ns_of(md) == f_mtime(&previous, name)
+            f.size == md.len()
+                && f.ino == md.ino()
+                && f.dev == md.dev()
+                && f.ctime_ns == ctime_ns(md)
+                && mtime_ns_of(md) == f_mtime(&previous, name)
         });
         let (version, report) = if unchanged && !opts.checksum {
             let Some(f) = prev else { unreachable_prev()? };
@@ -173,7 +196,13 @@ pub fn backup(repo: &Repo, paths: &[PathBuf], opts: &BackupOptions, progress: &d
                 }
                 None => None,
             };
-            w.file(path, &display, prev_loaded.as_ref().map(|(m, s)| (m, s)), opts, progress)?
+            w.file(
+                path,
+                &display,
+                prev_loaded.as_ref().map(|(m, s)| (m, s)),
+                opts,
+                progress,
+            )?
         };
         bytes_read += report.bytes_read;
         nodes.push(Node {
@@ -192,7 +221,10 @@ pub fn backup(repo: &Repo, paths: &[PathBuf], opts: &BackupOptions, progress: &d
         id: SnapshotId::random(),
         time_ns: opts.time_ns.unwrap_or_else(crate::time::now_ns),
         host: crate::repo::hostname(),
-        paths: sources.iter().map(|(p, _, _)| p.display().to_string()).collect(),
+        paths: sources
+            .iter()
+            .map(|(p, _, _)| p.display().to_string())
+            .collect(),
         stats: SnapshotStats {
             bytes_read,
             bytes_added: 0,
@@ -207,12 +239,21 @@ pub fn backup(repo: &Repo, paths: &[PathBuf], opts: &BackupOptions, progress: &d
     snap.stats.bytes_added = added;
     snap.stats.duration_ns = started.elapsed().as_nanos() as u64;
     let bytes = snap.encode();
-    write_atomic(&repo.dir("tmp"), &repo.dir("snapshots").join(format!("{}.snap", snap.id)), &bytes)?;
-    Ok(BackupReport { snapshot: snap, files })
+    write_atomic(
+        &repo.dir("tmp"),
+        &repo.dir("snapshots").join(format!("{}.snap", snap.id)),
+        &bytes,
+    )?;
+    Ok(BackupReport {
+        snapshot: snap,
+        files,
+    })
 }
 
 fn unreachable_prev<T>() -> Result<T> {
-    Err(Error::InvalidInput("internal: previous version vanished".into()))
+    Err(Error::InvalidInput(
+        "internal: previous version vanished".into(),
+    ))
 }
 
 fn f_mtime(previous: &[Snapshot], name: &[u8]) -> i64 {
@@ -251,7 +292,12 @@ pub(crate) struct Buffers(Mutex<Vec<Vec<u8>>>);
 
 impl Buffers {
     pub(crate) fn take(&self, len: usize) -> Vec<u8> {
-        let mut b = self.0.lock().ok().and_then(|mut v| v.pop()).unwrap_or_default();
+        let mut b = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut v| v.pop())
+            .unwrap_or_default();
         b.clear();
         b.resize(len, 0);
         b
@@ -296,13 +342,15 @@ impl Source<'_> {
             let s = ds.max(lo);
             let e = de.min(hi);
             let dst = &mut buf[(s - lo) as usize..(e - lo) as usize];
-            self.file.read_exact_at(dst, s).map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => Error::SourceChanged {
-                    path: self.path.into(),
-                    detail: "file shrank while it was read".into(),
-                },
-                _ => Error::io(self.path, e),
-            })?;
+            self.file
+                .read_exact_at(dst, s)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::UnexpectedEof => Error::SourceChanged {
+                        path: self.path.into(),
+                        detail: "file shrank while it was read".into(),
+                    },
+                    _ => Error::io(self.path, e),
+                })?;
             // Mark the chunk's own blocks that hold data.
             let (s, e) = (s.max(off), e.min(end));
             if e > s {
@@ -340,7 +388,13 @@ impl Source<'_> {
         self.buffers.give(buf);
         let mut compressed = self.buffers.take(0);
         let mut frames = Vec::new();
-        compress_frames(&lit, self.cfg.frame_size as usize, self.cfg.zstd_level, &mut compressed, &mut frames)?;
+        compress_frames(
+            &lit,
+            self.cfg.frame_size as usize,
+            self.cfg.zstd_level,
+            &mut compressed,
+            &mut frames,
+        )?;
         self.buffers.give(lit);
         Ok(ChunkOut {
             len,
@@ -410,7 +464,10 @@ impl<'r> Writer<'r> {
 
     fn sig(&mut self) -> Result<&mut SigWriter> {
         if self.sig.is_none() {
-            self.sig = Some(SigWriter::create(&self.repo.dir("sigs"), self.repo.config().page_entries)?);
+            self.sig = Some(SigWriter::create(
+                &self.repo.dir("sigs"),
+                self.repo.config().page_entries,
+            )?);
         }
         self.sig
             .as_mut()
@@ -428,7 +485,8 @@ impl<'r> Writer<'r> {
     ) -> Result<(FileVersion, FileReport)> {
         let cfg = self.repo.config().clone();
         let bs = cfg.block_size as usize;
-        let file = File::open(path).map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", path.display(), e)))?;
+        let file = File::open(path)
+            .map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", path.display(), e)))?;
         let before = file.metadata().at(path)?;
         let size = before.len();
         let data_ranges = data_ranges(&file, size);
@@ -497,7 +555,10 @@ impl<'r> Writer<'r> {
         }
         self.buffers = buffers;
         if st.pos != size {
-            return Err(Error::InvalidInput(format!("internal: map covers {} of {size} bytes", st.pos)));
+            return Err(Error::InvalidInput(format!(
+                "internal: map covers {} of {size} bytes",
+                st.pos
+            )));
         }
         let after = file.metadata().at(path)?;
         let what = if after.len() != size {
@@ -510,7 +571,10 @@ impl<'r> Writer<'r> {
             None
         };
         if let Some(detail) = what {
-            return Err(Error::SourceChanged { path: path.into(), detail });
+            return Err(Error::SourceChanged {
+                path: path.into(),
+                detail,
+            });
         }
         let body = MapBody {
             file_size: size,
@@ -546,11 +610,20 @@ impl<'r> Writer<'r> {
     }
 
     /// Appends a chunk's frames, extents, signature pages and hashes.
-    fn store_chunk<'p>(&mut self, out: &ChunkOut, prev: Option<(&FileMap, &SigView)>, st: &mut FileState<'p>) -> Result<()> {
+    fn store_chunk<'p>(
+        &mut self,
+        out: &ChunkOut,
+        prev: Option<(&FileMap, &SigView)>,
+        st: &mut FileState<'p>,
+    ) -> Result<()> {
         let pack = self.pack()?;
         let mut base = None;
         for f in &out.frames {
-            let at = pack.append(&out.compressed[f.start..f.start + f.clen as usize], f.ulen, f.sum)?;
+            let at = pack.append(
+                &out.compressed[f.start..f.start + f.clen as usize],
+                f.ulen,
+                f.sum,
+            )?;
             base.get_or_insert(at);
             st.compressed += f.clen as u64;
         }
@@ -565,7 +638,9 @@ impl<'r> Writer<'r> {
                 }
                 Op::Copy { len, from } => {
                     let Some((pm, _)) = prev else {
-                        return Err(Error::InvalidInput("internal: copy without a previous version".into()));
+                        return Err(Error::InvalidInput(
+                            "internal: copy without a previous version".into(),
+                        ));
                     };
                     pm.resolve(from, len, |p| match p {
                         Piece::Data { len, pack, offset } => {
@@ -596,11 +671,21 @@ impl<'r> Writer<'r> {
         let entries = (page.len() / ENTRY_SIZE) as u32;
         let sum = xxhash_rust::xxh3::xxh3_64(page);
         if page == &pager.zero_page[..page.len()] {
-            return Ok(PageRef { sig: None, slot: 0, entries, sum });
+            return Ok(PageRef {
+                sig: None,
+                slot: 0,
+                entries,
+                sum,
+            });
         }
         let w = self.sig()?;
         let slot = w.append(page)?;
-        Ok(PageRef { sig: Some(w.id), slot, entries, sum })
+        Ok(PageRef {
+            sig: Some(w.id),
+            slot,
+            entries,
+            sum,
+        })
     }
 
     /// Finishes the pack and signature file, fsyncs everything written and
@@ -711,4 +796,3 @@ fn data_ranges(file: &File, size: u64) -> Vec<(u64, u64)> {
     }
     out
 }
-

@@ -72,7 +72,9 @@ pub enum Error {
     },
     /// A source file changed while it was read, so the stored version would not be
     /// one the file ever had.
-    #[error("{path} changed while it was read ({detail}); run the backup again when it is quiescent")]
+    #[error(
+        "{path} changed while it was read ({detail}); run the backup again when it is quiescent"
+    )]
     SourceChanged {
         /// The source file.
         path: PathBuf,

@@ -123,9 +123,17 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Piece::Data { len: 8, pack: PackId(1), offset: 102 },
+                Piece::Data {
+                    len: 8,
+                    pack: PackId(1),
+                    offset: 102
+                },
                 Piece::Hole { len: 10 },
-                Piece::Data { len: 10, pack: PackId(2), offset: 0 },
+                Piece::Data {
+                    len: 10,
+                    pack: PackId(2),
+                    offset: 0
+                },
                 Piece::Hole { len: 2 },
             ]
         );

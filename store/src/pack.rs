@@ -38,7 +38,13 @@ thread_local! {
 ///
 /// # Errors
 /// [`Error::InvalidInput`] if zstd fails (it does not on valid parameters).
-pub fn compress_frames(data: &[u8], frame_size: usize, level: i32, out: &mut Vec<u8>, frames: &mut Vec<FrameMeta>) -> Result<()> {
+pub fn compress_frames(
+    data: &[u8],
+    frame_size: usize,
+    level: i32,
+    out: &mut Vec<u8>,
+    frames: &mut Vec<FrameMeta>,
+) -> Result<()> {
     let zerr = |e: std::io::Error| Error::InvalidInput(format!("zstd compression failed: {e}"));
     CCTX.with(|c| {
         let mut c = c.borrow_mut();
@@ -52,10 +58,17 @@ pub fn compress_frames(data: &[u8], frame_size: usize, level: i32, out: &mut Vec
             let start = out.len();
             let bound = zstd::zstd_safe::compress_bound(part.len());
             out.resize(start + bound, 0);
-            let n = cctx.compress_to_buffer(part, &mut out[start..]).map_err(zerr)?;
+            let n = cctx
+                .compress_to_buffer(part, &mut out[start..])
+                .map_err(zerr)?;
             out.truncate(start + n);
             let sum = xxhash_rust::xxh3::xxh3_64(&out[start..start + n]);
-            frames.push(FrameMeta { start, clen: n as u32, ulen: part.len() as u32, sum });
+            frames.push(FrameMeta {
+                start,
+                clen: n as u32,
+                ulen: part.len() as u32,
+                sum,
+            });
         }
         Ok(())
     })
@@ -114,7 +127,12 @@ pub fn start_writeback(file: &File, off: u64, len: u64) {
     // SAFETY: a valid fd; sync_file_range has no memory effects. Failure only
     // means the final fsync does all the work.
     unsafe {
-        libc::sync_file_range(file.as_raw_fd(), off as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            off as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 
@@ -129,7 +147,8 @@ impl PackWriter {
             .create_new(true)
             .open(&path)
             .at(&path)?;
-        file.write_all_at(&fmt::header(FORMAT_VERSION), 0).at(&path)?;
+        file.write_all_at(&fmt::header(FORMAT_VERSION), 0)
+            .at(&path)?;
         Ok(PackWriter {
             id,
             path,
@@ -185,7 +204,13 @@ impl PackWriter {
         let idx = fmt::encode_index(&self.frames, self.pos);
         self.file.write_all_at(&idx, self.pos).at(&self.path)?;
         start_writeback(&self.file, self.flushed, u64::MAX);
-        Ok((self.pos + idx.len() as u64, Unsynced { file: self.file, path: self.path }))
+        Ok((
+            self.pos + idx.len() as u64,
+            Unsynced {
+                file: self.file,
+                path: self.path,
+            },
+        ))
     }
 }
 
@@ -209,13 +234,18 @@ impl PackReader {
         let file = File::open(path).at(path)?;
         let len = file.metadata().at(path)?.len();
         if len < fmt::HEADER_SIZE + fmt::TRAILER_SIZE {
-            return Err(Error::corrupt(&name, 0, format!("pack of {len} bytes is too short")));
+            return Err(Error::corrupt(
+                &name,
+                0,
+                format!("pack of {len} bytes is too short"),
+            ));
         }
         let mut h = [0u8; 16];
         file.read_exact_at(&mut h, 0).at(path)?;
         fmt::check_header(&h, &name)?;
         let mut t = [0u8; 32];
-        file.read_exact_at(&mut t, len - fmt::TRAILER_SIZE).at(path)?;
+        file.read_exact_at(&mut t, len - fmt::TRAILER_SIZE)
+            .at(path)?;
         let (index_offset, count, sum) = fmt::decode_trailer(&t, len, &name)?;
         let mut idx = vec![0u8; count as usize * fmt::INDEX_ENTRY_SIZE as usize];
         file.read_exact_at(&mut idx, index_offset).at(path)?;
@@ -293,7 +323,11 @@ impl PackReader {
             ));
         }
         decompress_frame(c, f.ulen as usize, out).map_err(|e| {
-            Error::corrupt(format!("{} frame {i}", self.name), f.file_offset, format!("zstd: {e}"))
+            Error::corrupt(
+                format!("{} frame {i}", self.name),
+                f.file_offset,
+                format!("zstd: {e}"),
+            )
         })?;
         if out.len() != f.ulen as usize {
             return Err(Error::corrupt(

@@ -38,7 +38,11 @@ impl VersionReader {
             return Err(Error::corrupt(
                 format!("maps/{}.map", file.map),
                 0,
-                format!("map is for {} bytes, the manifest says {} ({what})", map.size(), file.size),
+                format!(
+                    "map is for {} bytes, the manifest says {} ({what})",
+                    map.size(),
+                    file.size
+                ),
             ));
         }
         Ok(VersionReader {
@@ -77,7 +81,12 @@ impl VersionReader {
         self.read_inner(off, buf, Some(scratch))
     }
 
-    fn read_inner(&self, off: u64, buf: &mut [u8], mut scratch: Option<&mut Scratch>) -> Result<usize> {
+    fn read_inner(
+        &self,
+        off: u64,
+        buf: &mut [u8],
+        mut scratch: Option<&mut Scratch>,
+    ) -> Result<usize> {
         let size = self.size();
         if off >= size {
             return Ok(0);
@@ -92,8 +101,13 @@ impl VersionReader {
             match ex.get(i) {
                 Some(e) if e.logical <= pos => {
                     let n = ((e.end() - pos) as usize).min(want - done);
-                    self.copy(e.pack, e.offset + (pos - e.logical), &mut buf[done..done + n], scratch.as_deref_mut())
-                        .map_err(|err| self.context(err))?;
+                    self.copy(
+                        e.pack,
+                        e.offset + (pos - e.logical),
+                        &mut buf[done..done + n],
+                        scratch.as_deref_mut(),
+                    )
+                    .map_err(|err| self.context(err))?;
                     done += n;
                     i += 1;
                 }
@@ -108,14 +122,23 @@ impl VersionReader {
         Ok(want)
     }
 
-    fn copy(&self, pack: crate::id::PackId, mut off: u64, mut out: &mut [u8], mut scratch: Option<&mut Scratch>) -> Result<()> {
+    fn copy(
+        &self,
+        pack: crate::id::PackId,
+        mut off: u64,
+        mut out: &mut [u8],
+        mut scratch: Option<&mut Scratch>,
+    ) -> Result<()> {
         let p = self.cache.pack(pack)?;
         while !out.is_empty() {
             let (fi, start) = p.frame_at(off).ok_or_else(|| {
                 Error::corrupt(
                     format!("pack {pack}"),
                     off,
-                    format!("an extent points past the pack's {} bytes", p.uncompressed_len()),
+                    format!(
+                        "an extent points past the pack's {} bytes",
+                        p.uncompressed_len()
+                    ),
                 )
             })?;
             let shared;
@@ -144,7 +167,11 @@ impl VersionReader {
 
     fn context(&self, e: Error) -> Error {
         match e {
-            Error::Corrupt { object, offset, detail } => Error::Corrupt {
+            Error::Corrupt {
+                object,
+                offset,
+                detail,
+            } => Error::Corrupt {
                 object: format!("{} ({})", object, self.what),
                 offset,
                 detail,

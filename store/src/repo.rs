@@ -56,12 +56,18 @@ impl Repo {
     /// [`Error::Io`] when it cannot be written.
     pub fn init(path: &Path, config: Config) -> Result<Repo> {
         if path.join("config").exists() {
-            return Err(Error::InvalidInput(format!("{} is already a dsync repository", path.display())));
+            return Err(Error::InvalidInput(format!(
+                "{} is already a dsync repository",
+                path.display()
+            )));
         }
         if path.exists() {
             let md = std::fs::metadata(path).at(path)?;
             if !md.is_dir() {
-                return Err(Error::InvalidInput(format!("{} exists and is not a directory", path.display())));
+                return Err(Error::InvalidInput(format!(
+                    "{} exists and is not a directory",
+                    path.display()
+                )));
             }
             if std::fs::read_dir(path).at(path)?.next().is_some() {
                 return Err(Error::InvalidInput(format!(
@@ -104,7 +110,11 @@ impl Repo {
         for d in DIRS {
             let p = path.join(d);
             if !p.is_dir() {
-                return Err(Error::corrupt(p.display().to_string(), 0, "directory missing"));
+                return Err(Error::corrupt(
+                    p.display().to_string(),
+                    0,
+                    "directory missing",
+                ));
             }
         }
         Ok(Repo {
@@ -161,7 +171,12 @@ impl Repo {
                 holder: holder.trim().to_string(),
             });
         }
-        let info = format!("host={} pid={} since={}\n", hostname(), std::process::id(), crate::time::local(crate::time::now_ns()));
+        let info = format!(
+            "host={} pid={} since={}\n",
+            hostname(),
+            std::process::id(),
+            crate::time::local(crate::time::now_ns())
+        );
         file.set_len(0).at(&path)?;
         file.write_all_at(info.as_bytes(), 0).at(&path)?;
         Ok(WriteLock { _file: file })
@@ -178,7 +193,11 @@ impl Repo {
         for ent in std::fs::read_dir(&dir).at(&dir)? {
             let ent = ent.at(&dir)?;
             let name = ent.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".snap")).and_then(SnapshotId::parse) else {
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".snap"))
+                .and_then(SnapshotId::parse)
+            else {
                 continue;
             };
             out.push(self.load_snapshot(id)?);
@@ -195,7 +214,11 @@ impl Repo {
         let name = format!("snapshots/{id}.snap");
         let s = Snapshot::decode(&bytes, &name)?;
         if s.id != id {
-            return Err(Error::corrupt(name, 24, "manifest id differs from its file name"));
+            return Err(Error::corrupt(
+                name,
+                24,
+                "manifest id differs from its file name",
+            ));
         }
         Ok(s)
     }
@@ -247,7 +270,8 @@ impl Repo {
                     // any mmap).
                     let m = unsafe { memmap2::Mmap::map(&f) }.at(&path)?;
                     let obj = format!("sigs/{sig}.sig");
-                    let pe = sigfmt::check_header(m.get(..sigfmt::HEADER_SIZE).unwrap_or(&[]), &obj)?;
+                    let pe =
+                        sigfmt::check_header(m.get(..sigfmt::HEADER_SIZE).unwrap_or(&[]), &obj)?;
                     if pe != b.page_entries {
                         return Err(Error::corrupt(obj, 12, "page size differs from the map's"));
                     }
@@ -262,7 +286,12 @@ impl Repo {
                 sum: Some(p.sum),
             });
         }
-        Ok(SigView::new(b.block_size, b.file_size, b.page_entries, pages))
+        Ok(SigView::new(
+            b.block_size,
+            b.file_size,
+            b.page_entries,
+            pages,
+        ))
     }
 }
 
@@ -272,7 +301,9 @@ pub struct WriteLock {
 }
 
 pub(crate) fn resolve_in(all: Vec<Snapshot>, spec: &str) -> Result<Snapshot> {
-    let none = || Error::NoSuchSnapshot { spec: spec.to_string() };
+    let none = || Error::NoSuchSnapshot {
+        spec: spec.to_string(),
+    };
     if spec == "latest" {
         return all.into_iter().last().ok_or_else(none);
     }
@@ -280,16 +311,16 @@ pub(crate) fn resolve_in(all: Vec<Snapshot>, spec: &str) -> Result<Snapshot> {
     if is_day {
         return all
             .into_iter()
-            .filter(|s| crate::time::local(s.time_ns).starts_with(spec))
-            .last()
+            .rev()
+            .find(|s| crate::time::local(s.time_ns).starts_with(spec))
             .ok_or_else(none);
     }
     let norm = spec.replace(' ', "T");
     if crate::time::parse_local(&norm).is_some() {
         return all
             .into_iter()
-            .filter(|s| crate::time::local(s.time_ns) == norm)
-            .last()
+            .rev()
+            .find(|s| crate::time::local(s.time_ns) == norm)
             .ok_or_else(none);
     }
     let lower = spec.to_ascii_lowercase();
@@ -380,7 +411,8 @@ impl SigWriter {
             .create_new(true)
             .open(&path)
             .at(&path)?;
-        file.write_all_at(&sigfmt::header(FORMAT_VERSION, page_entries), 0).at(&path)?;
+        file.write_all_at(&sigfmt::header(FORMAT_VERSION, page_entries), 0)
+            .at(&path)?;
         Ok(SigWriter {
             id,
             path,
@@ -447,7 +479,10 @@ mod tests {
         assert_eq!(r("2024-05-01T10:00:00").unwrap(), 0xaa11);
         assert_eq!(r("2024-05-01 11:00:00").unwrap(), 0xaa22);
         assert_eq!(r("000000000000bb").unwrap(), 0xbb33);
-        assert!(matches!(r("000000000000aa"), Err(Error::AmbiguousSnapshot { count: 2, .. })));
+        assert!(matches!(
+            r("000000000000aa"),
+            Err(Error::AmbiguousSnapshot { count: 2, .. })
+        ));
         assert!(matches!(r("2023-01-01"), Err(Error::NoSuchSnapshot { .. })));
         assert!(matches!(r("nonsense"), Err(Error::NoSuchSnapshot { .. })));
     }

@@ -38,7 +38,9 @@ pub fn find_file<'s>(snap: &'s Snapshot, name: &str) -> Result<&'s Node> {
     let name = name.trim_start_matches('/');
     snap.nodes
         .iter()
-        .find(|n| n.parent == ROOT && n.name == name.as_bytes() && matches!(n.kind, NodeKind::File(_)))
+        .find(|n| {
+            n.parent == ROOT && n.name == name.as_bytes() && matches!(n.kind, NodeKind::File(_))
+        })
         .ok_or_else(|| Error::NoSuchPath {
             path: name.to_string(),
             snapshot: snap.id.to_string(),
@@ -72,7 +74,12 @@ pub fn restore(
             jobs.push((node, target));
         }
         None => {
-            if dest.exists() && !force && std::fs::read_dir(dest).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            if dest.exists()
+                && !force
+                && std::fs::read_dir(dest)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(true)
+            {
                 return Err(Error::InvalidInput(format!(
                     "{} exists; restore into a new or empty directory, or pass --force",
                     dest.display()
@@ -88,12 +95,20 @@ pub fn restore(
     }
     for (_, target) in &jobs {
         if target.exists() && !force {
-            return Err(Error::InvalidInput(format!("{} exists; pass --force to overwrite it", target.display())));
+            return Err(Error::InvalidInput(format!(
+                "{} exists; pass --force to overwrite it",
+                target.display()
+            )));
         }
     }
-    let mut report = RestoreReport { files: Vec::new(), bytes: 0 };
+    let mut report = RestoreReport {
+        files: Vec::new(),
+        bytes: 0,
+    };
     for (node, target) in jobs {
-        let NodeKind::File(f) = &node.kind else { continue };
+        let NodeKind::File(f) = &node.kind else {
+            continue;
+        };
         let name = String::from_utf8_lossy(&node.name);
         let what = format!("snapshot {} file {}", snap.id, name);
         progress.start(&name, f.size);
@@ -106,7 +121,8 @@ pub fn restore(
         let times = [mt, mt];
         // SAFETY: valid fd and a two-element timespec array.
         unsafe { libc::futimens(std::os::unix::io::AsRawFd::as_raw_fd(&file), times.as_ptr()) };
-        let _ = std::fs::set_permissions(&target, std::fs::Permissions::from_mode(node.mode & 0o7777));
+        let _ =
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(node.mode & 0o7777));
         report.bytes += f.size;
         report.files.push((target, f.size));
     }
@@ -117,13 +133,27 @@ pub fn restore(
 ///
 /// # Errors
 /// As [`restore`].
-pub fn restore_file(repo: &Repo, f: &FileVersion, what: &str, dest: &Path, progress: &dyn Progress) -> Result<()> {
+pub fn restore_file(
+    repo: &Repo,
+    f: &FileVersion,
+    what: &str,
+    dest: &Path,
+    progress: &dyn Progress,
+) -> Result<()> {
     let reader = VersionReader::open(repo, f, what)?;
     let mut tmp_name = dest.as_os_str().to_owned();
     tmp_name.push(".dsync-partial");
     let tmp = PathBuf::from(tmp_name);
     let out = File::create(&tmp).at(&tmp)?;
-    let result = write_verified(&reader, f, what, &out, &tmp, repo.config().block_size, progress);
+    let result = write_verified(
+        &reader,
+        f,
+        what,
+        &out,
+        &tmp,
+        repo.config().block_size,
+        progress,
+    );
     match result {
         Ok(()) => {
             drop(out);
@@ -176,7 +206,9 @@ fn write_verified(
                         crate::map::Piece::Hole { .. } => {}
                     }
                     pos += match p {
-                        crate::map::Piece::Data { len, .. } | crate::map::Piece::Hole { len } => len,
+                        crate::map::Piece::Data { len, .. } | crate::map::Piece::Hole { len } => {
+                            len
+                        }
                     };
                 });
                 for (s, n) in writes {
@@ -242,12 +274,17 @@ pub fn cat(repo: &Repo, f: &FileVersion, what: &str, w: &mut dyn std::io::Write)
         let mut d = Vec::with_capacity(blocks.len());
         digest_many(&blocks, &mut d);
         hasher.update(&d);
-        w.write_all(&buf[..n]).map_err(|e| Error::io("standard output", e))?;
+        w.write_all(&buf[..n])
+            .map_err(|e| Error::io("standard output", e))?;
         off += n as u64;
     }
     w.flush().map_err(|e| Error::io("standard output", e))?;
     if hasher.finish() != f.hash {
-        return Err(Error::corrupt(what.to_string(), 0, "bytes do not match the stored BLAKE2 hash of the file"));
+        return Err(Error::corrupt(
+            what.to_string(),
+            0,
+            "bytes do not match the stored BLAKE2 hash of the file",
+        ));
     }
     Ok(())
 }

@@ -43,7 +43,10 @@ pub fn parse_local(s: &str) -> Option<i64> {
     tm.tm_min = num(t[1])?;
     tm.tm_sec = t.get(2).map_or(Some(0), |x| num(x))?;
     tm.tm_isdst = -1;
-    if !(0..12).contains(&tm.tm_mon) || !(1..=31).contains(&tm.tm_mday) || !(0..24).contains(&tm.tm_hour) {
+    if !(0..12).contains(&tm.tm_mon)
+        || !(1..=31).contains(&tm.tm_mday)
+        || !(0..24).contains(&tm.tm_hour)
+    {
         return None;
     }
     let secs = unsafe { libc::mktime(&mut tm) };

@@ -37,7 +37,9 @@ fn check_all(repo: &Repo, versions: &[Vec<u8>], dir: &Path) {
     assert_eq!(snaps.len(), versions.len());
     for (k, (s, want)) in snaps.iter().zip(versions).enumerate() {
         let node = s.root_node(b"f").unwrap();
-        let NodeKind::File(f) = &node.kind else { panic!() };
+        let NodeKind::File(f) = &node.kind else {
+            panic!()
+        };
         // Whole-file restore (verifies the hash).
         let out = dir.join(format!("out{k}"));
         dsync_store::restore(repo, s, Some("f"), &out, false, &NoProgress).unwrap();
@@ -51,14 +53,23 @@ fn check_all(repo: &Repo, versions: &[Vec<u8>], dir: &Path) {
         let r = VersionReader::open(repo, f, "t").unwrap();
         let mut x = 7u64;
         for _ in 0..50 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let off = if want.is_empty() { 0 } else { (x >> 33) as usize % want.len() };
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let off = if want.is_empty() {
+                0
+            } else {
+                (x >> 33) as usize % want.len()
+            };
             let len = ((x >> 13) % 9000) as usize;
             let mut buf = vec![0xAAu8; len];
             let n = r.read_at(off as u64, &mut buf).unwrap();
             let end = (off + len).min(want.len());
             assert_eq!(n, end.saturating_sub(off));
-            assert!(buf[..n] == want[off..end], "read_at({off}, {len}) differs in version {k}");
+            assert!(
+                buf[..n] == want[off..end],
+                "read_at({off}, {len}) differs in version {k}"
+            );
         }
     }
 }
@@ -74,9 +85,17 @@ enum Edit {
 
 fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
-        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..2000)).prop_map(|(a, b)| Edit::Insert(a, b)),
+        (
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..2000)
+        )
+            .prop_map(|(a, b)| Edit::Insert(a, b)),
         (any::<usize>(), 1usize..3000).prop_map(|(a, b)| Edit::Delete(a, b)),
-        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..3000)).prop_map(|(a, b)| Edit::Overwrite(a, b)),
+        (
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..3000)
+        )
+            .prop_map(|(a, b)| Edit::Overwrite(a, b)),
         (any::<usize>(), 1usize..9000).prop_map(|(a, b)| Edit::Zero(a, b)),
         proptest::collection::vec(any::<u8>(), 1..3000).prop_map(Edit::Append),
     ]
@@ -163,10 +182,16 @@ fn unchanged_file_is_reused_without_reading() {
     let r = backup(&repo, std::slice::from_ref(&src), &opts, &NoProgress).unwrap();
     assert!(r.files[0].reused);
     assert_eq!(r.files[0].bytes_read, 0);
-    let forced = BackupOptions { checksum: true, ..opts };
+    let forced = BackupOptions {
+        checksum: true,
+        ..opts
+    };
     let r = backup(&repo, std::slice::from_ref(&src), &forced, &NoProgress).unwrap();
     assert!(!r.files[0].reused);
-    assert_eq!(r.files[0].stats.literal, 0, "an unchanged file stores no literal bytes");
+    assert_eq!(
+        r.files[0].stats.literal, 0,
+        "an unchanged file stores no literal bytes"
+    );
 }
 
 #[test]
@@ -181,16 +206,31 @@ fn sparse_file_past_4_gib() {
     f.write_all_at(&data, (4 << 30) + 12345).unwrap();
     f.write_all_at(&data, 7).unwrap();
     drop(f);
-    let r = backup(&repo, std::slice::from_ref(&src), &BackupOptions::default(), &NoProgress).unwrap();
-    assert!(r.files[0].bytes_read < 2 << 20, "holes were read: {}", r.files[0].bytes_read);
+    let r = backup(
+        &repo,
+        std::slice::from_ref(&src),
+        &BackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(
+        r.files[0].bytes_read < 2 << 20,
+        "holes were read: {}",
+        r.files[0].bytes_read
+    );
     let s = repo.resolve("latest").unwrap();
-    let NodeKind::File(fv) = &s.root_node(b"big").unwrap().kind else { panic!() };
+    let NodeKind::File(fv) = &s.root_node(b"big").unwrap().kind else {
+        panic!()
+    };
     let rd = VersionReader::open(&repo, fv, "t").unwrap();
     let mut buf = vec![0u8; data.len() + 100];
     rd.read_at((4 << 30) + 12345 - 50, &mut buf).unwrap();
     assert!(buf[..50].iter().all(|&b| b == 0));
     assert!(buf[50..50 + data.len()] == data[..]);
-    assert_eq!(rd.next_data(1 << 30), Some((4 << 30) + 12345 - ((4 << 30) + 12345) % 4096));
+    assert_eq!(
+        rd.next_data(1 << 30),
+        Some((4 << 30) + 12345 - ((4 << 30) + 12345) % 4096)
+    );
     let out = dir.path().join("out");
     dsync_store::restore(&repo, &s, Some("big"), &out, false, &NoProgress).unwrap();
     use std::os::unix::fs::MetadataExt;

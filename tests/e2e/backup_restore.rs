@@ -35,20 +35,42 @@ fn five_versions_restore_identical() {
         assert!(o.contains("verified"), "{o}");
         let got = dest.join("disk.img");
         assert_eq!(blake2(&got), hashes[k], "version {k} differs");
-        assert_eq!(std::process::Command::new("cmp").arg(&got).arg(env.path(&format!("v{k}.img"))).status().unwrap().code(), Some(0));
+        assert_eq!(
+            std::process::Command::new("cmp")
+                .arg(&got)
+                .arg(env.path(&format!("v{k}.img")))
+                .status()
+                .unwrap()
+                .code(),
+            Some(0)
+        );
     }
     // The first version was sparse: so is its restore.
     let md = std::fs::metadata(env.path("out0/disk.img")).unwrap();
-    assert!(md.blocks() * 512 < md.len() / 2, "restore is not sparse: {} blocks", md.blocks());
+    assert!(
+        md.blocks() * 512 < md.len() / 2,
+        "restore is not sparse: {} blocks",
+        md.blocks()
+    );
     // One file to a file path, `latest`, and cat.
-    env.ok(&["restore", s(&repo), "latest", "--to", s(&env.path("last.img")), "disk.img"]);
+    env.ok(&[
+        "restore",
+        s(&repo),
+        "latest",
+        "--to",
+        s(&env.path("last.img")),
+        "disk.img",
+    ]);
     assert_eq!(blake2(&env.path("last.img")), hashes[4]);
     let cat = std::process::Command::new(env!("CARGO_BIN_EXE_dsync"))
         .args(["cat", s(&repo), &ids[1], "disk.img"])
         .output()
         .unwrap();
     assert!(cat.status.success());
-    assert!(cat.stdout == std::fs::read(env.path("v1.img")).unwrap(), "cat differs");
+    assert!(
+        cat.stdout == std::fs::read(env.path("v1.img")).unwrap(),
+        "cat differs"
+    );
     // `list` prints one line per snapshot after the header.
     let list = env.ok(&["list", s(&repo)]);
     assert_eq!(list.lines().count(), 6);
@@ -67,14 +89,18 @@ fn scattered_writes_store_at_most_their_size() {
     std::fs::copy(&img, env.path("before")).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     for k in 0..100u64 {
-        f.write_all_at(&pseudo(4096, 100 + k), (k * 320_000) & !4095).unwrap();
+        f.write_all_at(&pseudo(4096, 100 + k), (k * 320_000) & !4095)
+            .unwrap();
     }
     drop(f);
     let changed = changed_bytes(&env.path("before"), &img);
     let out = env.ok(&["backup", s(&repo), s(&img), "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let literal = v["files"][0]["literal_bytes"].as_u64().unwrap();
-    assert!(literal as f64 <= changed as f64 * 1.0 + 4096.0, "literal {literal} for {changed} changed bytes");
+    assert!(
+        literal as f64 <= changed as f64 * 1.0 + 4096.0,
+        "literal {literal} for {changed} changed bytes"
+    );
     assert!(literal >= changed);
 }
 
@@ -85,11 +111,15 @@ fn unchanged_file_is_not_read_unless_asked() {
     let repo = env.repo();
     std::fs::write(&img, pseudo(4 << 20, 6)).unwrap();
     env.ok(&["backup", s(&repo), s(&img)]);
-    let v: serde_json::Value = serde_json::from_str(env.ok(&["backup", s(&repo), s(&img), "--json"]).trim()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(env.ok(&["backup", s(&repo), s(&img), "--json"]).trim()).unwrap();
     assert_eq!(v["files"][0]["reused"], true);
     assert_eq!(v["bytes_read"], 0);
-    let v: serde_json::Value =
-        serde_json::from_str(env.ok(&["backup", s(&repo), s(&img), "--json", "--checksum"]).trim()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(
+        env.ok(&["backup", s(&repo), s(&img), "--json", "--checksum"])
+            .trim(),
+    )
+    .unwrap();
     assert_eq!(v["files"][0]["reused"], false);
     assert_eq!(v["bytes_read"], 4 << 20);
     assert_eq!(v["files"][0]["literal_bytes"], 0);

@@ -61,10 +61,28 @@ fn existing_destination_needs_force() {
     let env = Env::new();
     let h = repo_with_one(&env);
     std::fs::write(env.path("taken"), b"mine").unwrap();
-    let err = env.fails(&["restore", s(&env.repo()), "latest", "--to", s(&env.path("taken")), "disk.img"], 1);
+    let err = env.fails(
+        &[
+            "restore",
+            s(&env.repo()),
+            "latest",
+            "--to",
+            s(&env.path("taken")),
+            "disk.img",
+        ],
+        1,
+    );
     assert!(err.contains("--force"), "{err}");
     assert_eq!(std::fs::read(env.path("taken")).unwrap(), b"mine");
-    env.ok(&["restore", s(&env.repo()), "latest", "--to", s(&env.path("taken")), "disk.img", "--force"]);
+    env.ok(&[
+        "restore",
+        s(&env.repo()),
+        "latest",
+        "--to",
+        s(&env.path("taken")),
+        "disk.img",
+        "--force",
+    ]);
     assert_eq!(blake2(&env.path("taken")), h);
 }
 
@@ -74,13 +92,21 @@ fn second_writer_is_refused() {
     let h = repo_with_one(&env);
     let lock = std::fs::File::open(env.repo().join("lock")).unwrap();
     // SAFETY: valid fd.
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
     let err = env.fails(&["backup", s(&env.repo()), s(&env.path("disk.img"))], 4);
     assert!(err.contains("locked"), "{err}");
     // Readers do not block on the lock.
     still_restores(&env, &h, "r");
     drop(lock);
-    env.ok(&["backup", s(&env.repo()), s(&env.path("disk.img")), "--checksum"]);
+    env.ok(&[
+        "backup",
+        s(&env.repo()),
+        s(&env.path("disk.img")),
+        "--checksum",
+    ]);
 }
 
 #[test]
@@ -92,7 +118,9 @@ fn newer_format_is_refused() {
     b[8] = 9;
     // Re-seal so that only the version is "wrong".
     let split = b.len() - 32;
-    let sum = blake2b_simd::Params::new().hash_length(32).hash(&b[..split]);
+    let sum = blake2b_simd::Params::new()
+        .hash_length(32)
+        .hash(&b[..split]);
     b[split..].copy_from_slice(sum.as_bytes());
     std::fs::write(&cfg, b).unwrap();
     let err = env.fails(&["list", s(&env.repo())], 1);
@@ -118,12 +146,20 @@ fn damaged_pack_fails_restore_and_names_it() {
     let env = Env::new();
     repo_with_one(&env);
     let packs = env.repo().join("packs");
-    let pack = std::fs::read_dir(&packs).unwrap().next().unwrap().unwrap().path();
+    let pack = std::fs::read_dir(&packs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let mut b = std::fs::read(&pack).unwrap();
     b[100] ^= 0xff;
     std::fs::write(&pack, b).unwrap();
     let dest = env.path("out");
     let err = env.fails(&["restore", s(&env.repo()), "latest", "--to", s(&dest)], 3);
     assert!(err.contains("frame") && err.contains("disk.img"), "{err}");
-    assert!(!dest.join("disk.img").exists(), "a damaged version left a file behind");
+    assert!(
+        !dest.join("disk.img").exists(),
+        "a damaged version left a file behind"
+    );
 }

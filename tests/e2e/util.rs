@@ -50,7 +50,11 @@ impl Env {
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(o.status.code(), Some(code), "dsync {args:?}: stderr {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "not one line on stderr: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "not one line on stderr: {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
         err
     }
@@ -110,7 +114,8 @@ pub fn make_image(path: &Path, size: u64, seed: u64) {
     while at < size {
         let len = (1 << 20) + (k * 37_000) % (3 << 20);
         let len = len.min(size - at);
-        f.write_all_at(&pseudo(len as usize, seed + k), at).expect("write");
+        f.write_all_at(&pseudo(len as usize, seed + k), at)
+            .expect("write");
         at += len + (2 << 20);
         k += 1;
     }
@@ -122,11 +127,13 @@ pub fn change_image(path: &Path, day: u64, writes: usize) {
     let mut data = std::fs::read(path).expect("read image");
     let size = data.len();
     for w in 0..writes {
-        let at = ((pseudo(8, day * 1000 + w as u64)[0] as usize * 65_537 + w * 1_048_583) % (size - 4096)) & !4095;
+        let at = ((pseudo(8, day * 1000 + w as u64)[0] as usize * 65_537 + w * 1_048_583)
+            % (size - 4096))
+            & !4095;
         data[at..at + 4096].copy_from_slice(&pseudo(4096, day * 7919 + w as u64));
     }
     let ins = size / 3 + day as usize * 4099;
-    data.splice(ins..ins, pseudo(3001, day).into_iter());
+    data.splice(ins..ins, pseudo(3001, day));
     data.truncate(size);
     let z = size / 2 + day as usize * 65_536;
     data[z..z + 200_000].fill(0);
@@ -137,5 +144,6 @@ pub fn change_image(path: &Path, day: u64, writes: usize) {
 pub fn changed_bytes(a: &Path, b: &Path) -> u64 {
     let x = std::fs::read(a).expect("read");
     let y = std::fs::read(b).expect("read");
-    x.iter().zip(&y).filter(|(p, q)| p != q).count() as u64 + (x.len() as i64 - y.len() as i64).unsigned_abs()
+    x.iter().zip(&y).filter(|(p, q)| p != q).count() as u64
+        + (x.len() as i64 - y.len() as i64).unsigned_abs()
 }

@@ -185,13 +185,24 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
                     e += 1;
                 }
                 let end = (e * bs).min(data.len());
-                push(&mut out.ops, Op::Hole { len: (end - start) as u64 });
+                push(
+                    &mut out.ops,
+                    Op::Hole {
+                        len: (end - start) as u64,
+                    },
+                );
                 out.stats.hole += (end - start) as u64;
                 b = e;
             }
             State::Match(g) => {
                 let len = (data.len() - start).min(bs) as u64;
-                push(&mut out.ops, Op::Copy { len, from: g * bs as u64 });
+                push(
+                    &mut out.ops,
+                    Op::Copy {
+                        len,
+                        from: g * bs as u64,
+                    },
+                );
                 out.stats.aligned += len;
                 b += 1;
             }
@@ -204,7 +215,13 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
                 match old {
                     Some(o) => search(all, chunk.start, start, end, bs, o, &digests, &mut out),
                     _ => {
-                        push(&mut out.ops, Op::Literal { len: (end - start) as u64, at: start });
+                        push(
+                            &mut out.ops,
+                            Op::Literal {
+                                len: (end - start) as u64,
+                                at: start,
+                            },
+                        );
                         out.stats.literal += (end - start) as u64;
                     }
                 }
@@ -236,14 +253,29 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
 /// are emitted: a window that matches across the run's edge still copies the
 /// part inside it.
 #[allow(clippy::too_many_arguments)]
-fn search(all: &[u8], base: usize, start: usize, end: usize, bs: usize, old: &SigView, digests: &[Digest], out: &mut ChunkDelta) {
+fn search(
+    all: &[u8],
+    base: usize,
+    start: usize,
+    end: usize,
+    bs: usize,
+    old: &SigView,
+    digests: &[Digest],
+    out: &mut ChunkDelta,
+) {
     let table = old.table();
     // In `all`'s coordinates.
     let (s, e) = (base + start, base + end);
     let first = s.saturating_sub(bs - 1);
     let literal = |out: &mut ChunkDelta, a: usize, b: usize| {
         if b > a {
-            push(&mut out.ops, Op::Literal { len: (b - a) as u64, at: a - base });
+            push(
+                &mut out.ops,
+                Op::Literal {
+                    len: (b - a) as u64,
+                    at: a - base,
+                },
+            );
             out.stats.literal += (b - a) as u64;
         }
     };
@@ -260,10 +292,16 @@ fn search(all: &[u8], base: usize, start: usize, end: usize, bs: usize, old: &Si
     let mut roll = Rollsum::new(&data[p..p + bs]);
     let strong_at = |p: usize| -> [u8; STRONG_SIZE] {
         let mut s = [0u8; STRONG_SIZE];
-        if p >= base && (p - base) % bs == 0 && (p - base) / bs < digests.len() && p + bs <= base + digests.len() * bs {
+        if p >= base
+            && (p - base).is_multiple_of(bs)
+            && (p - base) / bs < digests.len()
+            && p + bs <= base + digests.len() * bs
+        {
             s.copy_from_slice(&digests[(p - base) / bs][..STRONG_SIZE]);
         } else {
-            let h = blake2b_simd::Params::new().hash_length(32).hash(&data[p..p + bs]);
+            let h = blake2b_simd::Params::new()
+                .hash_length(32)
+                .hash(&data[p..p + bs]);
             s.copy_from_slice(&h.as_bytes()[..STRONG_SIZE]);
         }
         s
@@ -303,7 +341,13 @@ fn search(all: &[u8], base: usize, start: usize, end: usize, bs: usize, old: &Si
             let ce = (p + bs).min(e);
             literal(out, lit_start, cs);
             if ce > cs {
-                push(&mut out.ops, Op::Copy { len: (ce - cs) as u64, from: j * bs as u64 + (cs - p) as u64 });
+                push(
+                    &mut out.ops,
+                    Op::Copy {
+                        len: (ce - cs) as u64,
+                        from: j * bs as u64 + (cs - p) as u64,
+                    },
+                );
                 out.stats.shifted += (ce - cs) as u64;
                 lit_start = ce;
             }
@@ -337,7 +381,9 @@ pub fn push(ops: &mut Vec<Op>, op: Op) {
                 *len += l;
                 return;
             }
-            (Op::Literal { len, at }, Op::Literal { len: l, at: a }) if *at + *len as usize == a => {
+            (Op::Literal { len, at }, Op::Literal { len: l, at: a })
+                if *at + *len as usize == a =>
+            {
                 *len += l;
                 return;
             }
@@ -350,7 +396,9 @@ pub fn push(ops: &mut Vec<Op>, op: Op) {
 /// True when every byte is zero.
 pub fn is_zero(b: &[u8]) -> bool {
     let (pre, mid, post) = unsafe { b.align_to::<u128>() };
-    pre.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0) && mid.iter().fold(0u128, |a, &x| a | x) == 0
+    pre.iter().all(|&x| x == 0)
+        && post.iter().all(|&x| x == 0)
+        && mid.iter().fold(0u128, |a, &x| a | x) == 0
 }
 
 #[cfg(test)]

@@ -89,10 +89,13 @@ pub fn diff(old: &SigView, new: &[u8], chunk_size: usize) -> Delta {
     for (i, p) in parts.into_iter().enumerate() {
         let base = i * chunk_size;
         for op in p.ops {
-            diff::push(&mut ops, match op {
-                Op::Literal { len, at } => Op::Literal { len, at: at + base },
-                o => o,
-            });
+            diff::push(
+                &mut ops,
+                match op {
+                    Op::Literal { len, at } => Op::Literal { len, at: at + base },
+                    o => o,
+                },
+            );
         }
         for e in &p.entries {
             entries.extend_from_slice(e);
@@ -164,7 +167,10 @@ mod tests {
         assert!(back == new, "rebuild differs");
         assert_eq!(d.file_hash, signature::file_hash(new, bs));
         let direct = Signature::calculate(new, bs);
-        assert_eq!(d.signature.entries, direct.entries, "signature from the diff pass differs");
+        assert_eq!(
+            d.signature.entries, direct.entries,
+            "signature from the diff pass differs"
+        );
         d
     }
 
@@ -219,9 +225,17 @@ mod tests {
 
     fn edit() -> impl Strategy<Value = Edit> {
         prop_oneof![
-            (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..3000)).prop_map(|(a, b)| Edit::Insert(a, b)),
+            (
+                any::<usize>(),
+                proptest::collection::vec(any::<u8>(), 1..3000)
+            )
+                .prop_map(|(a, b)| Edit::Insert(a, b)),
             (any::<usize>(), 1usize..5000).prop_map(|(a, b)| Edit::Delete(a, b)),
-            (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..5000)).prop_map(|(a, b)| Edit::Overwrite(a, b)),
+            (
+                any::<usize>(),
+                proptest::collection::vec(any::<u8>(), 1..5000)
+            )
+                .prop_map(|(a, b)| Edit::Overwrite(a, b)),
             (any::<usize>(), 1usize..20_000).prop_map(|(a, b)| Edit::Zero(a, b)),
         ]
     }

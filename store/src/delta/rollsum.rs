@@ -33,7 +33,10 @@ impl Rollsum {
     pub fn rotate(&mut self, out: u8, inb: u8) {
         let o = out as u32 + OFFSET;
         self.a = self.a.wrapping_sub(o).wrapping_add(inb as u32 + OFFSET);
-        self.b = self.b.wrapping_sub(self.n.wrapping_mul(o)).wrapping_add(self.a);
+        self.b = self
+            .b
+            .wrapping_sub(self.n.wrapping_mul(o))
+            .wrapping_add(self.a);
     }
 
     #[inline(always)]

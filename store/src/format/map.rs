@@ -52,7 +52,8 @@ pub struct MapBody {
 impl MapBody {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.buf.reserve(32 + self.extents.len() * EXTENT_SIZE + self.pages.len() * PAGE_REF_SIZE);
+        w.buf
+            .reserve(32 + self.extents.len() * EXTENT_SIZE + self.pages.len() * PAGE_REF_SIZE);
         w.u64(self.file_size);
         w.u32(self.block_size);
         w.u32(self.page_entries);
@@ -131,7 +132,10 @@ impl MapBody {
                 page_entries as u64
             };
             if p.entries as u64 != want {
-                return Err(r.corrupt(format!("signature page {i} has {} entries, not {want}", p.entries)));
+                return Err(r.corrupt(format!(
+                    "signature page {i} has {} entries, not {want}",
+                    p.entries
+                )));
             }
             pages.push(p);
         }
@@ -157,12 +161,32 @@ mod tests {
             block_size: 4096,
             page_entries: 2,
             extents: vec![
-                Extent { logical: 0, len: 100, pack: PackId(1), offset: 0 },
-                Extent { logical: 4096, len: 8192, pack: PackId(2), offset: 77 },
+                Extent {
+                    logical: 0,
+                    len: 100,
+                    pack: PackId(1),
+                    offset: 0,
+                },
+                Extent {
+                    logical: 4096,
+                    len: 8192,
+                    pack: PackId(2),
+                    offset: 77,
+                },
             ],
             pages: vec![
-                PageRef { sig: Some(SigId(3)), slot: 0, entries: 2, sum: 1 },
-                PageRef { sig: None, slot: 0, entries: 2, sum: 2 },
+                PageRef {
+                    sig: Some(SigId(3)),
+                    slot: 0,
+                    entries: 2,
+                    sum: 1,
+                },
+                PageRef {
+                    sig: None,
+                    slot: 0,
+                    entries: 2,
+                    sum: 2,
+                },
             ],
         }
     }

@@ -216,7 +216,10 @@ pub fn open(magic: &[u8; 8], bytes: &[u8], object: &str) -> Result<Vec<u8>> {
         return Err(Error::corrupt(
             object,
             16,
-            format!("body length {len} does not fit the file of {} bytes", bytes.len()),
+            format!(
+                "body length {len} does not fit the file of {} bytes",
+                bytes.len()
+            ),
         ));
     }
     let split = bytes.len() - ENVELOPE_TRAILER;
@@ -228,7 +231,11 @@ pub fn open(magic: &[u8; 8], bytes: &[u8], object: &str) -> Result<Vec<u8>> {
     }
     let stored = &bytes[ENVELOPE_HEADER..split];
     if flags & !FLAG_ZSTD != 0 {
-        return Err(Error::corrupt(object, 12, format!("unknown flags {flags:#x}")));
+        return Err(Error::corrupt(
+            object,
+            12,
+            format!("unknown flags {flags:#x}"),
+        ));
     }
     if flags & FLAG_ZSTD != 0 {
         decompress_bounded(stored, MAX_BODY, object, ENVELOPE_HEADER as u64)
@@ -247,7 +254,11 @@ pub fn decompress_bounded(src: &[u8], max: u64, object: &str, offset: u64) -> Re
         .read_to_end(&mut out)
         .map_err(|e| Error::corrupt(object, offset, format!("zstd: {e}")))?;
     if out.len() as u64 > max {
-        return Err(Error::corrupt(object, offset, "body larger than the format allows"));
+        return Err(Error::corrupt(
+            object,
+            offset,
+            "body larger than the format allows",
+        ));
     }
     Ok(out)
 }
@@ -265,7 +276,10 @@ mod tests {
             for i in 0..sealed.len() {
                 let mut bad = sealed.clone();
                 bad[i] ^= 0x40;
-                assert!(open(b"DSYNCTST", &bad, "t").is_err(), "flip at {i} undetected");
+                assert!(
+                    open(b"DSYNCTST", &bad, "t").is_err(),
+                    "flip at {i} undetected"
+                );
             }
             for n in 0..sealed.len() {
                 assert!(open(b"DSYNCTST", &sealed[..n], "t").is_err());
@@ -293,7 +307,10 @@ mod tests {
         // The test vector FORMAT.md shows.
         let sealed = seal(b"DSYNCTST", b"abc", false);
         let hex: String = sealed.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(&hex[..54], "4453594e4354535401000000000000000300000000000000616263");
+        assert_eq!(
+            &hex[..54],
+            "4453594e4354535401000000000000000300000000000000616263"
+        );
         assert_eq!(sealed.len(), 24 + 3 + 32);
     }
 }

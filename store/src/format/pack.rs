@@ -79,21 +79,38 @@ pub fn decode_trailer(t: &[u8], file_len: u64, object: &str) -> Result<(u64, u32
     let _ = r.u32()?;
     let sum = r.u64()?;
     if r.take(8)? != END_MAGIC {
-        return Err(Error::corrupt(object, file_len.saturating_sub(8), "pack trailer missing (pack cut short?)"));
+        return Err(Error::corrupt(
+            object,
+            file_len.saturating_sub(8),
+            "pack trailer missing (pack cut short?)",
+        ));
     }
     let want = index_offset
         .checked_add(count as u64 * INDEX_ENTRY_SIZE)
         .and_then(|v| v.checked_add(TRAILER_SIZE));
     if index_offset < HEADER_SIZE || want != Some(file_len) {
-        return Err(Error::corrupt(object, file_len.saturating_sub(TRAILER_SIZE), "pack trailer does not fit the file"));
+        return Err(Error::corrupt(
+            object,
+            file_len.saturating_sub(TRAILER_SIZE),
+            "pack trailer does not fit the file",
+        ));
     }
     Ok((index_offset, count, sum))
 }
 
 /// Parses and checks the index: frames in order, inside the data area, sizes in range.
-pub fn decode_index(bytes: &[u8], sum: u64, index_offset: u64, object: &str) -> Result<Vec<FrameEntry>> {
+pub fn decode_index(
+    bytes: &[u8],
+    sum: u64,
+    index_offset: u64,
+    object: &str,
+) -> Result<Vec<FrameEntry>> {
     if xxhash_rust::xxh3::xxh3_64(bytes) != sum {
-        return Err(Error::corrupt(object, index_offset, "pack index checksum mismatch"));
+        return Err(Error::corrupt(
+            object,
+            index_offset,
+            "pack index checksum mismatch",
+        ));
     }
     let mut r = Reader::new(bytes, object);
     let n = bytes.len() / INDEX_ENTRY_SIZE as usize;
@@ -107,13 +124,21 @@ pub fn decode_index(bytes: &[u8], sum: u64, index_offset: u64, object: &str) -> 
             sum: r.u64()?,
         };
         if f.file_offset != next || f.ulen == 0 || f.ulen > MAX_FRAME || f.clen == 0 {
-            return Err(Error::corrupt(object, index_offset + i as u64 * INDEX_ENTRY_SIZE, format!("frame {i} has an invalid index entry")));
+            return Err(Error::corrupt(
+                object,
+                index_offset + i as u64 * INDEX_ENTRY_SIZE,
+                format!("frame {i} has an invalid index entry"),
+            ));
         }
         next = f.file_offset + f.clen as u64;
         out.push(f);
     }
     if next != index_offset {
-        return Err(Error::corrupt(object, index_offset, "frames do not end where the index starts"));
+        return Err(Error::corrupt(
+            object,
+            index_offset,
+            "frames do not end where the index starts",
+        ));
     }
     Ok(out)
 }
@@ -125,8 +150,18 @@ mod tests {
     #[test]
     fn index_round_trip() {
         let frames = vec![
-            FrameEntry { file_offset: 16, clen: 10, ulen: 100, sum: 1 },
-            FrameEntry { file_offset: 26, clen: 5, ulen: 50, sum: 2 },
+            FrameEntry {
+                file_offset: 16,
+                clen: 10,
+                ulen: 100,
+                sum: 1,
+            },
+            FrameEntry {
+                file_offset: 26,
+                clen: 5,
+                ulen: 50,
+                sum: 2,
+            },
         ];
         let enc = encode_index(&frames, 31);
         let len = 31 + enc.len() as u64;

@@ -28,7 +28,11 @@ pub fn header(version: u32, page_entries: u32) -> [u8; 16] {
 pub fn check_header(h: &[u8], object: &str) -> Result<u32> {
     let mut r = Reader::new(h, object);
     if r.take(8)? != MAGIC {
-        return Err(Error::corrupt(object, 0, "not a signature file (wrong magic)"));
+        return Err(Error::corrupt(
+            object,
+            0,
+            "not a signature file (wrong magic)",
+        ));
     }
     let v = r.u32()?;
     if v > super::FORMAT_VERSION {

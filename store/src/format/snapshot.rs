@@ -153,7 +153,15 @@ impl Snapshot {
             if parent != ROOT && parent as usize >= i {
                 return Err(r.corrupt(format!("node {i} has parent {parent}, not an earlier node")));
             }
-            if parent != ROOT && !matches!(nodes.get(parent as usize), Some(Node { kind: NodeKind::Dir, .. })) {
+            if parent != ROOT
+                && !matches!(
+                    nodes.get(parent as usize),
+                    Some(Node {
+                        kind: NodeKind::Dir,
+                        ..
+                    })
+                )
+            {
                 return Err(r.corrupt(format!("node {i} has a parent that is not a directory")));
             }
             let name = r_str(&mut r, MAX_NAME)?.to_vec();
@@ -216,10 +224,12 @@ impl Snapshot {
 
     /// Number of regular files and their total size.
     pub fn totals(&self) -> (u64, u64) {
-        self.nodes.iter().fold((0, 0), |(n, s), node| match &node.kind {
-            NodeKind::File(f) => (n + 1, s + f.size),
-            _ => (n, s),
-        })
+        self.nodes
+            .iter()
+            .fold((0, 0), |(n, s), node| match &node.kind {
+                NodeKind::File(f) => (n + 1, s + f.size),
+                _ => (n, s),
+            })
     }
 }
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what dsync's build, tests, demo and benchmarks need on a fresh
+# Debian machine with a Rust toolchain. Safe to run again: it installs only
+# what is missing.
+set -euo pipefail
+
+pkgs=(e2fsprogs qemu-utils fuse3 python3 time)
+if [ "${1:-}" = "--bench" ]; then
+  pkgs+=(rdiff-backup)
+fi
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if command -v rustup >/dev/null; then
+  rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+  rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
