@@ -247,6 +247,9 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
     out
 }
 
+/// Windows hashed together when following a run of shifted matches.
+const CHAIN: usize = 16;
+
 /// Rolling search for old blocks in the changed run `[start, end)` of the chunk
 /// (chunk coordinates). Windows may reach up to a block outside the run, into
 /// unchanged neighbours or the chunk's context, but only the run's own bytes
@@ -352,7 +355,49 @@ fn search(
                 lit_start = ce;
             }
             p += bs;
-            expect = Some(j + 1);
+            let mut next = j + 1;
+            // A match usually starts a run of consecutive old blocks (data
+            // shifted by an insert): hash the next windows many at a time
+            // (SIMD) and take the ones that continue the run.
+            loop {
+                let mut wins: Vec<&[u8]> = Vec::with_capacity(CHAIN);
+                while wins.len() < CHAIN {
+                    let q = p + wins.len() * bs;
+                    if q > last || q + bs > data.len() {
+                        break;
+                    }
+                    wins.push(&data[q..q + bs]);
+                }
+                if wins.len() < 2 {
+                    break;
+                }
+                let mut ds = Vec::with_capacity(wins.len());
+                super::signature::digest_many(&wins, &mut ds);
+                out.stats.strong_checks += ds.len() as u64;
+                let mut took = 0;
+                for d in &ds {
+                    match old.entry(next) {
+                        Some(ent) if old.block_len(next) == bs as u64 && ent[4..] == d[..STRONG_SIZE] => {
+                            let cs = p.max(lit_start);
+                            let ce = (p + bs).min(e);
+                            literal(out, lit_start, cs);
+                            if ce > cs {
+                                push(&mut out.ops, Op::Copy { len: (ce - cs) as u64, from: next * bs as u64 + (cs - p) as u64 });
+                                out.stats.shifted += (ce - cs) as u64;
+                                lit_start = ce;
+                            }
+                            p += bs;
+                            next += 1;
+                            took += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                if took < ds.len() {
+                    break;
+                }
+            }
+            expect = Some(next);
             if p > last {
                 break;
             }
