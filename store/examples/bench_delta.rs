@@ -34,7 +34,11 @@ fn text(n: usize, seed: u64) -> Vec<u8> {
     let mut i = 0;
     while v.len() < n {
         v.extend_from_slice(words[r[i % r.len()] as usize % words.len()]);
-        v.push(if r[(i + 1) % r.len()] % 11 == 0 { b'\n' } else { b' ' });
+        v.push(if r[(i + 1) % r.len()] % 11 == 0 {
+            b'\n'
+        } else {
+            b' '
+        });
         i += 2;
     }
     v.truncate(n);
@@ -54,7 +58,10 @@ fn best<T>(f: impl Fn() -> T) -> (f64, T) {
 }
 
 fn main() {
-    let mib: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(256);
+    let mib: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(256);
     let n = mib << 20;
     let base = pseudo(n, 1);
     let mut edited = base.clone();
@@ -114,7 +121,10 @@ fn main() {
             let _ = view.table();
             let (t_pass, d) = pool.install(|| best(|| diff(&view, new, 4 << 20)));
             let rebuilt = dsync_store::delta::apply(old, &d.ops, new).expect("apply");
-            assert!(rebuilt == *new, "dsync's delta does not rebuild the new buffer");
+            assert!(
+                rebuilt == *new,
+                "dsync's delta does not rebuild the new buffer"
+            );
             let mb = |t: f64, len: usize| len as f64 / t / 1e6;
             println!(
                 "| {name} | {threads} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}x | {} | {} | {:.3} |",

@@ -377,12 +377,20 @@ fn search(
                 let mut took = 0;
                 for d in &ds {
                     match old.entry(next) {
-                        Some(ent) if old.block_len(next) == bs as u64 && ent[4..] == d[..STRONG_SIZE] => {
+                        Some(ent)
+                            if old.block_len(next) == bs as u64 && ent[4..] == d[..STRONG_SIZE] =>
+                        {
                             let cs = p.max(lit_start);
                             let ce = (p + bs).min(e);
                             literal(out, lit_start, cs);
                             if ce > cs {
-                                push(&mut out.ops, Op::Copy { len: (ce - cs) as u64, from: next * bs as u64 + (cs - p) as u64 });
+                                push(
+                                    &mut out.ops,
+                                    Op::Copy {
+                                        len: (ce - cs) as u64,
+                                        from: next * bs as u64 + (cs - p) as u64,
+                                    },
+                                );
                                 out.stats.shifted += (ce - cs) as u64;
                                 lit_start = ce;
                             }
