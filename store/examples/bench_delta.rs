@@ -34,7 +34,7 @@ fn text(n: usize, seed: u64) -> Vec<u8> {
     let mut i = 0;
     while v.len() < n {
         v.extend_from_slice(words[r[i % r.len()] as usize % words.len()]);
-        v.push(if r[(i + 1) % r.len()] % 11 == 0 {
+        v.push(if r[(i + 1) % r.len()].is_multiple_of(11) {
             b'\n'
         } else {
             b' '
