@@ -325,7 +325,7 @@ fn search(
         }
         if found.is_none() && table.may_contain(w) {
             let mut strong: Option<[u8; STRONG_SIZE]> = None;
-            table.candidates(w, |j| {
+            table.candidates(old, w, |j| {
                 let s = *strong.get_or_insert_with(|| strong_at(p));
                 match old.entry(j) {
                     Some(e) if e[4..] == s => {

@@ -3,9 +3,12 @@
 //! The rolling search asks this table at every byte offset of a changed region,
 //! so the lookup, not the checksum, is the cost (see DESIGN.md: std's HashMap
 //! 120 MB/s, an Fx-hashed table 300 MB/s, with a bitset in front 440 MB/s). The
-//! table is open addressing over one flat `Vec<u64>` (weak << 32 | block + 1),
-//! behind a bitset with eight bits per old block: almost every miss is answered
-//! by one bit in a bitset small enough to stay in cache.
+//! table is open addressing over one flat `Vec<u32>` of block numbers (+1),
+//! behind a bitset with sixteen bits per old block: almost every miss is
+//! answered by one bit in a bitset small enough to stay in cache. A slot holds
+//! only the block number; its weak checksum is read back from the signature
+//! (already in memory), which halves the table: on a 16 GiB image the table is
+//! ~16 MiB rather than 64, so memory grows by little more than the signature.
 //!
 //! Blocks that are all zeros are left out (they are stored as holes and never
 //! copied), and so is the short last block (a match must be a whole block).
@@ -17,7 +20,7 @@ use super::signature::{entry_weak, SigView};
 pub const MAX_CANDIDATES: usize = 32;
 
 pub struct WeakTable {
-    slots: Vec<u64>,
+    slots: Vec<u32>,
     shift: u32,
     filter: Vec<u64>,
     fshift: u32,
@@ -38,33 +41,29 @@ impl WeakTable {
         let bs = sig.block_size() as u64;
         let zero_strong = sig.zero().entry[4..].to_vec();
         let full_blocks = (sig.file_size() / bs).min(u32::MAX as u64 - 1);
-        let mut items: Vec<u64> = Vec::new();
-        for i in 0..full_blocks {
-            if let Some(e) = sig.entry(i) {
-                if e[4..] != zero_strong[..] {
-                    items.push(((entry_weak(e) as u64) << 32) | (i + 1));
-                }
-            }
-        }
-        let cap = (items.len() * 2).next_power_of_two().max(16);
+        let usable = |i: u64| sig.entry(i).filter(|e| e[4..] != zero_strong[..]);
+        let n = (0..full_blocks).filter(|&i| usable(i).is_some()).count();
+        // Load factor at most 2/3.
+        let cap = (n + n / 2 + 1).next_power_of_two().max(16);
         let bits = cap.trailing_zeros();
-        let fbits_total = (items.len() * 8).next_power_of_two().max(64);
+        let fbits_total = (n * 16).next_power_of_two().max(64);
         let fbits = fbits_total.trailing_zeros();
         let mut t = WeakTable {
             slots: vec![0; cap],
             shift: 64 - bits,
             filter: vec![0; fbits_total / 64],
             fshift: 64 - fbits,
-            len: items.len(),
+            len: n,
         };
         let mask = cap - 1;
-        for it in items {
-            let w = (it >> 32) as u32;
+        for i in 0..full_blocks {
+            let Some(e) = usable(i) else { continue };
+            let w = entry_weak(e);
             let mut s = (h1(w) >> t.shift) as usize;
             while t.slots[s] != 0 {
                 s = (s + 1) & mask;
             }
-            t.slots[s] = it;
+            t.slots[s] = (i + 1) as u32;
             let f = (h2(w) >> t.fshift) as usize;
             t.filter[f / 64] |= 1 << (f % 64);
         }
@@ -87,10 +86,11 @@ impl WeakTable {
         self.filter[f / 64] & (1 << (f % 64)) != 0
     }
 
-    /// Calls `f` with each old block index whose weak checksum is `w`, until it
+    /// Calls `f` with each old block index whose weak checksum is `w` (`sig`
+    /// is the signature the table was built from), until it
     /// returns true or [`MAX_CANDIDATES`] were offered.
     #[inline]
-    pub fn candidates(&self, w: u32, mut f: impl FnMut(u64) -> bool) {
+    pub fn candidates(&self, sig: &SigView, w: u32, mut f: impl FnMut(u64) -> bool) {
         let mask = self.slots.len() - 1;
         let mut s = (h1(w) >> self.shift) as usize;
         let mut offered = 0;
@@ -99,8 +99,9 @@ impl WeakTable {
             if v == 0 {
                 return;
             }
-            if (v >> 32) as u32 == w {
-                if f((v & 0xffff_ffff) - 1) {
+            let j = v as u64 - 1;
+            if sig.entry(j).is_some_and(|e| entry_weak(e) == w) {
+                if f(j) {
                     return;
                 }
                 offered += 1;
