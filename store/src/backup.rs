@@ -173,36 +173,38 @@ pub fn backup(
                 && f.ctime_ns == ctime_ns(md)
                 && mtime_ns_of(md) == f_mtime(&previous, name)
         });
-        let (version, report) = if unchanged && !opts.checksum {
-            let Some(f) = prev else { unreachable_prev()? };
-            progress.advance(md.len());
-            let report = FileReport {
-                name: display,
-                size: md.len(),
-                reused: true,
-                had_previous: true,
-                stats: DeltaStats::default(),
-                bytes_read: 0,
-                bytes_compressed: 0,
-                damaged_sig_pages: 0,
-            };
-            (f, report)
-        } else {
-            let prev_loaded = match &prev {
-                Some(f) => {
-                    let map = repo.load_map(f.map)?;
-                    let sig = repo.sig_view(&map)?;
-                    Some((map, sig))
-                }
-                None => None,
-            };
-            w.file(
-                path,
-                &display,
-                prev_loaded.as_ref().map(|(m, s)| (m, s)),
-                opts,
-                progress,
-            )?
+        let (version, report) = match prev {
+            Some(f) if unchanged && !opts.checksum => {
+                progress.advance(md.len());
+                let report = FileReport {
+                    name: display,
+                    size: md.len(),
+                    reused: true,
+                    had_previous: true,
+                    stats: DeltaStats::default(),
+                    bytes_read: 0,
+                    bytes_compressed: 0,
+                    damaged_sig_pages: 0,
+                };
+                (f, report)
+            }
+            prev => {
+                let prev_loaded = match &prev {
+                    Some(f) => {
+                        let map = repo.load_map(f.map)?;
+                        let sig = repo.sig_view(&map)?;
+                        Some((map, sig))
+                    }
+                    None => None,
+                };
+                w.file(
+                    path,
+                    &display,
+                    prev_loaded.as_ref().map(|(m, s)| (m, s)),
+                    opts,
+                    progress,
+                )?
+            }
         };
         bytes_read += report.bytes_read;
         nodes.push(Node {
@@ -250,12 +252,6 @@ pub fn backup(
     })
 }
 
-fn unreachable_prev<T>() -> Result<T> {
-    Err(Error::InvalidInput(
-        "internal: previous version vanished".into(),
-    ))
-}
-
 fn f_mtime(previous: &[Snapshot], name: &[u8]) -> i64 {
     previous
         .iter()
@@ -291,6 +287,8 @@ struct ChunkOut {
 pub(crate) struct Buffers(Mutex<Vec<Vec<u8>>>);
 
 impl Buffers {
+    /// A buffer of `len` bytes whose contents are unspecified (a reused
+    /// buffer keeps old bytes): callers write every byte they later read.
     pub(crate) fn take(&self, len: usize) -> Vec<u8> {
         let mut b = self
             .0
@@ -298,8 +296,11 @@ impl Buffers {
             .ok()
             .and_then(|mut v| v.pop())
             .unwrap_or_default();
-        b.clear();
-        b.resize(len, 0);
+        if b.len() >= len {
+            b.truncate(len);
+        } else {
+            b.resize(len, 0);
+        }
         b
     }
 
@@ -335,12 +336,16 @@ impl Source<'_> {
         let mut holes = vec![true; nb];
         let mut read = 0u64;
         let first = self.data.partition_point(|&(_, e)| e <= lo);
+        // Holes read as zeros: fill the gaps between data ranges.
+        let mut filled = lo;
         for &(ds, de) in &self.data[first..] {
             if ds >= hi {
                 break;
             }
             let s = ds.max(lo);
             let e = de.min(hi);
+            buf[(filled - lo) as usize..(s - lo) as usize].fill(0);
+            filled = e;
             let dst = &mut buf[(s - lo) as usize..(e - lo) as usize];
             self.file
                 .read_exact_at(dst, s)
@@ -360,6 +365,7 @@ impl Source<'_> {
                 holes[b0..b1].fill(false);
             }
         }
+        buf[(filled - lo) as usize..].fill(0);
         let d = diff_chunk(
             &Chunk {
                 data: &buf,

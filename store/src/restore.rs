@@ -182,7 +182,10 @@ fn write_verified(
     let zero = ZeroBlock::new(block_size);
     let mut hasher = FileHasher::new(size, block_size);
     let nchunks = size.div_ceil(CHUNK);
-    let batch = (rayon::current_num_threads() * 2).max(2) as u64;
+    // Each chunk in flight holds a buffer only while a thread works on it and
+    // leaves 32 bytes per block behind, so a large batch costs little memory
+    // and keeps both threads busy when data and holes alternate.
+    let batch = 64u64;
     let buffers = crate::backup::Buffers::default();
     let mut c0 = 0;
     while c0 < nchunks {
@@ -192,6 +195,24 @@ fn write_verified(
             .map(|c| {
                 let off = c * CHUNK;
                 let len = (size - off).min(CHUNK);
+                let mut only_holes = true;
+                reader.map().resolve(off, len, |p| {
+                    only_holes &= matches!(p, crate::map::Piece::Hole { .. })
+                });
+                if only_holes {
+                    progress.advance(len);
+                    let blocks = len.div_ceil(bs) as usize;
+                    let mut d = vec![zero.digest; blocks];
+                    if len % bs != 0 {
+                        if let Some(last) = d.last_mut() {
+                            *last = crate::delta::signature::block_digest(&vec![
+                                0u8;
+                                (len % bs) as usize
+                            ]);
+                        }
+                    }
+                    return Ok(d);
+                }
                 let mut buf = buffers.take(len as usize);
                 SCRATCH.with(|sc| reader.read_at_with(off, &mut buf, &mut sc.borrow_mut()))?;
                 // Write the stored ranges; holes stay holes.

@@ -238,3 +238,10 @@ fn sparse_file_past_4_gib() {
     assert_eq!(md.len(), 5 << 30);
     assert!(md.blocks() * 512 < 8 << 20, "restored file is not sparse");
 }
+
+#[test]
+fn holes_and_zeros_of_odd_sizes() {
+    for size in [0usize, 1, 4095, 4097, 3 * 4096 + 7] {
+        run(&[vec![0u8; size], pseudo(size, 3), vec![0u8; size]]);
+    }
+}

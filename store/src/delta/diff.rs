@@ -59,8 +59,8 @@ pub struct DeltaStats {
     /// Literal bytes within a block of a chunk border, where a shifted match
     /// could have been missed (an upper bound of the loss).
     pub border_literal: u64,
-    /// Literal bytes that are changed whole blocks compared in place (for the
-    /// bytes-stored-per-changed-byte figure).
+    /// Strong hashes the rolling search computed (its cost, beyond the one
+    /// hash per block that the signature needs anyway).
     pub strong_checks: u64,
 }
 
@@ -120,7 +120,7 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
         Some(o) => *o.zero(),
         None => super::signature::ZeroBlock::new(block_size),
     };
-    let old = old.filter(|o| o.block_size() == block_size && !o.table_is_empty());
+    let old = old.filter(|o| o.block_size() == block_size && o.blocks() > 0);
     let mut out = ChunkDelta {
         ops: Vec::new(),
         entries: Vec::with_capacity(nb),

@@ -247,11 +247,6 @@ impl SigView {
         (self.file_size - i * bs).min(bs)
     }
 
-    /// True when no old block can be matched (no whole, non-zero block).
-    pub fn table_is_empty(&self) -> bool {
-        self.blocks == 0
-    }
-
     /// The lookup table from weak checksum to block, built on first use.
     pub fn table(&self) -> &WeakTable {
         self.table.get_or_init(|| WeakTable::build(self))
