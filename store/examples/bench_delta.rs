@@ -98,7 +98,11 @@ fn main() {
         "| workload | threads | fast_rsync sig MB/s | dsync sig MB/s | fast_rsync diff+new sig MB/s | dsync single pass MB/s | speed-up | fast_rsync delta B | dsync delta B | delta ratio |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    let only = std::env::args().nth(2);
     for (name, old, new) in &workloads {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let opts = fast_rsync::SignatureOptions {
             block_size: BS,
             crypto_hash_size: 16,

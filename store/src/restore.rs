@@ -203,7 +203,7 @@ fn write_verified(
                     progress.advance(len);
                     let blocks = len.div_ceil(bs) as usize;
                     let mut d = vec![zero.digest; blocks];
-                    if len % bs != 0 {
+                    if !len.is_multiple_of(bs) {
                         if let Some(last) = d.last_mut() {
                             *last = crate::delta::signature::block_digest(&vec![
                                 0u8;
