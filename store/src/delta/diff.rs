@@ -415,8 +415,13 @@ fn search(
             if p >= last {
                 break;
             }
-            roll.rotate(data[p], data[p + bs]);
-            p += 1;
+            // Slide to the next offset whose checksum the table may hold.
+            match roll.roll_until(&data[p..last], &data[p + bs..last + bs], |w| {
+                table.may_contain(w)
+            }) {
+                Some(k) => p += k,
+                None => break,
+            }
         }
     }
     literal(out, lit_start, e);

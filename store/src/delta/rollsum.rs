@@ -39,6 +39,34 @@ impl Rollsum {
             .wrapping_add(self.a);
     }
 
+    /// Slides the window over `outs[k]` leaving / `ins[k]` entering, for k in
+    /// order, until `hit` accepts the checksum; returns how many bytes it slid
+    /// (then the window's checksum is the accepted one), or `None` after
+    /// sliding over all of them. The tight loop of the rolling search: its
+    /// state stays in registers.
+    #[inline(always)]
+    pub fn roll_until(
+        &mut self,
+        outs: &[u8],
+        ins: &[u8],
+        hit: impl Fn(u32) -> bool,
+    ) -> Option<usize> {
+        let (mut a, mut b, n) = (self.a, self.b, self.n);
+        let mut found = None;
+        for (k, (&o, &i)) in outs.iter().zip(ins).enumerate() {
+            let o = o as u32 + OFFSET;
+            a = a.wrapping_sub(o).wrapping_add(i as u32 + OFFSET);
+            b = b.wrapping_sub(n.wrapping_mul(o)).wrapping_add(a);
+            if hit((a & 0xffff) | (b << 16)) {
+                found = Some(k + 1);
+                break;
+            }
+        }
+        self.a = a;
+        self.b = b;
+        found
+    }
+
     #[inline(always)]
     pub fn digest(&self) -> u32 {
         (self.a & 0xffff) | (self.b << 16)
@@ -160,6 +188,33 @@ mod tests {
         #[test]
         fn weak_matches_reference(x in proptest::collection::vec(any::<u8>(), 0..5000)) {
             prop_assert_eq!(weak(&x), reference(&x));
+        }
+
+        #[test]
+        fn roll_until_matches_rotate(x in proptest::collection::vec(any::<u8>(), 600..3000), stop in any::<u32>()) {
+            let w = 512;
+            let n = x.len() - w;
+            let mut a = Rollsum::new(&x[..w]);
+            let mut b = a;
+            let target = stop % 4 == 0;
+            // Stop at a position chosen by the checksum's own value, or never.
+            let stop_at = (stop as usize) % n + 1;
+            let mut want = None;
+            for k in 1..=n {
+                b.rotate(x[k - 1], x[k - 1 + w]);
+                if target && k == stop_at {
+                    want = Some((k, b.digest()));
+                    break;
+                }
+            }
+            let got = a.roll_until(&x[..n], &x[w..w + n], |d| want.is_some_and(|(_, wd)| wd == d));
+            match want {
+                Some((k, d)) => {
+                    prop_assert!(got.is_some_and(|g| g <= k));
+                    prop_assert_eq!(a.digest() == d, got == Some(k));
+                }
+                None => prop_assert_eq!(got, None),
+            }
         }
 
         #[test]
