@@ -9,21 +9,9 @@
 use std::time::Instant;
 
 use dsync_store::delta::{diff, Signature};
+use dsync_store::testdata::pseudo;
 
 const BS: u32 = 4096;
-
-fn pseudo(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(n + 8);
-    while v.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(n);
-    v
-}
 
 fn text(n: usize, seed: u64) -> Vec<u8> {
     let words: Vec<&[u8]> = b"the of and to in is was for on that with as by at from it an be this are or which have not had but were"

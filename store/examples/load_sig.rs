@@ -7,10 +7,14 @@ use dsync_store::{NodeKind, Repo};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let repo = Repo::open(std::path::Path::new(&args.next().ok_or("usage: load_sig REPO [SNAPSHOT]")?))?;
+    let repo = Repo::open(std::path::Path::new(
+        &args.next().ok_or("usage: load_sig REPO [SNAPSHOT]")?,
+    ))?;
     let snap = repo.resolve(&args.next().unwrap_or_else(|| "latest".into()))?;
     for node in &snap.nodes {
-        let NodeKind::File(f) = &node.kind else { continue };
+        let NodeKind::File(f) = &node.kind else {
+            continue;
+        };
         let t = Instant::now();
         let map = repo.load_map(f.map)?;
         let t_map = t.elapsed();

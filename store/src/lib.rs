@@ -12,6 +12,7 @@ pub mod pack;
 pub mod read;
 pub mod repo;
 pub mod restore;
+pub mod testdata;
 pub mod time;
 
 pub use backup::{backup, BackupOptions, BackupReport, FileReport, NoProgress, Progress};

@@ -2,19 +2,8 @@
 //! rebuild the new file exactly, and ours is no larger at 4 KiB blocks.
 
 use dsync_store::delta::{apply, diff, Signature};
+use dsync_store::testdata::pseudo;
 use proptest::prelude::*;
-
-fn pseudo(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 11) as u8
-        })
-        .collect()
-}
 
 fn both(old: &[u8], new: &[u8], bs: u32) -> (usize, u64) {
     let theirs_sig = fast_rsync::Signature::calculate(

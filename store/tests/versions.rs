@@ -5,20 +5,9 @@
 use std::path::Path;
 
 use dsync_store::format::config::Config;
+use dsync_store::testdata::pseudo;
 use dsync_store::{backup, BackupOptions, NoProgress, NodeKind, Repo, VersionReader};
 use proptest::prelude::*;
-
-fn pseudo(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 11) as u8
-        })
-        .collect()
-}
 
 fn small_repo(dir: &Path) -> Repo {
     // Small frames and pages so that few KiB already cross every boundary.

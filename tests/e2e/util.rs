@@ -4,6 +4,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub use dsync_store::testdata::pseudo;
+
 pub struct Env {
     pub dir: tempfile::TempDir,
 }
@@ -73,20 +75,6 @@ impl Env {
 
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-/// Deterministic bytes.
-pub fn pseudo(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(n);
-    while v.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(n);
-    v
 }
 
 /// BLAKE2b-256 of a file's bytes.

@@ -282,6 +282,23 @@ fn search(
             out.stats.literal += (b - a) as u64;
         }
     };
+    // The window at `p` matched old block `j`: emit the literal before it and
+    // the part of the window inside the run; returns where literals resume.
+    let copy = |out: &mut ChunkDelta, p: usize, j: u64, lit_start: usize| -> usize {
+        let cs = p.max(lit_start);
+        let ce = (p + bs).min(e);
+        literal(out, lit_start, cs);
+        if ce <= cs {
+            return lit_start;
+        }
+        let op = Op::Copy {
+            len: (ce - cs) as u64,
+            from: j * bs as u64 + (cs - p) as u64,
+        };
+        push(&mut out.ops, op);
+        out.stats.shifted += (ce - cs) as u64;
+        ce
+    };
     if table.is_empty() || all.len() < bs || first + bs > all.len() {
         literal(out, s, e);
         return;
@@ -340,20 +357,7 @@ fn search(
             }
         }
         if let Some(j) = found {
-            let cs = p.max(lit_start);
-            let ce = (p + bs).min(e);
-            literal(out, lit_start, cs);
-            if ce > cs {
-                push(
-                    &mut out.ops,
-                    Op::Copy {
-                        len: (ce - cs) as u64,
-                        from: j * bs as u64 + (cs - p) as u64,
-                    },
-                );
-                out.stats.shifted += (ce - cs) as u64;
-                lit_start = ce;
-            }
+            lit_start = copy(out, p, j, lit_start);
             p += bs;
             let mut next = j + 1;
             // A match usually starts a run of consecutive old blocks (data
@@ -380,20 +384,7 @@ fn search(
                         Some(ent)
                             if old.block_len(next) == bs as u64 && ent[4..] == d[..STRONG_SIZE] =>
                         {
-                            let cs = p.max(lit_start);
-                            let ce = (p + bs).min(e);
-                            literal(out, lit_start, cs);
-                            if ce > cs {
-                                push(
-                                    &mut out.ops,
-                                    Op::Copy {
-                                        len: (ce - cs) as u64,
-                                        from: next * bs as u64 + (cs - p) as u64,
-                                    },
-                                );
-                                out.stats.shifted += (ce - cs) as u64;
-                                lit_start = ce;
-                            }
+                            lit_start = copy(out, p, next, lit_start);
                             p += bs;
                             next += 1;
                             took += 1;

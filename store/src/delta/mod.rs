@@ -145,19 +145,8 @@ pub fn apply(old: &[u8], ops: &[Op], new_literals: &[u8]) -> Result<Vec<u8>, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testdata::pseudo;
     use proptest::prelude::*;
-
-    fn pseudo(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     fn roundtrip(old: &[u8], new: &[u8], bs: u32, chunk: usize) -> Delta {
         let sig = Signature::calculate(old, bs);
