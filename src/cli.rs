@@ -70,6 +70,28 @@ dsync restore /backup/vms latest --to /tmp/disk.qcow2 disk.qcow2  # one file"
         #[arg(long)]
         force: bool,
     },
+    /// Mount every snapshot as a read-only file tree (FUSE).
+    #[command(
+        after_help = "The tree: one directory per snapshot named by its local time, a link per day \
+to that day's last snapshot, and `latest`. Stays in the foreground until unmounted \
+(fusermount3 -u MOUNTPOINT, Ctrl-C or SIGTERM).\n\n\
+Examples:\n  dsync mount /backup/vms /mnt/history --daemon\n  \
+qemu-img convert /mnt/history/2024-05-01/disk.qcow2 -O raw /tmp/old.raw\n  \
+qemu-system-x86_64 -snapshot -drive file=/mnt/history/latest/disk.qcow2"
+    )]
+    Mount {
+        repo: PathBuf,
+        mountpoint: PathBuf,
+        /// Let other users read the mount.
+        #[arg(long)]
+        allow_other: bool,
+        /// Memory for decompressed frames, e.g. 256M, 1G.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        cache_size: u64,
+        /// Return once the mount is ready, leaving it served in the background.
+        #[arg(long)]
+        daemon: bool,
+    },
     /// Write one file of a snapshot to standard output.
     #[command(after_help = "Example: dsync cat /backup/vms latest disk.raw | sha256sum")]
     Cat {
@@ -77,4 +99,40 @@ dsync restore /backup/vms latest --to /tmp/disk.qcow2 disk.qcow2  # one file"
         snapshot: String,
         path: String,
     },
+}
+
+/// Parses `1234`, `64K`, `256M`, `1G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown unit in {s:?}: use K, M or G")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("not a size: {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("").is_err());
+    }
 }

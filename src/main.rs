@@ -16,6 +16,11 @@ use progress::Bar;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Mount { daemon: true, .. } = &cli.command {
+        // Fork before any thread exists; the parent returns once the child's
+        // mount is ready (or failed).
+        return daemonize(cli);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -168,6 +173,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Mount {
+            repo,
+            mountpoint,
+            allow_other,
+            cache_size,
+            daemon: _,
+        } => {
+            mount(&repo, &mountpoint, allow_other, cache_size, || {})?;
+        }
         Command::Cat {
             repo,
             snapshot,
@@ -186,6 +200,95 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn mount(
+    repo: &std::path::Path,
+    mountpoint: &std::path::Path,
+    allow_other: bool,
+    cache_size: u64,
+    ready: impl FnOnce(),
+) -> anyhow::Result<()> {
+    let opts = dsync_fuse::MountOptions {
+        allow_other,
+        cache_bytes: usize::try_from(cache_size).unwrap_or(usize::MAX),
+        ..Default::default()
+    };
+    dsync_fuse::mount(repo, mountpoint, &opts, ready).map_err(|e| {
+        // Repository errors come wrapped in io::Error: show them as they are.
+        anyhow::anyhow!("{e}")
+    })
+}
+
+/// `dsync mount --daemon`: the child mounts and serves; it tells the parent
+/// through a pipe when the mount is ready, and the parent exits 0 then. If the
+/// child fails first, its error is already on stderr and the parent exits 1.
+fn daemonize(cli: Cli) -> ExitCode {
+    let Command::Mount {
+        repo,
+        mountpoint,
+        allow_other,
+        cache_size,
+        ..
+    } = cli.command
+    else {
+        return ExitCode::FAILURE;
+    };
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid two-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        eprintln!(
+            "dsync: cannot create a pipe: {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::FAILURE;
+    }
+    // SAFETY: no other thread exists yet in this process.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        eprintln!("dsync: cannot fork: {}", std::io::Error::last_os_error());
+        return ExitCode::FAILURE;
+    }
+    if pid > 0 {
+        // SAFETY: closing our copy of the write end; reading one byte.
+        unsafe { libc::close(fds[1]) };
+        let mut b = [0u8; 1];
+        let n = unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+        if n == 1 {
+            return ExitCode::SUCCESS;
+        }
+        let mut status = 0;
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return ExitCode::FAILURE;
+    }
+    // Child.
+    unsafe {
+        libc::close(fds[0]);
+        libc::setsid();
+    }
+    let ready = || {
+        // Detach from the terminal (log lines go to syslog from now on), then
+        // tell the parent.
+        dsync_fuse::log_to_syslog();
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                libc::dup2(null, 0);
+                libc::dup2(null, 1);
+                libc::dup2(null, 2);
+                libc::close(null);
+            }
+            libc::write(fds[1], [1u8].as_ptr().cast(), 1);
+            libc::close(fds[1]);
+        }
+    };
+    match mount(&repo, &mountpoint, allow_other, cache_size, ready) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dsync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn human(n: u64) -> String {

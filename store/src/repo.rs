@@ -188,21 +188,33 @@ impl Repo {
     /// # Errors
     /// [`Error::Io`], [`Error::Corrupt`].
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let mut out = Vec::new();
+        for id in self.snapshot_ids()? {
+            out.push(self.load_snapshot(id)?);
+        }
+        out.sort_by_key(|s| (s.time_ns, s.id));
+        Ok(out)
+    }
+
+    /// The ids of the snapshots that exist now, in no order (a directory
+    /// listing: no manifest is read).
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
         let dir = self.dir("snapshots");
         let mut out = Vec::new();
         for ent in std::fs::read_dir(&dir).at(&dir)? {
             let ent = ent.at(&dir)?;
             let name = ent.file_name();
-            let Some(id) = name
+            if let Some(id) = name
                 .to_str()
                 .and_then(|n| n.strip_suffix(".snap"))
                 .and_then(SnapshotId::parse)
-            else {
-                continue;
-            };
-            out.push(self.load_snapshot(id)?);
+            {
+                out.push(id);
+            }
         }
-        out.sort_by_key(|s| (s.time_ns, s.id));
         Ok(out)
     }
 

@@ -1,3 +1,4 @@
 mod backup_restore;
 mod bad_input;
+mod mount;
 mod util;

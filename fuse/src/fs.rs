@@ -1,0 +1,210 @@
+//! The `fuser::Filesystem` implementation: every callback only dispatches to
+//! the tree and the store's reader, and maps errors through `errno`.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, Request,
+};
+
+use crate::errno::errno;
+use crate::tree::{Attr, Tree, Type};
+
+/// How long the kernel may cache what can change (the root) and what cannot
+/// (anything inside a snapshot).
+const TTL_ROOT: Duration = Duration::from_secs(1);
+const TTL_FIXED: Duration = Duration::from_secs(3600);
+
+pub struct DsyncFs {
+    pub tree: Tree,
+}
+
+fn to_time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let t = to_time(a.mtime_ns);
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.stored.div_ceil(512),
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: match a.kind {
+            Type::Dir => FileType::Directory,
+            Type::File => FileType::RegularFile,
+            Type::Symlink => FileType::Symlink,
+        },
+        perm: (a.mode & 0o7777) as u16,
+        nlink: if a.kind == Type::Dir { 2 } else { 1 },
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        flags: 0,
+        blksize: 4096,
+    }
+}
+
+fn ttl(a: &Attr) -> Duration {
+    if a.immutable {
+        TTL_FIXED
+    } else {
+        TTL_ROOT
+    }
+}
+
+impl Filesystem for DsyncFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large reads for cp and qemu-img; the kernel caps what it accepts.
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(key) = self.tree.lookup(parent.0, name.as_bytes()) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let ino = self.tree.ino(&key);
+        match self.tree.attr(ino) {
+            Some(a) => reply.entry(&ttl(&a), &file_attr(&a), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.tree.attr(ino.0) {
+            Some(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.readlink(ino.0) {
+            Some(t) => reply.data(&t),
+            None => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.tree.reader(ino.0) {
+            // Versions never change: the page cache may keep their pages.
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => {
+                crate::log(&format!("cannot open inode {}: {e}", ino.0));
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let r = match self.tree.reader(ino.0) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let len = (size as u64).min(r.size().saturating_sub(offset)) as usize;
+        let mut buf = vec![0u8; len];
+        match r.read_at(offset, &mut buf) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => {
+                crate::log(&format!("EIO for {len} bytes at {offset}: {e}"));
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let r = match self.tree.reader(ino.0) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+        if off >= r.size() {
+            return reply.error(Errno::ENXIO);
+        }
+        match whence {
+            libc::SEEK_DATA => match r.next_data(off) {
+                Some(d) if d < r.size() => reply.offset(d as i64),
+                _ => reply.error(Errno::ENXIO),
+            },
+            libc::SEEK_HOLE => reply.offset(r.next_hole(off) as i64),
+            libc::SEEK_SET => reply.offset(offset),
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.tree.list(ino.0) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let dots = [
+            (b".".to_vec(), ino.0, FileType::Directory),
+            (b"..".to_vec(), ino.0, FileType::Directory),
+        ];
+        let all = dots
+            .into_iter()
+            .chain(entries.into_iter().map(|(name, key, t)| {
+                let kind = match t {
+                    Type::Dir => FileType::Directory,
+                    Type::File => FileType::RegularFile,
+                    Type::Symlink => FileType::Symlink,
+                };
+                (name, self.tree.ino(&key), kind)
+            }));
+        for (i, (name, child, kind)) in all.enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(child),
+                (i + 1) as u64,
+                kind,
+                OsStr::from_bytes(&name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+    }
+}
