@@ -27,6 +27,13 @@ pub enum Command {
     Init {
         /// Where to create it (a missing or empty directory).
         repo: PathBuf,
+        /// Most uncompressed bytes per compressed frame: smaller frames make
+        /// random reads (the mount) faster, larger ones compress better.
+        #[arg(long, default_value = "32K", value_parser = parse_size)]
+        frame_size: u64,
+        /// zstd level for new data (-7..=22).
+        #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
+        zstd_level: i32,
     },
     /// Back up files as one new snapshot (creates REPO if missing).
     #[command(after_help = "Example: dsync backup /backup/vms ~/vms/disk.qcow2")]

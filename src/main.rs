@@ -52,8 +52,22 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init { repo } => {
-            Repo::init(&repo, Default::default())?;
+        Command::Init {
+            repo,
+            frame_size,
+            zstd_level,
+        } => {
+            let cfg = dsync_store::format::config::Config {
+                frame_size: u32::try_from(frame_size).unwrap_or(u32::MAX),
+                zstd_level,
+                ..Default::default()
+            };
+            let bytes = cfg.encode();
+            // Check the parameters as a reader would, before creating anything.
+            dsync_store::format::config::Config::decode(&bytes, "config").map_err(|_| {
+                anyhow::anyhow!("frame size must be 4K..4M and the zstd level -7..22")
+            })?;
+            Repo::init(&repo, cfg)?;
             if !cli.quiet {
                 println!("created repository {}", repo.display());
             }

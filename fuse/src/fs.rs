@@ -19,6 +19,10 @@ use crate::tree::{Attr, Tree, Type};
 const TTL_ROOT: Duration = Duration::from_secs(1);
 const TTL_FIXED: Duration = Duration::from_secs(3600);
 
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 pub struct DsyncFs {
     pub tree: Tree,
 }
@@ -126,14 +130,21 @@ impl Filesystem for DsyncFs {
             Err(e) => return reply.error(errno(&e)),
         };
         let len = (size as u64).min(r.size().saturating_sub(offset)) as usize;
-        let mut buf = vec![0u8; len];
-        match r.read_at(offset, &mut buf) {
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => {
-                crate::log(&format!("EIO for {len} bytes at {offset}: {e}"));
-                reply.error(errno(&e))
+        // One buffer per FUSE thread: a fresh one per request would cost an
+        // allocation, page faults and zeroing for every (up to 1 MiB) read.
+        READ_BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            if buf.len() < len {
+                buf.resize(len, 0);
             }
-        }
+            match r.read_at(offset, &mut buf[..len]) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => {
+                    crate::log(&format!("EIO for {len} bytes at {offset}: {e}"));
+                    reply.error(errno(&e))
+                }
+            }
+        })
     }
 
     fn lseek(

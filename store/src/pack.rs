@@ -344,8 +344,14 @@ type FrameKey = (PackId, u32);
 
 struct LruState {
     lru: lru::LruCache<FrameKey, Arc<Vec<u8>>>,
+    /// Bytes held (buffer capacities, what the allocator really gave).
     bytes: usize,
+    /// Buffers of evicted frames, reused for the next misses.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Evicted frame buffers kept for reuse.
+const SPARE_FRAMES: usize = 16;
 
 /// Opens packs on demand and keeps an LRU of decompressed frames, bounded in
 /// bytes. Shared by restore, `cat` and the mount.
@@ -364,6 +370,7 @@ impl PackCache {
             frames: Mutex::new(LruState {
                 lru: lru::LruCache::unbounded(),
                 bytes: 0,
+                spare: Vec::new(),
             }),
             capacity: capacity_bytes,
         }
@@ -396,21 +403,49 @@ impl PackCache {
                 return Ok(f.clone());
             }
         }
-        let f = Arc::new(pack.read_frame(i)?);
+        // Decompress into a buffer an evicted frame left behind: no fresh
+        // allocation (and page faults) per miss, and no heap growing past the
+        // cache's bound through fragmentation.
+        let mut buf = self
+            .frames
+            .lock()
+            .ok()
+            .and_then(|mut st| st.spare.pop())
+            .unwrap_or_default();
+        if let Err(e) = pack.read_frame_into(i, &mut buf) {
+            self.recycle(buf);
+            return Err(e);
+        }
+        let f = Arc::new(buf);
         if let Ok(mut st) = self.frames.lock() {
-            if f.len() <= self.capacity {
-                st.bytes += f.len();
+            if f.capacity() <= self.capacity {
+                st.bytes += f.capacity();
                 if let Some(old) = st.lru.put(key, f.clone()) {
-                    st.bytes -= old.len();
+                    st.bytes -= old.capacity();
                 }
                 while st.bytes > self.capacity {
                     match st.lru.pop_lru() {
-                        Some((_, v)) => st.bytes -= v.len(),
+                        Some((_, v)) => {
+                            st.bytes -= v.capacity();
+                            if let Ok(v) = Arc::try_unwrap(v) {
+                                if st.spare.len() < SPARE_FRAMES {
+                                    st.spare.push(v);
+                                }
+                            }
+                        }
                         None => break,
                     }
                 }
             }
         }
         Ok(f)
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        if let Ok(mut st) = self.frames.lock() {
+            if st.spare.len() < SPARE_FRAMES {
+                st.spare.push(buf);
+            }
+        }
     }
 }

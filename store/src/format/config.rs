@@ -28,7 +28,7 @@ impl Default for Config {
             repo_id: crate::id::random_u64(),
             block_size: 4096,
             page_entries: 256,
-            frame_size: 128 * 1024,
+            frame_size: 32 * 1024,
             zstd_level: 1,
             pack_target: 64 << 20,
         }
