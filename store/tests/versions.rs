@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use dsync_store::format::config::Config;
-use dsync_store::testdata::pseudo;
+use dsync_store::testdata::{pseudo, Edit};
 use dsync_store::{backup, BackupOptions, NoProgress, NodeKind, Repo, VersionReader};
 use proptest::prelude::*;
 
@@ -63,15 +63,6 @@ fn check_all(repo: &Repo, versions: &[Vec<u8>], dir: &Path) {
     }
 }
 
-#[derive(Debug, Clone)]
-enum Edit {
-    Insert(usize, Vec<u8>),
-    Delete(usize, usize),
-    Overwrite(usize, Vec<u8>),
-    Zero(usize, usize),
-    Append(Vec<u8>),
-}
-
 fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         (
@@ -88,32 +79,6 @@ fn edit() -> impl Strategy<Value = Edit> {
         (any::<usize>(), 1usize..9000).prop_map(|(a, b)| Edit::Zero(a, b)),
         proptest::collection::vec(any::<u8>(), 1..3000).prop_map(Edit::Append),
     ]
-}
-
-fn apply(v: &mut Vec<u8>, e: Edit) {
-    let at = |a: usize, n: usize| if n == 0 { 0 } else { a % (n + 1) };
-    match e {
-        Edit::Insert(a, b) => {
-            let a = at(a, v.len());
-            v.splice(a..a, b);
-        }
-        Edit::Delete(a, l) => {
-            let a = at(a, v.len());
-            let e = (a + l).min(v.len());
-            v.drain(a..e);
-        }
-        Edit::Overwrite(a, b) => {
-            let a = at(a, v.len());
-            let e = (a + b.len()).min(v.len());
-            v[a..e].copy_from_slice(&b[..e - a]);
-        }
-        Edit::Zero(a, l) => {
-            let a = at(a, v.len());
-            let e = (a + l).min(v.len());
-            v[a..e].fill(0);
-        }
-        Edit::Append(b) => v.extend_from_slice(&b),
-    }
 }
 
 fn run(versions: &[Vec<u8>]) {
@@ -144,7 +109,7 @@ proptest! {
         let mut versions = vec![v.clone()];
         for d in days {
             for e in d {
-                apply(&mut v, e);
+                e.apply(&mut v);
             }
             versions.push(v.clone());
         }

@@ -145,7 +145,7 @@ pub fn apply(old: &[u8], ops: &[Op], new_literals: &[u8]) -> Result<Vec<u8>, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testdata::pseudo;
+    use crate::testdata::{pseudo, Edit};
     use proptest::prelude::*;
 
     fn roundtrip(old: &[u8], new: &[u8], bs: u32, chunk: usize) -> Delta {
@@ -204,14 +204,6 @@ mod tests {
         assert_eq!(d.stats.hole, 8192 * 3);
     }
 
-    #[derive(Debug, Clone)]
-    enum Edit {
-        Insert(usize, Vec<u8>),
-        Delete(usize, usize),
-        Overwrite(usize, Vec<u8>),
-        Zero(usize, usize),
-    }
-
     fn edit() -> impl Strategy<Value = Edit> {
         prop_oneof![
             (
@@ -242,13 +234,7 @@ mod tests {
             let old = pseudo(size, seed);
             let mut new = old.clone();
             for e in edits {
-                let at = |a: usize, n: &Vec<u8>| if n.is_empty() { 0 } else { a % (n.len() + 1) };
-                match e {
-                    Edit::Insert(a, b) => { let a = at(a, &new); new.splice(a..a, b); }
-                    Edit::Delete(a, l) => { let a = at(a, &new); let e = (a + l).min(new.len()); new.drain(a..e); }
-                    Edit::Overwrite(a, b) => { let a = at(a, &new); let e = (a + b.len()).min(new.len()); new[a..e].copy_from_slice(&b[..e - a]); }
-                    Edit::Zero(a, l) => { let a = at(a, &new); let e = (a + l).min(new.len()); new[a..e].fill(0); }
-                }
+                e.apply(&mut new);
             }
             let bs = 1u32 << bs_pow;
             roundtrip(&old, &new, bs, chunk_blocks * bs as usize);
