@@ -99,6 +99,20 @@ qemu-system-x86_64 -snapshot -drive file=/mnt/history/latest/disk.qcow2"
         #[arg(long)]
         daemon: bool,
     },
+    /// Check that everything the snapshots reference is there and sound.
+    #[command(
+        after_help = "Exits 3 when anything is damaged, naming each damaged object, the snapshots \
+and files it affects and their unreadable byte ranges.\n\nExample: dsync check /backup/vms --read-data"
+    )]
+    Check {
+        repo: PathBuf,
+        /// Also read every frame and every version's bytes (checks all hashes).
+        #[arg(long)]
+        read_data: bool,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write one file of a snapshot to standard output.
     #[command(after_help = "Example: dsync cat /backup/vms latest disk.raw | sha256sum")]
     Cat {

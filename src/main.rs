@@ -41,8 +41,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// `dsync check` found damage (already listed on standard output).
+#[derive(Debug)]
+struct CheckFailed(usize);
+
+impl std::fmt::Display for CheckFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the repository is damaged: {} problems (listed above)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for CheckFailed {}
+
 /// Exit codes, documented in README.md and `dsync --help`.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<CheckFailed>().is_some() {
+        return 3;
+    }
     match e.downcast_ref::<Error>() {
         Some(Error::Corrupt { .. }) => 3,
         Some(Error::Locked { .. }) => 4,
@@ -195,6 +214,75 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             daemon: _,
         } => {
             mount(&repo, &mountpoint, allow_other, cache_size, || {})?;
+        }
+        Command::Check {
+            repo,
+            read_data,
+            json,
+        } => {
+            let r = Repo::open(&repo)?;
+            let bar = Bar::new(cli.quiet || json);
+            let rep = dsync_store::check(&r, &dsync_store::CheckOptions { read_data }, &bar);
+            bar.done();
+            let rep = rep?;
+            if json {
+                let problems: Vec<_> = rep
+                    .problems
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "object": p.object, "detail": p.detail, "snapshot": p.snapshot,
+                            "file": p.file, "ranges": p.ranges,
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({
+                    "snapshots": rep.snapshots, "versions": rep.versions, "packs": rep.packs,
+                    "frames_read": rep.frames_read, "bytes_verified": rep.bytes_verified,
+                    "problems": problems,
+                });
+                println!("{v}");
+            } else {
+                for p in &rep.problems {
+                    let mut line = format!("damaged: {}: {}", p.object, p.detail);
+                    if let (Some(s), Some(f)) = (&p.snapshot, &p.file) {
+                        line += &format!(" [snapshot {s} file {f}");
+                        if !p.ranges.is_empty() {
+                            let r: Vec<String> =
+                                p.ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+                            line += &format!(" bytes {}", r.join(","));
+                        }
+                        line += "]";
+                    }
+                    println!("{line}");
+                }
+                if !cli.quiet {
+                    let data = if read_data {
+                        format!(
+                            ", {} frames, {} verified",
+                            rep.frames_read,
+                            human(rep.bytes_verified)
+                        )
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "checked {} snapshots, {} versions, {} packs{}: {}",
+                        rep.snapshots,
+                        rep.versions,
+                        rep.packs,
+                        data,
+                        if rep.problems.is_empty() {
+                            "no problems".to_string()
+                        } else {
+                            format!("{} problems", rep.problems.len())
+                        }
+                    );
+                }
+            }
+            if !rep.problems.is_empty() {
+                return Err(CheckFailed(rep.problems.len()).into());
+            }
         }
         Command::Cat {
             repo,

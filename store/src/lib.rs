@@ -3,6 +3,7 @@
 //! line or of FUSE. store/FORMAT.md specifies every byte it writes.
 
 pub mod backup;
+pub mod check;
 pub mod delta;
 pub mod error;
 pub mod format;
@@ -16,6 +17,7 @@ pub mod testdata;
 pub mod time;
 
 pub use backup::{backup, BackupOptions, BackupReport, FileReport, NoProgress, Progress};
+pub use check::{check, CheckOptions, CheckReport, Problem};
 pub use error::{Error, Result};
 pub use format::snapshot::{FileVersion, Node, NodeKind, Snapshot};
 pub use id::{MapId, PackId, SigId, SnapshotId};

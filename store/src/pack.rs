@@ -284,6 +284,12 @@ impl PackReader {
         self.frames.len()
     }
 
+    /// The uncompressed range `[start, end)` of frame `i`.
+    pub fn frame_range(&self, i: usize) -> Option<(u64, u64)> {
+        let s = *self.starts.get(i)?;
+        Some((s, s + self.frames.get(i)?.ulen as u64))
+    }
+
     /// Reads, checks and decompresses frame `i`.
     ///
     /// # Errors

@@ -149,8 +149,7 @@ pub fn restore_file(
         &reader,
         f,
         what,
-        &out,
-        &tmp,
+        Some((&out, &tmp)),
         repo.config().block_size,
         progress,
     );
@@ -167,17 +166,35 @@ pub fn restore_file(
     }
 }
 
+/// Reads every byte of a version without writing it anywhere and checks its
+/// whole-file hash (`dsync check --read-data`).
+///
+/// # Errors
+/// [`Error::Corrupt`] naming what is damaged; [`Error::Io`].
+pub fn verify_version(
+    repo: &Repo,
+    f: &FileVersion,
+    what: &str,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let reader = VersionReader::open(repo, f, what)?;
+    write_verified(&reader, f, what, None, repo.config().block_size, progress)
+}
+
+/// Reads a version in parallel chunks, writes its stored ranges to `out` if
+/// given (holes stay holes), and checks the whole-file hash.
 fn write_verified(
     reader: &VersionReader,
     f: &FileVersion,
     what: &str,
-    out: &File,
-    out_path: &Path,
+    out: Option<(&File, &Path)>,
     block_size: u32,
     progress: &dyn Progress,
 ) -> Result<()> {
     let size = f.size;
-    out.set_len(size).at(out_path)?;
+    if let Some((out, out_path)) = out {
+        out.set_len(size).at(out_path)?;
+    }
     let bs = block_size as u64;
     let zero = ZeroBlock::new(block_size);
     let mut hasher = FileHasher::new(size, block_size);
@@ -234,7 +251,9 @@ fn write_verified(
                 });
                 for (s, n) in writes {
                     let a = (s - off) as usize;
-                    out.write_all_at(&buf[a..a + n as usize], s).at(out_path)?;
+                    if let Some((out, out_path)) = out {
+                        out.write_all_at(&buf[a..a + n as usize], s).at(out_path)?;
+                    }
                     let b0 = ((s - off) / bs) as usize;
                     let b1 = ((s - off + n).div_ceil(bs)) as usize;
                     hole_block[b0..b1].fill(false);

@@ -1,4 +1,5 @@
 mod backup_restore;
 mod bad_input;
+mod check;
 mod mount;
 mod util;

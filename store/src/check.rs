@@ -1,0 +1,291 @@
+//! `dsync check`: is everything the snapshots reference there and sound?
+//!
+//! Structure (always): every manifest decodes; every version's map decodes
+//! and matches the manifest's size; every signature page the map names exists
+//! and passes its checksum; every pack an extent names opens (header, trailer,
+//! index) and holds the extent's range. With `read_data`: every frame of every
+//! referenced pack is read and checked, and every version is read whole and
+//! its BLAKE2 file hash compared. Each problem names the damaged object and,
+//! where a version is affected, the snapshot, the file and the byte ranges of
+//! that file that cannot be read. Check only reads.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rayon::prelude::*;
+
+use crate::backup::{NoProgress, Progress};
+use crate::error::{Error, Result};
+use crate::format::snapshot::{FileVersion, NodeKind};
+use crate::id::{MapId, PackId};
+use crate::map::FileMap;
+use crate::repo::Repo;
+
+/// What `dsync check` was asked to do.
+#[derive(Clone, Debug, Default)]
+pub struct CheckOptions {
+    /// Read every frame and every version's bytes.
+    pub read_data: bool,
+}
+
+/// One thing found wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The damaged or missing object (a file in the repository, a frame).
+    pub object: String,
+    pub detail: String,
+    /// Snapshot and file affected, if the problem is in a version.
+    pub snapshot: Option<String>,
+    pub file: Option<String>,
+    /// Byte ranges `[start, end)` of that file that cannot be read.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// What check looked at and found.
+#[derive(Clone, Debug, Default)]
+pub struct CheckReport {
+    pub snapshots: usize,
+    pub versions: usize,
+    pub packs: usize,
+    pub frames_read: u64,
+    pub bytes_verified: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// A version and where it is used.
+struct Use {
+    file: FileVersion,
+    name: String,
+    snapshots: Vec<String>,
+}
+
+/// Checks the repository.
+///
+/// # Errors
+/// Only when the repository cannot be listed at all; everything found wrong
+/// is in the report.
+pub fn check(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let mut versions: BTreeMap<MapId, Use> = BTreeMap::new();
+    for id in repo.snapshot_ids()? {
+        report.snapshots += 1;
+        match repo.load_snapshot(id) {
+            Ok(s) => {
+                for n in &s.nodes {
+                    if let NodeKind::File(f) = &n.kind {
+                        let u = versions.entry(f.map).or_insert_with(|| Use {
+                            file: f.clone(),
+                            name: String::from_utf8_lossy(&n.name).into_owned(),
+                            snapshots: Vec::new(),
+                        });
+                        u.snapshots.push(id.to_string());
+                    }
+                }
+            }
+            Err(e) => report.problems.push(problem(
+                &e,
+                format!("snapshots/{id}.snap"),
+                None,
+                None,
+                vec![],
+            )),
+        }
+    }
+    report.versions = versions.len();
+
+    // Structure of every version; remember the maps for the data pass.
+    let mut maps: HashMap<MapId, FileMap> = HashMap::new();
+    let mut packs: HashMap<
+        PackId,
+        std::result::Result<std::sync::Arc<crate::pack::PackReader>, String>,
+    > = HashMap::new();
+    for (map_id, u) in &versions {
+        let snap = Some(u.snapshots.join(","));
+        let file = Some(u.name.clone());
+        let map = match repo.load_map(*map_id) {
+            Ok(m) => m,
+            Err(e) => {
+                let all = vec![(0, u.file.size)];
+                report
+                    .problems
+                    .push(problem(&e, format!("maps/{map_id}.map"), snap, file, all));
+                continue;
+            }
+        };
+        if map.size() != u.file.size {
+            report.problems.push(Problem {
+                object: format!("maps/{map_id}.map"),
+                detail: format!(
+                    "map is for {} bytes, the manifest says {}",
+                    map.size(),
+                    u.file.size
+                ),
+                snapshot: snap.clone(),
+                file: file.clone(),
+                ranges: vec![(0, u.file.size)],
+            });
+        }
+        match repo.sig_view(&map) {
+            Ok(sig) => {
+                for i in 0..map.body.pages.len() {
+                    if sig.page(i).is_none() {
+                        report.problems.push(Problem {
+                            object: format!("signature page {i} of maps/{map_id}.map"),
+                            detail: "signature page fails its checksum (the next backup stores those blocks anew)".into(),
+                            snapshot: snap.clone(),
+                            file: file.clone(),
+                            ranges: vec![],
+                        });
+                    }
+                }
+            }
+            Err(e) => report.problems.push(problem(
+                &e,
+                format!("signature of maps/{map_id}.map"),
+                snap.clone(),
+                file.clone(),
+                vec![],
+            )),
+        }
+        let mut bad: BTreeMap<PackId, (String, Vec<(u64, u64)>)> = BTreeMap::new();
+        for e in map.extents() {
+            let p = packs
+                .entry(e.pack)
+                .or_insert_with(|| repo.cache().pack(e.pack).map_err(|err| err.to_string()));
+            let reason = match p {
+                Err(msg) => Some(msg.clone()),
+                Ok(p) if e.offset + e.len > p.uncompressed_len() => Some(format!(
+                    "an extent reaches byte {} of a pack of {}",
+                    e.offset + e.len,
+                    p.uncompressed_len()
+                )),
+                Ok(_) => None,
+            };
+            if let Some(r) = reason {
+                let entry = bad.entry(e.pack).or_insert_with(|| (r, Vec::new()));
+                entry.1.push((e.logical, e.end()));
+            }
+        }
+        for (pack, (detail, ranges)) in bad {
+            report.problems.push(Problem {
+                object: format!("packs/{pack}.pack"),
+                detail,
+                snapshot: snap.clone(),
+                file: file.clone(),
+                ranges: merge(ranges),
+            });
+        }
+        maps.insert(*map_id, map);
+    }
+    report.packs = packs.len();
+    if !opts.read_data {
+        return Ok(report);
+    }
+
+    // Every frame of every pack that opened.
+    let open: Vec<_> = packs
+        .values()
+        .filter_map(|p| p.as_ref().ok().cloned())
+        .collect();
+    let damaged: Vec<(PackId, u64, u64, String)> = open
+        .par_iter()
+        .flat_map_iter(|p| {
+            (0..p.frame_count())
+                .filter_map(|i| match p.read_frame(i as u32) {
+                    Ok(_) => None,
+                    Err(e) => p.frame_range(i).map(|(s, t)| (p.id, s, t, e.to_string())),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    report.frames_read = open.iter().map(|p| p.frame_count() as u64).sum();
+    let mut by_pack: HashMap<PackId, Vec<(u64, u64, String)>> = HashMap::new();
+    for (p, s, t, msg) in damaged {
+        by_pack.entry(p).or_default().push((s, t, msg));
+    }
+    let mut damaged_versions: HashSet<MapId> = HashSet::new();
+    for (map_id, map) in &maps {
+        let u = &versions[map_id];
+        let mut hit: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+        for e in map.extents() {
+            for (s, t, msg) in by_pack.get(&e.pack).map(|v| v.as_slice()).unwrap_or(&[]) {
+                let (a, b) = ((*s).max(e.offset), (*t).min(e.offset + e.len));
+                if a < b {
+                    let logical = (e.logical + (a - e.offset), e.logical + (b - e.offset));
+                    hit.entry(msg.clone()).or_default().push(logical);
+                }
+            }
+        }
+        for (msg, ranges) in hit {
+            damaged_versions.insert(*map_id);
+            report.problems.push(Problem {
+                object: msg.split(" is damaged").next().unwrap_or(&msg).to_string(),
+                detail: msg.clone(),
+                snapshot: Some(u.snapshots.join(",")),
+                file: Some(u.name.clone()),
+                ranges: merge(ranges),
+            });
+        }
+    }
+
+    // Every sound version read whole against its file hash.
+    for (map_id, u) in &versions {
+        if damaged_versions.contains(map_id) || !maps.contains_key(map_id) {
+            continue;
+        }
+        let what = format!("snapshot {} file {}", u.snapshots.join(","), u.name);
+        match crate::restore::verify_version(repo, &u.file, &what, &NoProgress) {
+            Ok(()) => report.bytes_verified += u.file.size,
+            Err(e) => report.problems.push(problem(
+                &e,
+                format!("maps/{map_id}.map"),
+                Some(u.snapshots.join(",")),
+                Some(u.name.clone()),
+                vec![(0, u.file.size)],
+            )),
+        }
+        progress.advance(u.file.size);
+    }
+    Ok(report)
+}
+
+fn problem(
+    e: &Error,
+    object: String,
+    snapshot: Option<String>,
+    file: Option<String>,
+    ranges: Vec<(u64, u64)>,
+) -> Problem {
+    Problem {
+        object,
+        detail: e.to_string(),
+        snapshot,
+        file,
+        ranges,
+    }
+}
+
+/// Sorts and merges touching ranges.
+fn merge(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    r.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(r.len());
+    for (s, e) in r {
+        match out.last_mut() {
+            Some(l) if s <= l.1 => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+
+    #[test]
+    fn merges_ranges() {
+        assert_eq!(
+            merge(vec![(5, 9), (0, 2), (2, 3), (8, 12)]),
+            vec![(0, 3), (5, 12)]
+        );
+    }
+}
