@@ -45,6 +45,10 @@ pub enum Command {
         /// Read files even when size, mtime and inode say they are unchanged.
         #[arg(long)]
         checksum: bool,
+        /// Store a file that changes while it is read (flagged, with a
+        /// warning) instead of failing. Prefer backing up a VM or LVM snapshot.
+        #[arg(long)]
+        accept_changed: bool,
         /// Print the summary as one JSON object.
         #[arg(long)]
         json: bool,

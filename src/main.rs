@@ -95,17 +95,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             repo,
             paths,
             checksum,
+            accept_changed,
             json,
         } => {
             let r = Repo::open_or_init(&repo)?;
             let bar = Bar::new(cli.quiet || json);
             let opts = BackupOptions {
                 checksum,
+                accept_changed,
                 ..Default::default()
             };
             let rep = dsync_store::backup(&r, &paths, &opts, &bar);
             bar.done();
             let rep = rep?;
+            for f in &rep.files {
+                if let Some(what) = &f.changed_while_read {
+                    eprintln!("dsync: warning: {} changed while it was read ({what}); stored as read and flagged", f.name);
+                }
+            }
             let s = &rep.snapshot;
             if json {
                 let files: Vec<_> = rep
@@ -118,6 +125,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             "aligned_match_bytes": f.stats.aligned, "shifted_match_bytes": f.stats.shifted,
                             "hole_bytes": f.stats.hole, "border_literal_bytes": f.stats.border_literal,
                             "compressed_bytes": f.bytes_compressed,
+                            "changed_while_read": f.changed_while_read.is_some(),
                         })
                     })
                     .collect();

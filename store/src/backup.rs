@@ -29,7 +29,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::config::Config;
 use crate::format::map::{MapBody, PageRef};
 use crate::format::sig::ENTRY_SIZE;
-use crate::format::snapshot::{FileVersion, Node, NodeKind, Snapshot, SnapshotStats, ROOT};
+use crate::format::snapshot::{
+    FileVersion, Node, NodeKind, Snapshot, SnapshotStats, FLAG_CHANGED_WHILE_READ, ROOT,
+};
 use crate::id::{MapId, SnapshotId};
 use crate::map::{FileMap, MapBuilder, Piece};
 use crate::pack::{compress_frames, FrameMeta, PackWriter, Unsynced};
@@ -56,6 +58,9 @@ pub struct BackupOptions {
     pub time_ns: Option<i64>,
     /// Bytes per chunk diffed by one task (rounded to whole blocks).
     pub chunk_size: usize,
+    /// Store a file that changed while it was read (flagged in the manifest)
+    /// instead of failing the backup. Its bytes may mix before and after.
+    pub accept_changed: bool,
 }
 
 impl Default for BackupOptions {
@@ -64,6 +69,7 @@ impl Default for BackupOptions {
             checksum: false,
             time_ns: None,
             chunk_size: 4 << 20,
+            accept_changed: false,
         }
     }
 }
@@ -83,6 +89,9 @@ pub struct FileReport {
     pub bytes_compressed: u64,
     /// Damaged pages of the previous signature (matched nothing).
     pub damaged_sig_pages: u64,
+    /// With [`BackupOptions::accept_changed`]: the source changed while it
+    /// was read (what changed); the version is stored as read and flagged.
+    pub changed_while_read: Option<String>,
 }
 
 /// The result of a backup.
@@ -185,6 +194,7 @@ pub fn backup(
                     bytes_read: 0,
                     bytes_compressed: 0,
                     damaged_sig_pages: 0,
+                    changed_while_read: None,
                 };
                 (f, report)
             }
@@ -576,11 +586,13 @@ impl<'r> Writer<'r> {
         } else {
             None
         };
-        if let Some(detail) = what {
-            return Err(Error::SourceChanged {
-                path: path.into(),
-                detail,
-            });
+        if let Some(detail) = &what {
+            if !opts.accept_changed {
+                return Err(Error::SourceChanged {
+                    path: path.into(),
+                    detail: detail.clone(),
+                });
+            }
         }
         let body = MapBody {
             file_size: size,
@@ -600,7 +612,11 @@ impl<'r> Writer<'r> {
             dev: before.dev(),
             ino: before.ino(),
             ctime_ns: ctime_ns(&before),
-            flags: 0,
+            flags: if what.is_some() {
+                FLAG_CHANGED_WHILE_READ
+            } else {
+                0
+            },
         };
         let report = FileReport {
             name: name.to_string(),
@@ -611,6 +627,7 @@ impl<'r> Writer<'r> {
             bytes_read: st.read,
             bytes_compressed: st.compressed,
             damaged_sig_pages: prev_sig.map_or(0, |s| s.damaged_pages()),
+            changed_while_read: what,
         };
         Ok((version, report))
     }

@@ -163,3 +163,48 @@ fn damaged_pack_fails_restore_and_names_it() {
         "a damaged version left a file behind"
     );
 }
+
+#[test]
+fn source_changing_while_read() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    std::fs::write(&img, pseudo(96 << 20, 3)).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        // A writer that keeps appending, as a running VM keeps writing.
+        sc.spawn(|| {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&img).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all(&[7u8; 4096]).unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        });
+        let err = env.fails(&["backup", s(&env.repo()), s(&img)], 1);
+        assert!(
+            err.contains("changed while it was read") && err.contains("disk.img"),
+            "{err}"
+        );
+        let o = env.run(&[
+            "backup",
+            s(&env.repo()),
+            s(&img),
+            "--accept-changed",
+            "--json",
+        ]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("warning"));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["files"][0]["changed_while_read"], true);
+    });
+    // What was stored restores and verifies (bytes and hash agree).
+    env.ok(&[
+        "restore",
+        s(&env.repo()),
+        "latest",
+        "--to",
+        s(&env.path("out")),
+    ]);
+    assert_eq!(env.ids().len(), 1);
+}
