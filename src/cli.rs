@@ -103,6 +103,45 @@ qemu-system-x86_64 -snapshot -drive file=/mnt/history/latest/disk.qcow2"
         #[arg(long)]
         daemon: bool,
     },
+    /// Remove snapshots (only their manifests; `prune` reclaims the data).
+    #[command(after_help = "Example: dsync forget /backup/vms 2024-05-01 3f2a9c")]
+    Forget {
+        repo: PathBuf,
+        /// Snapshots: ids or unique prefixes, times, days, or latest.
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+    },
+    /// Apply a retention policy, then reclaim the space no snapshot uses.
+    #[command(
+        after_help = "The newest snapshot of each of the last N hours/days/weeks/months/years \
+that have snapshots is kept, plus the last N (restic's and borg's meaning); a snapshot is kept if \
+any rule keeps it. Without --keep-* options nothing is forgotten and only unused data is reclaimed.\n\n\
+Example: dsync prune /backup/vms --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run"
+    )]
+    Prune {
+        repo: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_yearly: u32,
+        /// Rewrite packs whose live fraction is below this (0 never repacks).
+        #[arg(long, default_value_t = 0.5)]
+        repack_below: f64,
+        /// Show what would be forgotten and freed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that everything the snapshots reference is there and sound.
     #[command(
         after_help = "Exits 3 when anything is damaged, naming each damaged object, the snapshots \

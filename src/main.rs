@@ -223,6 +223,104 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             mount(&repo, &mountpoint, allow_other, cache_size, || {})?;
         }
+        Command::Forget { repo, snapshots } => {
+            let r = Repo::open(&repo)?;
+            let mut ids = Vec::new();
+            for spec in &snapshots {
+                ids.push(r.resolve(spec)?.id);
+            }
+            ids.sort();
+            ids.dedup();
+            dsync_store::prune::forget(&r, &ids)?;
+            if !cli.quiet {
+                println!(
+                    "forgot {} snapshots; `dsync prune {}` reclaims the space they alone used",
+                    ids.len(),
+                    repo.display()
+                );
+            }
+        }
+        Command::Prune {
+            repo,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            repack_below,
+            dry_run,
+            json,
+        } => {
+            let r = Repo::open(&repo)?;
+            let policy = dsync_store::prune::KeepPolicy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+            };
+            let before = dsync_store::gc::repo_bytes(&r)?;
+            let mut forgotten = Vec::new();
+            let mut kept = Vec::new();
+            if !policy.is_empty() {
+                let snaps = r.snapshots()?;
+                for d in dsync_store::prune::apply(&snaps, &policy) {
+                    if d.reasons.is_empty() {
+                        forgotten.push(d);
+                    } else {
+                        kept.push(d);
+                    }
+                }
+                if !dry_run {
+                    let ids: Vec<_> = forgotten.iter().map(|d| d.id).collect();
+                    dsync_store::prune::forget(&r, &ids)?;
+                }
+            }
+            // Dry: gc sees the forgotten snapshots still there, so its figures
+            // cover only what is unused already.
+            let mut rep = dsync_store::gc::gc(&r, repack_below, dry_run)?;
+            if !dry_run {
+                // Forgotten manifests count too.
+                rep.bytes_freed = before.saturating_sub(dsync_store::gc::repo_bytes(&r)?);
+            }
+            if json {
+                let list = |v: &[dsync_store::prune::Decision]| -> Vec<serde_json::Value> {
+                    v.iter()
+                        .map(|d| serde_json::json!({"id": d.id.to_string(), "time": dsync_store::time::local(d.time_ns), "reasons": d.reasons}))
+                        .collect()
+                };
+                let v = serde_json::json!({
+                    "dry_run": dry_run, "kept": list(&kept), "forgotten": list(&forgotten),
+                    "packs_deleted": rep.packs_deleted, "packs_repacked": rep.packs_repacked,
+                    "maps_deleted": rep.maps_deleted, "sigs_deleted": rep.sigs_deleted,
+                    "manifests_rewritten": rep.manifests_rewritten, "bytes_freed": rep.bytes_freed,
+                });
+                println!("{v}");
+            } else if !cli.quiet {
+                for d in &kept {
+                    println!(
+                        "keep    {}  {}  ({})",
+                        d.id,
+                        dsync_store::time::local(d.time_ns),
+                        d.reasons.join(", ")
+                    );
+                }
+                for d in &forgotten {
+                    println!("forget  {}  {}", d.id, dsync_store::time::local(d.time_ns));
+                }
+                println!(
+                    "{}{} packs deleted, {} repacked, {} maps and {} signature files deleted, {} freed",
+                    if dry_run { "dry run: " } else { "" },
+                    rep.packs_deleted,
+                    rep.packs_repacked,
+                    rep.maps_deleted,
+                    rep.sigs_deleted,
+                    human(rep.bytes_freed)
+                );
+            }
+        }
         Command::Check {
             repo,
             read_data,

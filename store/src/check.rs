@@ -171,7 +171,7 @@ pub fn check(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resul
                 detail,
                 snapshot: snap.clone(),
                 file: file.clone(),
-                ranges: merge(ranges),
+                ranges: crate::map::merge_ranges(ranges),
             });
         }
         maps.insert(*map_id, map);
@@ -222,7 +222,7 @@ pub fn check(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resul
                 detail: msg.clone(),
                 snapshot: Some(u.snapshots.join(",")),
                 file: Some(u.name.clone()),
-                ranges: merge(ranges),
+                ranges: crate::map::merge_ranges(ranges),
             });
         }
     }
@@ -261,31 +261,5 @@ fn problem(
         snapshot,
         file,
         ranges,
-    }
-}
-
-/// Sorts and merges touching ranges.
-fn merge(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    r.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(r.len());
-    for (s, e) in r {
-        match out.last_mut() {
-            Some(l) if s <= l.1 => l.1 = l.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::merge;
-
-    #[test]
-    fn merges_ranges() {
-        assert_eq!(
-            merge(vec![(5, 9), (0, 2), (2, 3), (8, 12)]),
-            vec![(0, 3), (5, 12)]
-        );
     }
 }

@@ -70,6 +70,19 @@ impl FileMap {
     }
 }
 
+/// Sorts ranges `[start, end)` and merges those that overlap or touch.
+pub fn merge_ranges(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    r.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(r.len());
+    for (s, e) in r {
+        match out.last_mut() {
+            Some(l) if s <= l.1 => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
 /// Collects extents in logical order, merging neighbours that are adjacent
 /// both in the file and in the pack.
 #[derive(Default)]
@@ -100,6 +113,14 @@ impl MapBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merges_ranges() {
+        assert_eq!(
+            merge_ranges(vec![(5, 9), (0, 2), (2, 3), (8, 12)]),
+            vec![(0, 3), (5, 12)]
+        );
+    }
 
     #[test]
     fn resolve_and_merge() {

@@ -78,3 +78,74 @@ mod tests {
         assert!(parse_local("yesterday").is_none());
     }
 }
+
+/// Local calendar fields of a Unix time in nanoseconds: (year, month 1-12,
+/// day 1-31, hour 0-23, ISO week-year, ISO week 1-53).
+pub fn local_parts(time_ns: i64) -> (i32, u32, u32, u32, i32, u32) {
+    let secs = time_ns.div_euclid(1_000_000_000) as libc::time_t;
+    // SAFETY: tm is plain data; localtime_r fills it or returns null.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&secs, &mut tm) }.is_null() {
+        return (1970, 1, 1, 0, 1970, 1);
+    }
+    let year = tm.tm_year + 1900;
+    // ISO 8601 week: the week with the year's first Thursday is week 1.
+    let wday = (tm.tm_wday + 6) % 7; // Monday = 0
+    let yday = tm.tm_yday; // 0-based
+    let mut week = (yday - wday + 10) / 7;
+    let mut wyear = year;
+    let is_leap = |y: i32| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let weeks_in = |y: i32| {
+        // A year has 53 weeks if it starts on Thursday, or is leap and starts on Wednesday.
+        let jan1 = (wday - yday).rem_euclid(7); // weekday of Jan 1 of `year`, Monday = 0
+        let jan1 = if y == year {
+            jan1
+        } else {
+            (jan1 - if is_leap(y) { 366 } else { 365 }).rem_euclid(7)
+        };
+        if jan1 == 3 || (jan1 == 2 && is_leap(y)) {
+            53
+        } else {
+            52
+        }
+    };
+    if week < 1 {
+        wyear = year - 1;
+        week = weeks_in(year - 1);
+    } else if week > weeks_in(year) {
+        wyear = year + 1;
+        week = 1;
+    }
+    (
+        year,
+        (tm.tm_mon + 1) as u32,
+        tm.tm_mday as u32,
+        tm.tm_hour as u32,
+        wyear,
+        week as u32,
+    )
+}
+
+#[cfg(test)]
+mod parts_tests {
+    use super::*;
+
+    fn at(s: &str) -> i64 {
+        parse_local(s).unwrap()
+    }
+
+    #[test]
+    fn iso_weeks() {
+        // Known ISO weeks.
+        let w = |s: &str| {
+            let p = local_parts(at(s));
+            (p.4, p.5)
+        };
+        assert_eq!(w("2024-01-01T12:00:00"), (2024, 1));
+        assert_eq!(w("2021-01-03T12:00:00"), (2020, 53));
+        assert_eq!(w("2020-12-31T12:00:00"), (2020, 53));
+        assert_eq!(w("2019-12-30T12:00:00"), (2020, 1));
+        assert_eq!(w("2026-11-24T12:00:00"), (2026, 48));
+        assert_eq!(w("2027-01-01T12:00:00"), (2026, 53));
+    }
+}

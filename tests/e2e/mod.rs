@@ -2,4 +2,5 @@ mod backup_restore;
 mod bad_input;
 mod check;
 mod mount;
+mod prune;
 mod util;
