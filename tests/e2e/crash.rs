@@ -37,7 +37,7 @@ fn verify(env: &Env, hashes: &HashMap<String, String>, tag: &str, newest: usize)
     let ids = env.ids();
     for id in ids.iter().rev().take(newest) {
         let want = hashes
-            .get(&id)
+            .get(id)
             .unwrap_or_else(|| panic!("{tag}: snapshot {id} appeared from nowhere"));
         let dest = env.path(&format!("v-{tag}-{id}"));
         env.ok(&["restore", s(&env.repo()), id, "--to", s(&dest)]);
