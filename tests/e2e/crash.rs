@@ -98,6 +98,7 @@ fn backups_killed_at_random_moments() {
         }
     }
     verify_all(&env, &hashes, "end");
+    eprintln!("{kills} backups killed at random moments: {known} had completed, the rest left no snapshot; check --read-data clean, every snapshot restored byte-identical");
     assert!(
         known > 0 && (known as u64) < kills,
         "kills landed nowhere interesting: {known} of {kills} backups completed"
