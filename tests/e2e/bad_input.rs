@@ -208,3 +208,81 @@ fn source_changing_while_read() {
     ]);
     assert_eq!(env.ids().len(), 1);
 }
+
+#[test]
+fn ambiguous_snapshot_prefix() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    std::fs::write(&img, pseudo(4096, 1)).unwrap();
+    // Sixteen hex digits: among 17 snapshots two share a first digit.
+    let shared = loop {
+        env.ok(&["backup", "-q", s(&env.repo()), s(&img), "--checksum"]);
+        let ids = env.ids();
+        let mut firsts: Vec<char> = ids.iter().map(|i| i.chars().next().unwrap()).collect();
+        firsts.sort();
+        if let Some(w) = firsts.windows(2).find(|w| w[0] == w[1]) {
+            break w[0];
+        }
+        assert!(ids.len() <= 17);
+    };
+    let err = env.fails(
+        &["restore", s(&env.repo()), &shared.to_string(), "--to", "x"],
+        1,
+    );
+    assert!(
+        err.contains("matches") && err.contains("give more of the id"),
+        "{err}"
+    );
+}
+
+#[test]
+fn full_disk_during_backup_loses_nothing() {
+    if std::env::var_os("DSYNC_SKIP_ROOT").is_some_and(|v| v == "1") {
+        eprintln!("DSYNC_SKIP_ROOT=1: skipping the full-disk test");
+        return;
+    }
+    let env = Env::new();
+    let small = env.path("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .expect("run mount");
+    assert!(
+        st.success(),
+        "this test mounts a 6 MiB tmpfs and needs root (DSYNC_SKIP_ROOT=1 skips it)"
+    );
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Umount(small.clone());
+    let repo = small.join("repo");
+    let img = env.path("disk.img");
+    std::fs::write(&img, pseudo(2 << 20, 1)).unwrap();
+    env.ok(&["backup", "-q", s(&repo), s(&img)]);
+    let first = blake2(&img);
+    // 8 MiB of incompressible data cannot fit in what is left.
+    std::fs::write(&img, pseudo(8 << 20, 2)).unwrap();
+    let o = env.run(&["backup", "-q", s(&repo), s(&img)]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("No space left") || err.contains("space"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    // The earlier snapshot is intact; after a prune of the leftovers the
+    // repository takes a small backup again.
+    let list = env.ok(&["list", s(&repo), "--json"]);
+    assert_eq!(list.lines().count(), 1);
+    env.ok(&["restore", s(&repo), "latest", "--to", s(&env.path("out"))]);
+    assert_eq!(blake2(&env.path("out/disk.img")), first);
+    env.ok(&["prune", s(&repo), "-q"]);
+    env.ok(&["check", s(&repo), "--read-data"]);
+    std::fs::write(&img, pseudo(1 << 20, 3)).unwrap();
+    env.ok(&["backup", "-q", s(&repo), s(&img)]);
+}
