@@ -142,6 +142,13 @@ Example: dsync prune /backup/vms --keep-daily 7 --keep-weekly 4 --keep-monthly 1
         #[arg(long)]
         json: bool,
     },
+    /// Tell whether a writer holds the repository's lock, and which.
+    #[command(
+        after_help = "The lock is released by the kernel when its holder exits, however it exits \
+(even kill -9), so there is never a stale lock to remove on a local file system: if a writer \
+holds it, stop that process.\n\nExample: dsync unlock /backup/vms"
+    )]
+    Unlock { repo: PathBuf },
     /// Check that everything the snapshots reference is there and sound.
     #[command(
         after_help = "Exits 3 when anything is damaged, naming each damaged object, the snapshots \

@@ -321,6 +321,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Unlock { repo } => {
+            let r = Repo::open(&repo)?;
+            match r.lock_holder()? {
+                None => {
+                    if !cli.quiet {
+                        println!("{} is not locked", repo.display());
+                    }
+                }
+                Some(holder) => {
+                    return Err(Error::Locked {
+                        path: repo.clone(),
+                        holder: format!(
+                            "{holder}; it is released when that process exits: stop it"
+                        ),
+                    }
+                    .into())
+                }
+            }
+        }
         Command::Check {
             repo,
             read_data,

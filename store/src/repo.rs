@@ -182,6 +182,20 @@ impl Repo {
         Ok(WriteLock { _file: file })
     }
 
+    /// Who holds the writer lock now, if anyone (what the lock file records).
+    /// The lock is an flock: the kernel releases it when its holder exits,
+    /// however it exits, so a lock is never stale on a local file system.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn lock_holder(&self) -> Result<Option<String>> {
+        match self.lock() {
+            Ok(_free) => Ok(None),
+            Err(Error::Locked { holder, .. }) => Ok(Some(holder)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// All snapshots, oldest first. A manifest that fails to decode is an error
     /// naming it.
     ///

@@ -286,3 +286,32 @@ fn full_disk_during_backup_loses_nothing() {
     std::fs::write(&img, pseudo(1 << 20, 3)).unwrap();
     env.ok(&["backup", "-q", s(&repo), s(&img)]);
 }
+
+#[test]
+fn unlock_reports_the_holder() {
+    let env = Env::new();
+    repo_with_one(&env);
+    assert!(env.ok(&["unlock", s(&env.repo())]).contains("not locked"));
+    // A writer killed with SIGKILL leaves no lock behind.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dsync"))
+        .args([
+            "backup",
+            "-q",
+            s(&env.repo()),
+            s(&env.path("disk.img")),
+            "--checksum",
+        ])
+        .spawn()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(env.ok(&["unlock", s(&env.repo())]).contains("not locked"));
+    let lock = std::fs::File::open(env.repo().join("lock")).unwrap();
+    // SAFETY: valid fd.
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let err = env.fails(&["unlock", s(&env.repo())], 4);
+    assert!(err.contains("locked") && err.contains("stop it"), "{err}");
+}
