@@ -159,6 +159,10 @@ and files it affects and their unreadable byte ranges.\n\nExample: dsync check /
         /// Also read every frame and every version's bytes (checks all hashes).
         #[arg(long)]
         read_data: bool,
+        /// Read only a part: `K/N` (part K of N, by id: 1/7 .. 7/7 on
+        /// successive days read everything) or `P%` (about P percent).
+        #[arg(long, value_parser = parse_subset)]
+        read_data_subset: Option<(u64, u64)>,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -205,5 +209,42 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("12X").is_err());
         assert!(parse_size("").is_err());
+    }
+}
+
+/// Parses `K/N` (1 <= K <= N) or `P%` (1..=100, read as part 1 of 100/P).
+fn parse_subset(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("not a subset: {s:?} (use K/N such as 1/7, or P% such as 10%)");
+    if let Some(p) = s.strip_suffix('%') {
+        let p: f64 = p.trim().parse().map_err(|_| bad())?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(bad());
+        }
+        return Ok((1, (100.0 / p).round().max(1.0) as u64));
+    }
+    let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    let (k, n): (u64, u64) = (
+        k.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if k == 0 || n == 0 || k > n {
+        return Err(bad());
+    }
+    Ok((k, n))
+}
+
+#[cfg(test)]
+mod subset_tests {
+    use super::parse_subset;
+
+    #[test]
+    fn subsets() {
+        assert_eq!(parse_subset("1/7"), Ok((1, 7)));
+        assert_eq!(parse_subset("10%"), Ok((1, 10)));
+        assert_eq!(parse_subset("100%"), Ok((1, 1)));
+        assert!(parse_subset("0/3").is_err());
+        assert!(parse_subset("4/3").is_err());
+        assert!(parse_subset("0%").is_err());
+        assert!(parse_subset("x").is_err());
     }
 }

@@ -343,11 +343,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check {
             repo,
             read_data,
+            read_data_subset,
             json,
         } => {
+            let read_data = read_data || read_data_subset.is_some();
             let r = Repo::open(&repo)?;
             let bar = Bar::new(cli.quiet || json);
-            let rep = dsync_store::check(&r, &dsync_store::CheckOptions { read_data }, &bar);
+            let rep = dsync_store::check(
+                &r,
+                &dsync_store::CheckOptions {
+                    read_data,
+                    subset: read_data_subset,
+                },
+                &bar,
+            );
             bar.done();
             let rep = rep?;
             if json {

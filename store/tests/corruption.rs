@@ -97,7 +97,14 @@ fn seeded_damage_never_yields_wrong_bytes() {
                 continue;
             }
         };
-        let report = check(&repo, &CheckOptions { read_data: true }, &NoProgress);
+        let report = check(
+            &repo,
+            &CheckOptions {
+                read_data: true,
+                subset: None,
+            },
+            &NoProgress,
+        );
         let reported = report
             .as_ref()
             .map(|r| !r.problems.is_empty())

@@ -137,3 +137,28 @@ fn missing_pack_and_damaged_manifest_are_named() {
         "{v}"
     );
 }
+
+#[test]
+fn read_data_subsets_cover_everything() {
+    let env = Env::new();
+    two_snapshots(&env);
+    let (_, full) = report(&env, true);
+    let mut frames = 0;
+    for k in 1..=3 {
+        let part = format!("{k}/3");
+        let o = env.run(&[
+            "check",
+            s(&env.repo()),
+            "--read-data-subset",
+            &part,
+            "--json",
+        ]);
+        assert_eq!(o.status.code(), Some(0));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        frames += v["frames_read"].as_u64().unwrap();
+    }
+    assert_eq!(frames, full["frames_read"].as_u64().unwrap());
+    let o = env.run(&["check", s(&env.repo()), "--read-data-subset", "4/3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a subset"));
+}

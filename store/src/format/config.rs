@@ -90,4 +90,13 @@ mod tests {
         let c = Config::default();
         assert_eq!(Config::decode(&c.encode(), "config").unwrap(), c);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = Config::decode(&bytes, "c");
+            // And behind a valid envelope, so the body checks run.
+            let _ = Config::decode(&crate::format::seal(MAGIC, &bytes, false), "c");
+        }
+    }
 }

@@ -147,6 +147,23 @@ pub fn decode_index(
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #[test]
+        fn trailer_and_index_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            len in 0u64..1 << 40,
+        ) {
+            let t = &bytes[..bytes.len().min(32)];
+            if let Ok((off, _n, _sum)) = decode_trailer(t, len, "p") {
+                proptest::prop_assert!(off >= HEADER_SIZE);
+            }
+            // An index whose checksum is right but whose entries are anything.
+            let sum = xxhash_rust::xxh3::xxh3_64(&bytes);
+            let _ = decode_index(&bytes[..bytes.len() / 24 * 24], sum, 16 + len % 1000, "p");
+            let _ = check_header(&bytes, "p");
+        }
+    }
+
     #[test]
     fn index_round_trip() {
         let frames = vec![
