@@ -108,6 +108,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rep = dsync_store::backup(&r, &paths, &opts, &bar);
             bar.done();
             let rep = rep?;
+            if let Some(w) = &rep.lock_taken_over {
+                eprintln!("dsync: warning: took over the lock of a writer that died ({w}); what it wrote is garbage for prune");
+            }
             for f in &rep.files {
                 if let Some(what) = &f.changed_while_read {
                     eprintln!("dsync: warning: {} changed while it was read ({what}); stored as read and flagged", f.name);
@@ -296,6 +299,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "packs_deleted": rep.packs_deleted, "packs_repacked": rep.packs_repacked,
                     "maps_deleted": rep.maps_deleted, "sigs_deleted": rep.sigs_deleted,
                     "manifests_rewritten": rep.manifests_rewritten, "bytes_freed": rep.bytes_freed,
+                    "unused_bytes": rep.unused_bytes,
                 });
                 println!("{v}");
             } else if !cli.quiet {
@@ -311,13 +315,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("forget  {}  {}", d.id, dsync_store::time::local(d.time_ns));
                 }
                 println!(
-                    "{}{} packs deleted, {} repacked, {} maps and {} signature files deleted, {} freed",
+                    "{}{} packs deleted, {} repacked, {} maps and {} signature files deleted, {} freed of {} unused",
                     if dry_run { "dry run: " } else { "" },
                     rep.packs_deleted,
                     rep.packs_repacked,
                     rep.maps_deleted,
                     rep.sigs_deleted,
-                    human(rep.bytes_freed)
+                    human(rep.bytes_freed),
+                    human(rep.unused_bytes)
                 );
             }
         }

@@ -99,6 +99,8 @@ pub struct FileReport {
 pub struct BackupReport {
     pub snapshot: Snapshot,
     pub files: Vec<FileReport>,
+    /// A writer that died holding the lock, as its lock record names it.
+    pub lock_taken_over: Option<String>,
 }
 
 /// Runs a backup of `paths` into `repo`.
@@ -115,7 +117,7 @@ pub fn backup(
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
     let started = Instant::now();
-    let _lock = repo.lock()?;
+    let lock = repo.lock()?;
     if paths.is_empty() {
         return Err(Error::InvalidInput(
             "nothing to back up: give at least one path".into(),
@@ -259,6 +261,7 @@ pub fn backup(
     Ok(BackupReport {
         snapshot: snap,
         files,
+        lock_taken_over: lock.took_over.clone(),
     })
 }
 

@@ -35,6 +35,10 @@ pub struct GcReport {
     pub manifests_rewritten: usize,
     /// Bytes the repository shrank by (an estimate when dry).
     pub bytes_freed: u64,
+    /// Bytes no snapshot used before this gc: unreferenced files plus the dead
+    /// part of each pack (its dead uncompressed share of the pack's size).
+    /// What a gc that repacked everything would free.
+    pub unused_bytes: u64,
 }
 
 /// Collects garbage. `repack_below` is the live fraction under which a pack is
@@ -95,28 +99,31 @@ pub fn gc(repo: &Repo, repack_below: f64, dry_run: bool) -> Result<GcReport> {
         };
         match live.get(&id) {
             None => {
+                report.unused_bytes += size(&path);
                 report.packs_deleted += 1;
                 report.bytes_freed += size(&path);
                 if !dry_run {
                     std::fs::remove_file(&path).at(&path)?;
                 }
             }
-            Some(ranges) if repack_below > 0.0 => {
+            Some(ranges) => {
                 let p = repo.cache().pack(id)?;
                 let total = p.uncompressed_len().max(1);
                 let live_bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum();
-                if (live_bytes as f64) < repack_below * total as f64 {
+                let dead_share = (total - live_bytes.min(total)) as f64 / total as f64;
+                report.unused_bytes += (dead_share * size(&path) as f64) as u64;
+                if repack_below > 0.0 && (live_bytes as f64) < repack_below * total as f64 {
                     repack.push(id);
                     // The pack goes; its live bytes come back compressed.
                     let ratio = size(&path) as f64 / total as f64;
                     report.bytes_freed += ((total - live_bytes) as f64 * ratio) as u64;
                 }
             }
-            Some(_) => {}
         }
     }
     for (stem, path) in listed("maps", ".map")? {
         if MapId::parse(&stem).is_some_and(|id| !live_maps.contains_key(&id)) {
+            report.unused_bytes += size(&path);
             report.maps_deleted += 1;
             report.bytes_freed += size(&path);
             if !dry_run {
@@ -126,6 +133,7 @@ pub fn gc(repo: &Repo, repack_below: f64, dry_run: bool) -> Result<GcReport> {
     }
     for (stem, path) in listed("sigs", ".sig")? {
         if SigId::parse(&stem).is_some_and(|id| !live_sigs.contains(&id)) {
+            report.unused_bytes += size(&path);
             report.sigs_deleted += 1;
             report.bytes_freed += size(&path);
             if !dry_run {

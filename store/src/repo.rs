@@ -171,6 +171,10 @@ impl Repo {
                 holder: holder.trim().to_string(),
             });
         }
+        // A holder that released the lock normally emptied the file; what is
+        // left names a writer that died holding it (the kernel released it).
+        let previous = std::fs::read_to_string(&path).unwrap_or_default();
+        let took_over = Some(previous.trim().to_string()).filter(|p| !p.is_empty());
         let info = format!(
             "host={} pid={} since={}\n",
             hostname(),
@@ -179,7 +183,7 @@ impl Repo {
         );
         file.set_len(0).at(&path)?;
         file.write_all_at(info.as_bytes(), 0).at(&path)?;
-        Ok(WriteLock { _file: file })
+        Ok(WriteLock { file, took_over })
     }
 
     /// Who holds the writer lock now, if anyone (what the lock file records).
@@ -323,7 +327,16 @@ impl Repo {
 
 /// Held while writing; released when dropped (or when the process dies).
 pub struct WriteLock {
-    _file: File,
+    file: File,
+    /// The lock file's record of a writer that died holding the lock.
+    pub took_over: Option<String>,
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        // Released normally: say so by leaving the record empty.
+        let _ = self.file.set_len(0);
+    }
 }
 
 pub(crate) fn resolve_in(all: Vec<Snapshot>, spec: &str) -> Result<Snapshot> {

@@ -150,3 +150,43 @@ fn prune_killed_mid_repack() {
     env.ok(&["prune", s(&env.repo()), "-q"]);
     verify_all(&env, &hashes, "final prune");
 }
+
+#[test]
+fn a_dead_writers_lock_is_taken_over_with_a_warning() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    std::fs::write(&img, pseudo(64 << 20, 9)).unwrap();
+    env.ok(&["backup", "-q", s(&env.repo()), s(&pseudo_path(&env))]);
+    // A clean run leaves no record: no warning.
+    let o = env.run(&["backup", "-q", s(&env.repo()), s(&img)]);
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stderr).contains("took over"));
+    // A writer killed while holding the lock leaves its record behind.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsync"))
+        .args(["backup", "-q", s(&env.repo()), s(&img), "--checksum"])
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(env.repo().join("lock"))
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    let o = env.run(&["backup", "-q", s(&env.repo()), s(&img), "--checksum"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("took over") && err.contains(&format!("pid={}", child.id())),
+        "{err}"
+    );
+}
+
+fn pseudo_path(env: &Env) -> std::path::PathBuf {
+    let p = env.path("small.img");
+    std::fs::write(&p, pseudo(4096, 1)).unwrap();
+    p
+}
