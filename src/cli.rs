@@ -49,6 +49,12 @@ pub enum Command {
         /// warning) instead of failing. Prefer backing up a VM or LVM snapshot.
         #[arg(long)]
         accept_changed: bool,
+        /// Store the (single) source under this name, e.g. for a block device.
+        #[arg(long)]
+        name: Option<String>,
+        /// The snapshot's time instead of now: local YYYY-MM-DDTHH:MM:SS or @UNIX_SECONDS.
+        #[arg(long, value_parser = parse_time)]
+        time: Option<i64>,
         /// Print the summary as one JSON object.
         #[arg(long)]
         json: bool,
@@ -210,6 +216,20 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("").is_err());
     }
+}
+
+/// Parses a local time `YYYY-MM-DDTHH:MM:SS` (or a day) or `@UNIX_SECONDS`
+/// into Unix nanoseconds.
+fn parse_time(s: &str) -> Result<i64, String> {
+    if let Some(secs) = s.strip_prefix('@') {
+        return secs
+            .parse::<i64>()
+            .ok()
+            .and_then(|v| v.checked_mul(1_000_000_000))
+            .ok_or_else(|| format!("not a Unix time: {s:?}"));
+    }
+    dsync_store::time::parse_local(s)
+        .ok_or_else(|| format!("not a time: {s:?} (use YYYY-MM-DDTHH:MM:SS or @UNIX_SECONDS)"))
 }
 
 /// Parses `K/N` (1 <= K <= N) or `P%` (1..=100, read as part 1 of 100/P).

@@ -96,6 +96,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             paths,
             checksum,
             accept_changed,
+            name,
+            time,
             json,
         } => {
             let r = Repo::open_or_init(&repo)?;
@@ -103,6 +105,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = BackupOptions {
                 checksum,
                 accept_changed,
+                name,
+                time_ns: time,
                 ..Default::default()
             };
             let rep = dsync_store::backup(&r, &paths, &opts, &bar);

@@ -61,6 +61,8 @@ pub struct BackupOptions {
     /// Store a file that changed while it was read (flagged in the manifest)
     /// instead of failing the backup. Its bytes may mix before and after.
     pub accept_changed: bool,
+    /// Store the (single) source under this name instead of its base name.
+    pub name: Option<String>,
 }
 
 impl Default for BackupOptions {
@@ -70,6 +72,7 @@ impl Default for BackupOptions {
             time_ns: None,
             chunk_size: 4 << 20,
             accept_changed: false,
+            name: None,
         }
     }
 }
@@ -128,22 +131,42 @@ pub fn backup(
     for p in paths {
         let md = std::fs::metadata(p)
             .map_err(|e| Error::InvalidInput(format!("cannot back up {}: {}", p.display(), e)))?;
-        if !md.is_file() {
+        if !md.is_file() && !is_block_device(&md) {
             return Err(Error::InvalidInput(format!(
-                "cannot back up {}: only regular files are supported in this version (directories come with stage 2)",
+                "cannot back up {}: only regular files and block devices are supported in this version (directories come with stage 2)",
                 p.display()
             )));
         }
-        let name = p
-            .file_name()
-            .ok_or_else(|| {
-                Error::InvalidInput(format!(
-                    "cannot back up {}: it has no file name",
-                    p.display()
-                ))
-            })?
-            .as_encoded_bytes()
-            .to_vec();
+        let given = match (&opts.name, paths.len()) {
+            (Some(n), 1) => Some(n.as_bytes().to_vec()),
+            (Some(_), _) => {
+                return Err(Error::InvalidInput(
+                    "--name needs exactly one source".into(),
+                ));
+            }
+            (None, _) => None,
+        };
+        if given
+            .as_ref()
+            .is_some_and(|n| n.is_empty() || n.contains(&b'/') || n == b"." || n == b"..")
+        {
+            return Err(Error::InvalidInput(
+                "--name must be a plain file name".into(),
+            ));
+        }
+        let name = match given {
+            Some(n) => n,
+            None => p
+                .file_name()
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "cannot back up {}: it has no file name",
+                        p.display()
+                    ))
+                })?
+                .as_encoded_bytes()
+                .to_vec(),
+        };
         if sources
             .iter()
             .any(|(_, n, _): &(PathBuf, Vec<u8>, _)| *n == name)
@@ -177,13 +200,14 @@ pub fn backup(
         });
         let display = String::from_utf8_lossy(name).into_owned();
         progress.start(&display, md.len());
-        let unchanged = prev.as_ref().is_some_and(|f| {
-            f.size == md.len()
-                && f.ino == md.ino()
-                && f.dev == md.dev()
-                && f.ctime_ns == ctime_ns(md)
-                && mtime_ns_of(md) == f_mtime(&previous, name)
-        });
+        let unchanged = md.is_file()
+            && prev.as_ref().is_some_and(|f| {
+                f.size == md.len()
+                    && f.ino == md.ino()
+                    && f.dev == md.dev()
+                    && f.ctime_ns == ctime_ns(md)
+                    && mtime_ns_of(md) == f_mtime(&previous, name)
+            });
         let (version, report) = match prev {
             Some(f) if unchanged && !opts.checksum => {
                 progress.advance(md.len());
@@ -222,7 +246,12 @@ pub fn backup(
         nodes.push(Node {
             parent: ROOT,
             name: name.clone(),
-            mode: md.mode(),
+            // A block device is stored as the regular file of its contents.
+            mode: if md.is_file() {
+                md.mode()
+            } else {
+                libc::S_IFREG | (md.mode() & 0o7777)
+            },
             uid: md.uid(),
             gid: md.gid(),
             mtime_ns: mtime_ns_of(md),
@@ -271,6 +300,22 @@ fn f_mtime(previous: &[Snapshot], name: &[u8]) -> i64 {
         .rev()
         .find_map(|s| s.root_node(name).map(|n| n.mtime_ns))
         .unwrap_or(i64::MIN)
+}
+
+fn is_block_device(md: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    md.file_type().is_block_device()
+}
+
+/// Bytes in a source: the file's length, or a block device's size.
+fn source_size(file: &File, md: &std::fs::Metadata) -> std::io::Result<u64> {
+    if is_block_device(md) {
+        use std::io::Seek;
+        let mut f = file;
+        f.seek(std::io::SeekFrom::End(0))
+    } else {
+        Ok(md.len())
+    }
 }
 
 fn mtime_ns_of(md: &std::fs::Metadata) -> i64 {
@@ -507,7 +552,7 @@ impl<'r> Writer<'r> {
         let file = File::open(path)
             .map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", path.display(), e)))?;
         let before = file.metadata().at(path)?;
-        let size = before.len();
+        let size = source_size(&file, &before).at(path)?;
         let data_ranges = data_ranges(&file, size);
         let chunk_size = (opts.chunk_size.div_ceil(bs).max(1) * bs) as u64;
         let nchunks = size.div_ceil(chunk_size);
@@ -580,8 +625,12 @@ impl<'r> Writer<'r> {
             )));
         }
         let after = file.metadata().at(path)?;
-        let what = if after.len() != size {
-            Some(format!("size {} -> {}", size, after.len()))
+        let after_size = source_size(&file, &after).at(path)?;
+        let what = if after_size != size {
+            Some(format!("size {} -> {}", size, after_size))
+        } else if is_block_device(&before) {
+            // A device node's times say nothing about its contents.
+            None
         } else if mtime_ns_of(&after) != mtime_ns_of(&before) {
             Some("modification time changed".to_string())
         } else if ctime_ns(&after) != ctime_ns(&before) {

@@ -4,4 +4,5 @@ mod check;
 mod crash;
 mod mount;
 mod prune;
+mod sources;
 mod util;

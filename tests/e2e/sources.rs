@@ -1,0 +1,127 @@
+//! Sources other than a plain file: a block device (a loop device set up by
+//! the test; needs root, DSYNC_SKIP_ROOT=1 skips), and snapshot times given
+//! with --time.
+
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+
+use super::util::*;
+
+#[test]
+fn block_device_backup_restores_and_deltas() {
+    if std::env::var_os("DSYNC_SKIP_ROOT").is_some_and(|v| v == "1") {
+        eprintln!("DSYNC_SKIP_ROOT=1: skipping the block device test");
+        return;
+    }
+    let env = Env::new();
+    let backing = env.path("backing.img");
+    std::fs::write(&backing, pseudo(16 << 20, 4)).unwrap();
+    let o = Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .expect("losetup");
+    assert!(
+        o.status.success(),
+        "losetup needs root (DSYNC_SKIP_ROOT=1 skips): {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let _d = Detach(dev.clone());
+    let v: serde_json::Value = serde_json::from_str(
+        env.ok(&[
+            "backup",
+            s(&env.repo()),
+            &dev,
+            "--name",
+            "disk.raw",
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["files"][0]["size"], 16 << 20);
+    assert_eq!(v["files"][0]["name"], "disk.raw");
+    // Write through the device, as a VM would, and back up again: a delta.
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+        f.write_all_at(&pseudo(8192, 5), 1 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let v: serde_json::Value = serde_json::from_str(
+        env.ok(&[
+            "backup",
+            s(&env.repo()),
+            &dev,
+            "--name",
+            "disk.raw",
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["files"][0]["reused"], false, "a device is always read");
+    assert!(v["files"][0]["literal_bytes"].as_u64().unwrap() <= 8192);
+    assert!(v["bytes_added"].as_u64().unwrap() < 200_000, "{v}");
+    env.ok(&[
+        "restore",
+        s(&env.repo()),
+        "latest",
+        "--to",
+        s(&env.path("out")),
+    ]);
+    let restored = env.path("out/disk.raw");
+    assert!(std::fs::metadata(&restored).unwrap().is_file());
+    assert_eq!(blake2(&restored), blake2(std::path::Path::new(&dev)));
+    assert_eq!(blake2(&restored), blake2(&backing));
+}
+
+#[test]
+fn time_sets_the_snapshot_time() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    std::fs::write(&img, pseudo(4096, 1)).unwrap();
+    env.ok(&[
+        "backup",
+        "-q",
+        s(&env.repo()),
+        s(&img),
+        "--time",
+        "2024-05-01T03:00:00",
+    ]);
+    env.ok(&[
+        "backup",
+        "-q",
+        s(&env.repo()),
+        s(&img),
+        "--time",
+        "2024-05-02T03:00:00",
+        "--checksum",
+    ]);
+    let list = env.ok(&["list", s(&env.repo()), "--json"]);
+    let times: Vec<String> = list
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["time"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(times, vec!["2024-05-01T03:00:00", "2024-05-02T03:00:00"]);
+    env.ok(&[
+        "restore",
+        s(&env.repo()),
+        "2024-05-01",
+        "--to",
+        s(&env.path("day1")),
+    ]);
+    let o = env.run(&["backup", s(&env.repo()), s(&img), "--time", "yesterday"]);
+    assert_eq!(o.status.code(), Some(2));
+}
