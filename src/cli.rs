@@ -148,6 +148,28 @@ Example: dsync prune /backup/vms --keep-daily 7 --keep-weekly 4 --keep-monthly 1
         #[arg(long)]
         json: bool,
     },
+    /// Which byte ranges of each file differ between two snapshots (from the
+    /// extent maps alone: no data is read).
+    #[command(after_help = "Example: dsync diff /backup/vms 2024-05-01 latest disk.qcow2 --json")]
+    Diff {
+        repo: PathBuf,
+        a: String,
+        b: String,
+        /// Only this file.
+        path: Option<String>,
+        /// One JSON object per file, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bytes stored, and per snapshot the bytes only it uses (what forgetting
+    /// it and `prune --repack-below 1` would free).
+    #[command(after_help = "Example: dsync du /backup/vms")]
+    Du {
+        repo: PathBuf,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Tell whether a writer holds the repository's lock, and which.
     #[command(
         after_help = "The lock is released by the kernel when its holder exits, however it exits \

@@ -330,6 +330,100 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Diff {
+            repo,
+            a,
+            b,
+            path,
+            json,
+        } => {
+            let r = Repo::open(&repo)?;
+            let (sa, sb) = (r.resolve(&a)?, r.resolve(&b)?);
+            let files = |s: &dsync_store::Snapshot| -> Vec<(String, dsync_store::FileVersion)> {
+                s.nodes
+                    .iter()
+                    .filter(|n| n.parent == dsync_store::format::snapshot::ROOT)
+                    .filter_map(|n| match &n.kind {
+                        dsync_store::NodeKind::File(f) => {
+                            Some((String::from_utf8_lossy(&n.name).into_owned(), f.clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let (fa, fb) = (files(&sa), files(&sb));
+            let mut names: Vec<String> = fa.iter().chain(&fb).map(|(n, _)| n.clone()).collect();
+            names.sort();
+            names.dedup();
+            if let Some(p) = &path {
+                if !names.contains(p) {
+                    return Err(Error::NoSuchPath {
+                        path: p.clone(),
+                        snapshot: format!("{} or {}", sa.id, sb.id),
+                    }
+                    .into());
+                }
+                names.retain(|n| n == p);
+            }
+            for name in names {
+                let va = fa.iter().find(|(n, _)| *n == name).map(|(_, f)| f);
+                let vb = fb.iter().find(|(n, _)| *n == name).map(|(_, f)| f);
+                let (status, ranges, bytes) = match (va, vb) {
+                    (Some(x), Some(y)) => {
+                        let (ma, mb) = (r.load_map(x.map)?, r.load_map(y.map)?);
+                        let (ranges, bytes) = dsync_store::inspect::diff_maps(&ma, &mb);
+                        (if bytes == 0 { "same" } else { "changed" }, ranges, bytes)
+                    }
+                    (None, Some(y)) => ("added", vec![(0, y.size)], y.size),
+                    (Some(x), None) => ("removed", vec![(0, x.size)], x.size),
+                    (None, None) => continue,
+                };
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"file": name, "status": status, "bytes": bytes, "ranges": ranges})
+                    );
+                } else {
+                    println!(
+                        "{name}: {status}, {} differ in {} ranges",
+                        human(bytes),
+                        ranges.len()
+                    );
+                    for (s, e) in ranges.iter().take(if cli.quiet { 0 } else { 50 }) {
+                        println!("  {s}-{e} ({})", human(e - s));
+                    }
+                    if ranges.len() > 50 && !cli.quiet {
+                        println!("  ... {} more (--json lists all)", ranges.len() - 50);
+                    }
+                }
+            }
+        }
+        Command::Du { repo, json } => {
+            let r = Repo::open(&repo)?;
+            let rep = dsync_store::inspect::du(&r)?;
+            if json {
+                let snaps: Vec<_> = rep
+                    .snapshots
+                    .iter()
+                    .map(|(id, t, u)| serde_json::json!({"id": id.to_string(), "time": dsync_store::time::local(*t), "unique_bytes": u}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"total_bytes": rep.total_bytes, "snapshots": snaps})
+                );
+            } else {
+                println!("{:<16}  {:<19}  {:>12}", "ID", "TIME", "UNIQUE");
+                for (id, t, u) in &rep.snapshots {
+                    println!(
+                        "{:<16}  {:<19}  {:>12}",
+                        id.to_string(),
+                        dsync_store::time::local(*t),
+                        human(*u)
+                    );
+                }
+                println!("repository: {}", human(rep.total_bytes));
+            }
+        }
         Command::Unlock { repo } => {
             let r = Repo::open(&repo)?;
             match r.lock_holder()? {

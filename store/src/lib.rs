@@ -9,6 +9,7 @@ pub mod error;
 pub mod format;
 pub mod gc;
 pub mod id;
+pub mod inspect;
 pub mod map;
 pub mod pack;
 pub mod prune;

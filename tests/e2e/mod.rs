@@ -2,6 +2,7 @@ mod backup_restore;
 mod bad_input;
 mod check;
 mod crash;
+mod inspect;
 mod mount;
 mod prune;
 mod sources;

@@ -1,0 +1,203 @@
+//! Answers from the maps alone, no data read: which byte ranges differ
+//! between two versions (`dsync diff`), and what each snapshot alone holds
+//! (`dsync du`: what forgetting it and a full prune would free).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::error::Result;
+use crate::format::snapshot::NodeKind;
+use crate::id::{MapId, PackId, SnapshotId};
+use crate::map::FileMap;
+use crate::repo::Repo;
+
+/// Byte ranges `[start, end)` where two versions' maps point at different
+/// stored bytes (or one has a hole where the other has data), and their total.
+/// Ranges past the shorter version's end count as differing.
+pub fn diff_maps(a: &FileMap, b: &FileMap) -> (Vec<(u64, u64)>, u64) {
+    let end = a.size().max(b.size());
+    // Every boundary of either map.
+    let mut cuts: Vec<u64> = vec![0, end, a.size(), b.size()];
+    for e in a.extents().iter().chain(b.extents()) {
+        cuts.push(e.logical);
+        cuts.push(e.end());
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    let piece = |m: &FileMap, at: u64| -> Option<(PackId, u64)> {
+        if at >= m.size() {
+            return Some((PackId(u64::MAX), 0)); // past the end: never equal to the other side
+        }
+        let ex = m.extents();
+        let i = m.first_after(at);
+        ex.get(i)
+            .filter(|e| e.logical <= at)
+            .map(|e| (e.pack, e.offset + (at - e.logical)))
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for w in cuts.windows(2) {
+        let (s, e) = (w[0], w[1]);
+        if s >= e || s >= end {
+            continue;
+        }
+        let (pa, pb) = (piece(a, s), piece(b, s));
+        let same = match (pa, pb) {
+            (None, None) => true,
+            (Some(x), Some(y)) => x == y && x.0 != PackId(u64::MAX),
+            _ => false,
+        };
+        if !same {
+            match out.last_mut() {
+                Some(l) if l.1 == s => l.1 = e,
+                _ => out.push((s, e)),
+            }
+        }
+    }
+    let total = out.iter().map(|(s, e)| e - s).sum();
+    (out, total)
+}
+
+/// What `dsync du` reports.
+#[derive(Clone, Debug, Default)]
+pub struct DuReport {
+    /// Bytes of all packs, signature files, maps and manifests.
+    pub total_bytes: u64,
+    /// Per snapshot, oldest first: (id, time, bytes stored only for it).
+    pub snapshots: Vec<(SnapshotId, i64, u64)>,
+}
+
+/// Bytes unique to each snapshot: pack bytes (at each pack's compression
+/// ratio) that no other snapshot's versions use, plus maps and the manifest
+/// that only it names.
+///
+/// # Errors
+/// When a manifest or map cannot be read.
+pub fn du(repo: &Repo) -> Result<DuReport> {
+    let snaps = repo.snapshots()?;
+    let mut maps: HashMap<MapId, FileMap> = HashMap::new();
+    let mut users: HashMap<MapId, Vec<usize>> = HashMap::new();
+    for (i, s) in snaps.iter().enumerate() {
+        for n in &s.nodes {
+            if let NodeKind::File(f) = &n.kind {
+                if let std::collections::hash_map::Entry::Vacant(v) = maps.entry(f.map) {
+                    v.insert(repo.load_map(f.map)?);
+                }
+                let u = users.entry(f.map).or_default();
+                if !u.contains(&i) {
+                    u.push(i);
+                }
+            }
+        }
+    }
+    // Per pack: (start, end, snapshot) for every use.
+    let mut uses: HashMap<PackId, Vec<(u64, u64, usize)>> = HashMap::new();
+    for (id, m) in &maps {
+        for e in m.extents() {
+            for &s in &users[id] {
+                uses.entry(e.pack)
+                    .or_default()
+                    .push((e.offset, e.offset + e.len, s));
+            }
+        }
+    }
+    let mut unique = vec![0f64; snaps.len()];
+    for (pack, v) in uses {
+        let path = repo.dir("packs").join(format!("{pack}.pack"));
+        let file_len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) as f64;
+        let ulen = repo
+            .cache()
+            .pack(pack)
+            .map(|p| p.uncompressed_len())
+            .unwrap_or(0)
+            .max(1) as f64;
+        let ratio = file_len / ulen;
+        // Sweep: segments covered by exactly one snapshot.
+        let mut events: BTreeMap<u64, Vec<(usize, i64)>> = BTreeMap::new();
+        for (s, e, snap) in v {
+            events.entry(s).or_default().push((snap, 1));
+            events.entry(e).or_default().push((snap, -1));
+        }
+        let mut count: HashMap<usize, i64> = HashMap::new();
+        let mut prev: Option<u64> = None;
+        for (at, evs) in events {
+            if let Some(p) = prev {
+                let live: Vec<usize> = count
+                    .iter()
+                    .filter(|(_, c)| **c > 0)
+                    .map(|(s, _)| *s)
+                    .collect();
+                if live.len() == 1 {
+                    unique[live[0]] += (at - p) as f64 * ratio;
+                }
+            }
+            for (s, d) in evs {
+                *count.entry(s).or_default() += d;
+            }
+            prev = Some(at);
+        }
+    }
+    for (id, u) in &users {
+        if u.len() == 1 {
+            let p = repo.dir("maps").join(format!("{id}.map"));
+            unique[u[0]] += std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64;
+        }
+    }
+    for (i, s) in snaps.iter().enumerate() {
+        let p = repo.dir("snapshots").join(format!("{}.snap", s.id));
+        unique[i] += std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64;
+    }
+    Ok(DuReport {
+        total_bytes: crate::gc::repo_bytes(repo)?,
+        snapshots: snaps
+            .iter()
+            .zip(unique)
+            .map(|(s, u)| (s.id, s.time_ns, u as u64))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::map::{Extent, MapBody};
+
+    fn map(size: u64, ex: &[(u64, u64, u64, u64)]) -> FileMap {
+        FileMap {
+            id: MapId(1),
+            body: MapBody {
+                file_size: size,
+                block_size: 4096,
+                page_entries: 256,
+                extents: ex
+                    .iter()
+                    .map(|&(l, n, p, o)| Extent {
+                        logical: l,
+                        len: n,
+                        pack: PackId(p),
+                        offset: o,
+                    })
+                    .collect(),
+                pages: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn diff_finds_changed_ranges() {
+        let a = map(100, &[(0, 100, 1, 0)]);
+        // Bytes 10..20 rewritten, 50..60 became a hole.
+        let b = map(
+            100,
+            &[
+                (0, 10, 1, 0),
+                (10, 10, 2, 0),
+                (20, 30, 1, 20),
+                (60, 40, 1, 60),
+            ],
+        );
+        assert_eq!(diff_maps(&a, &b), (vec![(10, 20), (50, 60)], 20));
+        assert_eq!(diff_maps(&a, &a), (vec![], 0));
+        // Growth counts as differing.
+        let c = map(120, &[(0, 100, 1, 0)]);
+        assert_eq!(diff_maps(&a, &c), (vec![(100, 120)], 20));
+    }
+}
