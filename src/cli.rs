@@ -170,6 +170,15 @@ Example: dsync prune /backup/vms --keep-daily 7 --keep-weekly 4 --keep-monthly 1
         #[arg(long)]
         json: bool,
     },
+    /// Write shell completions to standard output, or man pages into a directory.
+    #[command(
+        after_help = "Examples:\n  dsync generate completions bash > /etc/bash_completion.d/dsync\n  \
+dsync generate man /usr/local/share/man/man1"
+    )]
+    Generate {
+        #[command(subcommand)]
+        what: Generate,
+    },
     /// Tell whether a writer holds the repository's lock, and which.
     #[command(
         after_help = "The lock is released by the kernel when its holder exits, however it exits \
@@ -238,6 +247,14 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("").is_err());
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Generate {
+    /// Completions for a shell.
+    Completions { shell: clap_complete::Shell },
+    /// Man pages (dsync.1 and one per command) into DIR.
+    Man { dir: PathBuf },
 }
 
 /// Parses a local time `YYYY-MM-DDTHH:MM:SS` (or a day) or `@UNIX_SECONDS`

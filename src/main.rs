@@ -424,6 +424,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("repository: {}", human(rep.total_bytes));
             }
         }
+        Command::Generate { what } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            match what {
+                cli::Generate::Completions { shell } => {
+                    clap_complete::generate(shell, &mut cmd, "dsync", &mut std::io::stdout());
+                }
+                cli::Generate::Man { dir } => {
+                    std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, &dir)
+                        .with_context(|| format!("writing man pages to {}", dir.display()))?;
+                    if !cli.quiet {
+                        println!("man pages written to {}", dir.display());
+                    }
+                }
+            }
+        }
         Command::Unlock { repo } => {
             let r = Repo::open(&repo)?;
             match r.lock_holder()? {
