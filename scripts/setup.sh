@@ -4,10 +4,7 @@
 # what is missing.
 set -euo pipefail
 
-pkgs=(e2fsprogs qemu-utils fuse3 python3 time)
-if [ "${1:-}" = "--bench" ]; then
-  pkgs+=(rdiff-backup)
-fi
+pkgs=(e2fsprogs qemu-utils fuse3 python3 time rdiff-backup)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -179,6 +179,15 @@ dsync generate man /usr/local/share/man/man1"
         #[command(subcommand)]
         what: Generate,
     },
+    /// Import every version of an rdiff-backup repository, oldest first, each
+    /// as a snapshot with its original time (uses rdiff-backup to restore).
+    #[command(
+        name = "import-rdiff-backup",
+        after_help = "Files at the top of the rdiff-backup \
+repository are imported (subdirectories come with stage 2).\n\n\
+Example: dsync import-rdiff-backup /backup/rdiff-vms /backup/vms"
+    )]
+    ImportRdiffBackup { rdiff_repo: PathBuf, repo: PathBuf },
     /// Tell whether a writer holds the repository's lock, and which.
     #[command(
         after_help = "The lock is released by the kernel when its holder exits, however it exits \

@@ -2,6 +2,7 @@
 //! maps errors to exit codes.
 
 mod cli;
+mod import;
 mod progress;
 
 use std::io::Write;
@@ -439,6 +440,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("man pages written to {}", dir.display());
                     }
                 }
+            }
+        }
+        Command::ImportRdiffBackup { rdiff_repo, repo } => {
+            let n = import::import(&rdiff_repo, &repo, cli.quiet)?;
+            if !cli.quiet {
+                println!("imported {n} versions from {}", rdiff_repo.display());
             }
         }
         Command::Unlock { repo } => {

@@ -3,6 +3,7 @@ mod bad_input;
 mod check;
 mod contrib;
 mod crash;
+mod import;
 mod inspect;
 mod mount;
 mod prune;

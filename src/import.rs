@@ -1,0 +1,110 @@
+//! `dsync import-rdiff-backup`: every version an rdiff-backup repository holds
+//! becomes a dsync snapshot with its original time, oldest first, each backed
+//! up as an incremental of the one before. rdiff-backup itself restores each
+//! version (into a temporary directory, one at a time), so whatever it can
+//! read, dsync imports.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use dsync_store::{BackupOptions, Repo};
+
+/// Imports `rdiff` into `repo` (created if missing); returns the number of
+/// versions imported.
+pub fn import(rdiff: &Path, repo: &Path, quiet: bool) -> anyhow::Result<usize> {
+    if !rdiff.join("rdiff-backup-data").is_dir() {
+        bail!(
+            "{} is not an rdiff-backup repository (no rdiff-backup-data)",
+            rdiff.display()
+        );
+    }
+    let list = Command::new("rdiff-backup")
+        .args(["--parsable-output", "-l"])
+        .arg(rdiff)
+        .output()
+        .context("cannot run rdiff-backup (install it: apt-get install rdiff-backup)")?;
+    if !list.status.success() {
+        bail!(
+            "rdiff-backup could not list {}: {}",
+            rdiff.display(),
+            String::from_utf8_lossy(&list.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
+    }
+    let mut times: Vec<i64> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    times.sort_unstable();
+    times.dedup();
+    if times.is_empty() {
+        bail!("{} holds no versions", rdiff.display());
+    }
+    let r = Repo::open_or_init(repo)?;
+    let work = r.dir("tmp").join(format!("import-{}", std::process::id()));
+    let result = import_versions(&r, rdiff, &times, &work, quiet);
+    let _ = std::fs::remove_dir_all(&work);
+    result.map(|()| times.len())
+}
+
+fn import_versions(
+    r: &Repo,
+    rdiff: &Path,
+    times: &[i64],
+    work: &Path,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    for (k, t) in times.iter().enumerate() {
+        let _ = std::fs::remove_dir_all(work);
+        let o = Command::new("rdiff-backup")
+            .args(["--force", "-r", &t.to_string()])
+            .arg(rdiff)
+            .arg(work)
+            .output()
+            .context("cannot run rdiff-backup")?;
+        if !o.status.success() {
+            bail!(
+                "rdiff-backup could not restore the version of {}: {}",
+                dsync_store::time::local(t * 1_000_000_000),
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(work)
+            .with_context(|| format!("{}", work.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!(
+                "the version of {} holds no files",
+                dsync_store::time::local(t * 1_000_000_000)
+            );
+        }
+        let opts = BackupOptions {
+            checksum: true,
+            time_ns: Some(t * 1_000_000_000),
+            ..Default::default()
+        };
+        let rep = dsync_store::backup(r, &files, &opts, &dsync_store::NoProgress)?;
+        if !quiet {
+            println!(
+                "{}/{}: {} -> snapshot {} ({} files, repository grew by {} bytes)",
+                k + 1,
+                times.len(),
+                dsync_store::time::local(t * 1_000_000_000),
+                &rep.snapshot.id.to_string()[..8],
+                rep.files.len(),
+                rep.snapshot.stats.bytes_added
+            );
+        }
+    }
+    Ok(())
+}
