@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
     name = "dsync",
     version,
     about = "Fast incremental backups of large files (VM disk images) with rsync-style deltas",
-    after_help = "Exit codes: 0 success, 1 error, 2 bad usage, 3 repository damaged, 4 repository locked."
+    after_help = "With DSYNC_REPO set, or -r REPO before the command, leave REPO out of every command \
+(e.g. DSYNC_REPO=/backup/vms dsync backup ~/vms/disk.qcow2).\n\n\
+Exit codes: 0 success, 1 error, 2 bad usage, 3 repository damaged, 4 repository locked."
 )]
 pub struct Cli {
     /// Print nothing but errors (no progress bars).

@@ -125,3 +125,40 @@ fn time_sets_the_snapshot_time() {
     let o = env.run(&["backup", s(&env.repo()), s(&img), "--time", "yesterday"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn dsync_repo_and_dash_r_stand_for_repo() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    std::fs::write(&img, pseudo(1 << 20, 2)).unwrap();
+    let run = |envvar: Option<&std::path::Path>, args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dsync"));
+        c.args(args)
+            .current_dir(env.dir.path())
+            .env_remove("DSYNC_REPO");
+        if let Some(r) = envvar {
+            c.env("DSYNC_REPO", r);
+        }
+        let o = c.output().unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let repo = env.repo();
+    run(Some(&repo), &["backup", "-q", s(&img)]);
+    run(
+        None,
+        &["-r", s(&repo), "backup", "-q", s(&img), "--checksum"],
+    );
+    let list = run(Some(&repo), &["list", "--json"]);
+    assert_eq!(list.lines().count(), 2);
+    run(
+        Some(&repo),
+        &["restore", "latest", "--to", s(&env.path("out"))],
+    );
+    assert_eq!(blake2(&env.path("out/disk.img")), blake2(&img));
+    run(None, &["--repo", s(&repo), "check"]);
+}

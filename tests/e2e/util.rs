@@ -29,6 +29,7 @@ impl Env {
     pub fn run(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_dsync"))
             .args(args)
+            .env_remove("DSYNC_REPO")
             .current_dir(self.dir.path())
             .output()
             .expect("run dsync")
