@@ -88,6 +88,9 @@ dsync restore /backup/vms latest --to /tmp/disk.qcow2 disk.qcow2  # one file"
         /// Overwrite an existing destination.
         #[arg(long)]
         force: bool,
+        /// Print what was restored as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Mount every snapshot as a read-only file tree (FUSE).
     #[command(
@@ -118,6 +121,9 @@ qemu-system-x86_64 -snapshot -drive file=/mnt/history/latest/disk.qcow2"
         /// Snapshots: ids or unique prefixes, times, days, or latest.
         #[arg(required = true)]
         snapshots: Vec<String>,
+        /// Print the forgotten ids as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Apply a retention policy, then reclaim the space no snapshot uses.
     #[command(

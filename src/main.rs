@@ -261,14 +261,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             path,
             force,
+            json,
         } => {
             let r = Repo::open(&repo)?;
             let s = r.resolve(&snapshot)?;
-            let bar = Bar::new(cli.quiet);
+            let bar = Bar::new(cli.quiet || json);
             let rep = dsync_store::restore(&r, &s, path.as_deref(), &to, force, &bar);
             bar.done();
             let rep = rep?;
-            if !cli.quiet {
+            if json {
+                let files: Vec<_> = rep
+                    .files
+                    .iter()
+                    .map(|(p, n)| serde_json::json!({"path": p.display().to_string(), "size": n, "verified": true}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"snapshot": s.id.to_string(), "bytes": rep.bytes, "files": files})
+                );
+            } else if !cli.quiet {
                 for (p, n) in &rep.files {
                     println!("restored {} ({}), verified", p.display(), human(*n));
                 }
@@ -283,7 +294,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             mount(&repo, &mountpoint, allow_other, cache_size, || {})?;
         }
-        Command::Forget { repo, snapshots } => {
+        Command::Forget {
+            repo,
+            snapshots,
+            json,
+        } => {
             let r = Repo::open(&repo)?;
             let mut ids = Vec::new();
             for spec in &snapshots {
@@ -292,7 +307,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ids.sort();
             ids.dedup();
             dsync_store::prune::forget(&r, &ids)?;
-            if !cli.quiet {
+            if json {
+                let v: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+                println!("{}", serde_json::json!({ "forgotten": v }));
+            } else if !cli.quiet {
                 println!(
                     "forgot {} snapshots; `dsync prune {}` reclaims the space they alone used",
                     ids.len(),

@@ -153,3 +153,35 @@ fn killed_backup_leaves_earlier_snapshots_readable() {
     env.ok(&["restore", s(&repo), "latest", "--to", s(&env.path("final"))]);
     assert_eq!(blake2(&env.path("final/disk.img")), blake2(&img));
 }
+
+#[test]
+fn restore_and_forget_json() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    std::fs::write(&img, pseudo(100_000, 3)).unwrap();
+    env.ok(&["backup", "-q", s(&env.repo()), s(&img)]);
+    let ids = env.ids();
+    let v: serde_json::Value = serde_json::from_str(
+        env.ok(&[
+            "restore",
+            s(&env.repo()),
+            "latest",
+            "--to",
+            s(&env.path("o")),
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["snapshot"], ids[0].as_str());
+    assert_eq!(v["bytes"], 100_000);
+    assert_eq!(v["files"][0]["size"], 100_000);
+    assert_eq!(v["files"][0]["verified"], true);
+    let v: serde_json::Value = serde_json::from_str(
+        env.ok(&["forget", s(&env.repo()), "latest", "--json"])
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["forgotten"][0], ids[0].as_str());
+    assert!(env.ids().is_empty());
+}
