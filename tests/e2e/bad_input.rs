@@ -237,8 +237,7 @@ fn ambiguous_snapshot_prefix() {
 
 #[test]
 fn full_disk_during_backup_loses_nothing() {
-    if std::env::var_os("DSYNC_SKIP_ROOT").is_some_and(|v| v == "1") {
-        eprintln!("DSYNC_SKIP_ROOT=1: skipping the full-disk test");
+    if skip_root_test("full-disk") {
         return;
     }
     let env = Env::new();

@@ -9,8 +9,7 @@ use super::util::*;
 
 #[test]
 fn block_device_backup_restores_and_deltas() {
-    if std::env::var_os("DSYNC_SKIP_ROOT").is_some_and(|v| v == "1") {
-        eprintln!("DSYNC_SKIP_ROOT=1: skipping the block device test");
+    if skip_root_test("block device") {
         return;
     }
     let env = Env::new();

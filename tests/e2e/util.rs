@@ -78,6 +78,16 @@ pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// Tests that mount a tmpfs or set up a loop device need root; they fail
+/// loudly without it unless DSYNC_SKIP_ROOT=1 says to skip them.
+pub fn skip_root_test(what: &str) -> bool {
+    if std::env::var_os("DSYNC_SKIP_ROOT").is_some_and(|v| v == "1") {
+        eprintln!("DSYNC_SKIP_ROOT=1: skipping the {what} test");
+        return true;
+    }
+    false
+}
+
 /// BLAKE2b-256 of a file's bytes.
 pub fn blake2(path: &Path) -> String {
     use std::io::Read;
