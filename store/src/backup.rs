@@ -199,7 +199,15 @@ pub fn backup(
             _ => None,
         });
         let display = String::from_utf8_lossy(name).into_owned();
-        progress.start(&display, md.len());
+        // A block device's node says 0 bytes: ask the device.
+        let total = if md.is_file() {
+            md.len()
+        } else {
+            File::open(path)
+                .and_then(|f| source_size(&f, md))
+                .unwrap_or(0)
+        };
+        progress.start(&display, total);
         let unchanged = md.is_file()
             && prev.as_ref().is_some_and(|f| {
                 f.size == md.len()

@@ -184,7 +184,8 @@ impl VersionReader {
         }
     }
 
-    /// The data ranges (not holes) that intersect `[from, to)`, for SEEK_DATA.
+    /// The first offset at or after `from` that holds stored data (SEEK_DATA),
+    /// or `None` if only holes follow.
     pub fn next_data(&self, from: u64) -> Option<u64> {
         let ex = self.map.extents();
         let i = self.map.first_after(from);
