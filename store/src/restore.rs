@@ -212,11 +212,17 @@ fn write_verified(
             .map(|c| {
                 let off = c * CHUNK;
                 let len = (size - off).min(CHUNK);
-                let mut only_holes = true;
-                reader.map().resolve(off, len, |p| {
-                    only_holes &= matches!(p, crate::map::Piece::Hole { .. })
+                // The stored ranges of this chunk, from one walk of the map.
+                let mut pos = off;
+                let mut writes = Vec::new();
+                reader.map().resolve(off, len, |p| match p {
+                    crate::map::Piece::Data { len: n, .. } => {
+                        writes.push((pos, n));
+                        pos += n;
+                    }
+                    crate::map::Piece::Hole { len: n } => pos += n,
                 });
-                if only_holes {
+                if writes.is_empty() {
                     progress.advance(len);
                     let blocks = len.div_ceil(bs) as usize;
                     let mut d = vec![zero.digest; blocks];
@@ -234,21 +240,6 @@ fn write_verified(
                 SCRATCH.with(|sc| reader.read_at_with(off, &mut buf, &mut sc.borrow_mut()))?;
                 // Write the stored ranges; holes stay holes.
                 let mut hole_block = vec![true; len.div_ceil(bs) as usize];
-                let mut pos = off;
-                let mut writes = Vec::new();
-                reader.map().resolve(off, len, |p| {
-                    match p {
-                        crate::map::Piece::Data { len: n, .. } => {
-                            writes.push((pos, n));
-                        }
-                        crate::map::Piece::Hole { .. } => {}
-                    }
-                    pos += match p {
-                        crate::map::Piece::Data { len, .. } | crate::map::Piece::Hole { len } => {
-                            len
-                        }
-                    };
-                });
                 for (s, n) in writes {
                     let a = (s - off) as usize;
                     if let Some((out, out_path)) = out {
