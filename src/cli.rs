@@ -38,12 +38,20 @@ pub enum Command {
         zstd_level: i32,
     },
     /// Back up files as one new snapshot (creates REPO if missing).
-    #[command(after_help = "Example: dsync backup /backup/vms ~/vms/disk.qcow2")]
+    #[command(
+        after_help = "Examples:\n  dsync backup /backup/vms ~/vms/disk.qcow2\n  \
+dsync backup /backup/vms /dev/vg/disk-snap --name disk.raw\n  \
+qemu-img convert -O raw disk.qcow2 /dev/stdout | dsync backup /backup/vms --stdin --name disk.raw"
+    )]
     Backup {
         repo: PathBuf,
-        /// Files to back up; each is stored under its base name.
-        #[arg(required = true)]
+        /// Files or block devices to back up; each is stored under its base name.
+        #[arg(required_unless_present = "stdin")]
         paths: Vec<PathBuf>,
+        /// Read one file from standard input (a pipe of unknown length),
+        /// stored under --name and diffed against its previous version.
+        #[arg(long, requires = "name", conflicts_with = "paths")]
+        stdin: bool,
         /// Read files even when size, mtime and inode say they are unchanged.
         #[arg(long)]
         checksum: bool,

@@ -147,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup {
             repo,
             paths,
+            stdin,
             checksum,
             accept_changed,
             name,
@@ -162,7 +163,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 time_ns: time,
                 ..Default::default()
             };
-            let rep = dsync_store::backup(&r, &paths, &opts, &bar);
+            let rep = if stdin {
+                let mut input = std::io::stdin();
+                dsync_store::backup_stream(&r, &mut input, &opts, &bar)
+            } else {
+                dsync_store::backup(&r, &paths, &opts, &bar)
+            };
             bar.done();
             let rep = rep?;
             if let Some(w) = &rep.lock_taken_over {

@@ -39,6 +39,13 @@ impl dsync_store::Progress for Bar {
             b.set_message(name.to_string());
             b.set_position(0);
             b.set_length(size);
+            if size == 0 {
+                // A stream: its length is known only at its end.
+                b.set_style(
+                    ProgressStyle::with_template("{msg:20!} {bytes} {bytes_per_sec}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+            }
         }
     }
     fn advance(&self, bytes: u64) {

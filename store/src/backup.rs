@@ -16,6 +16,7 @@
 //! rename leaves unreferenced files and no snapshot.
 
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -30,7 +31,8 @@ use crate::format::config::Config;
 use crate::format::map::{MapBody, PageRef};
 use crate::format::sig::ENTRY_SIZE;
 use crate::format::snapshot::{
-    FileVersion, Node, NodeKind, Snapshot, SnapshotStats, FLAG_CHANGED_WHILE_READ, ROOT,
+    FileVersion, Node, NodeKind, Snapshot, SnapshotStats, FLAG_CHANGED_WHILE_READ,
+    FLAG_HASH_SIZE_LAST, ROOT,
 };
 use crate::id::{MapId, SnapshotId};
 use crate::map::{FileMap, MapBuilder, Piece};
@@ -119,15 +121,74 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
+    run(repo, paths, None, opts, progress)
+}
+
+/// Runs a backup of a stream of unknown length (`dsync backup --stdin`) into
+/// `repo`, as one file named [`BackupOptions::name`], diffed against the
+/// previous version of that name like any file.
+///
+/// # Errors
+/// As [`backup`]; [`Error::InvalidInput`] without a name; a read error of the
+/// stream as [`Error::Io`] on "standard input".
+pub fn backup_stream(
+    repo: &Repo,
+    reader: &mut (dyn Read + Send),
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    run(repo, &[], Some(reader), opts, progress)
+}
+
+/// Where a source's bytes come from.
+enum Origin<'a> {
+    Path {
+        path: PathBuf,
+        md: std::fs::Metadata,
+    },
+    Stream(&'a mut (dyn Read + Send)),
+}
+
+fn run(
+    repo: &Repo,
+    paths: &[PathBuf],
+    stream: Option<&mut (dyn Read + Send)>,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
     let started = Instant::now();
     let lock = repo.lock()?;
-    if paths.is_empty() {
+    // Check every source before writing anything.
+    let mut sources: Vec<(Origin<'_>, Vec<u8>)> = Vec::new();
+    let count = paths.len() + usize::from(stream.is_some());
+    if count == 0 {
         return Err(Error::InvalidInput(
             "nothing to back up: give at least one path".into(),
         ));
     }
-    // Check every source before writing anything.
-    let mut sources = Vec::new();
+    let given = match (&opts.name, count) {
+        (Some(n), 1) => Some(n.as_bytes().to_vec()),
+        (Some(_), _) => {
+            return Err(Error::InvalidInput(
+                "--name needs exactly one source".into(),
+            ));
+        }
+        (None, _) => None,
+    };
+    if given
+        .as_ref()
+        .is_some_and(|n| n.is_empty() || n.contains(&b'/') || n == b"." || n == b"..")
+    {
+        return Err(Error::InvalidInput(
+            "--name must be a plain file name".into(),
+        ));
+    }
+    if let Some(r) = stream {
+        let name = given.clone().ok_or_else(|| {
+            Error::InvalidInput("a stream needs a name to be stored under: give --name".into())
+        })?;
+        sources.push((Origin::Stream(r), name));
+    }
     for p in paths {
         let md = std::fs::metadata(p)
             .map_err(|e| Error::InvalidInput(format!("cannot back up {}: {}", p.display(), e)))?;
@@ -137,25 +198,8 @@ pub fn backup(
                 p.display()
             )));
         }
-        let given = match (&opts.name, paths.len()) {
-            (Some(n), 1) => Some(n.as_bytes().to_vec()),
-            (Some(_), _) => {
-                return Err(Error::InvalidInput(
-                    "--name needs exactly one source".into(),
-                ));
-            }
-            (None, _) => None,
-        };
-        if given
-            .as_ref()
-            .is_some_and(|n| n.is_empty() || n.contains(&b'/') || n == b"." || n == b"..")
-        {
-            return Err(Error::InvalidInput(
-                "--name must be a plain file name".into(),
-            ));
-        }
-        let name = match given {
-            Some(n) => n,
+        let name = match &given {
+            Some(n) => n.clone(),
             None => p
                 .file_name()
                 .ok_or_else(|| {
@@ -167,10 +211,7 @@ pub fn backup(
                 .as_encoded_bytes()
                 .to_vec(),
         };
-        if sources
-            .iter()
-            .any(|(_, n, _): &(PathBuf, Vec<u8>, _)| *n == name)
-        {
+        if sources.iter().any(|(_, n)| *n == name) {
             return Err(Error::InvalidInput(format!(
                 "two sources are named {:?}; each path is stored under its base name",
                 String::from_utf8_lossy(&name)
@@ -178,46 +219,63 @@ pub fn backup(
         }
         File::open(p)
             .map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", p.display(), e)))?;
-        sources.push((
-            std::path::absolute(p).unwrap_or_else(|_| p.clone()),
-            name,
-            md,
-        ));
+        let path = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        sources.push((Origin::Path { path, md }, name));
     }
     let previous = repo.snapshots()?;
 
     let mut w = Writer::new(repo)?;
     let mut nodes = Vec::new();
     let mut files = Vec::new();
+    let mut source_paths = Vec::new();
     let mut bytes_read = 0;
-    for (path, name, md) in &sources {
-        let prev = previous.iter().rev().find_map(|s| match s.root_node(name) {
-            Some(Node {
-                kind: NodeKind::File(f),
-                ..
-            }) => Some(f.clone()),
-            _ => None,
-        });
-        let display = String::from_utf8_lossy(name).into_owned();
-        // A block device's node says 0 bytes: ask the device.
-        let total = if md.is_file() {
-            md.len()
-        } else {
-            File::open(path)
+    for (origin, name) in sources {
+        let prev = previous
+            .iter()
+            .rev()
+            .find_map(|s| match s.root_node(&name) {
+                Some(Node {
+                    kind: NodeKind::File(f),
+                    ..
+                }) => Some(f.clone()),
+                _ => None,
+            });
+        let display = String::from_utf8_lossy(&name).into_owned();
+        // A block device's node says 0 bytes: ask the device. A stream's
+        // size is known only at its end.
+        let total = match &origin {
+            Origin::Path { md, .. } if md.is_file() => md.len(),
+            Origin::Path { path, md } => File::open(path)
                 .and_then(|f| source_size(&f, md))
-                .unwrap_or(0)
+                .unwrap_or(0),
+            Origin::Stream(_) => 0,
         };
         progress.start(&display, total);
-        let unchanged = md.is_file()
-            && prev.as_ref().is_some_and(|f| {
-                f.size == md.len()
-                    && f.ino == md.ino()
-                    && f.dev == md.dev()
-                    && f.ctime_ns == ctime_ns(md)
-                    && mtime_ns_of(md) == f_mtime(&previous, name)
-            });
-        let (version, report) = match prev {
-            Some(f) if unchanged && !opts.checksum => {
+        let unchanged = match &origin {
+            Origin::Path { md, .. } => {
+                md.is_file()
+                    && prev.as_ref().is_some_and(|f| {
+                        f.size == md.len()
+                            && f.ino == md.ino()
+                            && f.dev == md.dev()
+                            && f.ctime_ns == ctime_ns(md)
+                            && mtime_ns_of(md) == f_mtime(&previous, &name)
+                    })
+            }
+            Origin::Stream(_) => false,
+        };
+        let reuse = unchanged && !opts.checksum;
+        let prev_loaded = match &prev {
+            Some(f) if !reuse => {
+                let map = repo.load_map(f.map)?;
+                let sig = repo.sig_view(&map)?;
+                Some((map, sig))
+            }
+            _ => None,
+        };
+        let prev_ref = prev_loaded.as_ref().map(|(m, s)| (m, s));
+        let (version, report, meta) = match (origin, prev) {
+            (Origin::Path { md, .. }, Some(f)) if reuse => {
                 progress.advance(md.len());
                 let report = FileReport {
                     name: display,
@@ -230,39 +288,30 @@ pub fn backup(
                     damaged_sig_pages: 0,
                     changed_while_read: None,
                 };
-                (f, report)
+                (f, report, node_meta(&md))
             }
-            prev => {
-                let prev_loaded = match &prev {
-                    Some(f) => {
-                        let map = repo.load_map(f.map)?;
-                        let sig = repo.sig_view(&map)?;
-                        Some((map, sig))
-                    }
-                    None => None,
-                };
-                w.file(
-                    path,
-                    &display,
-                    prev_loaded.as_ref().map(|(m, s)| (m, s)),
-                    opts,
-                    progress,
-                )?
+            (Origin::Path { path, md }, _) => {
+                let (v, r) = w.file(Input::Path(&path), &display, prev_ref, opts, progress)?;
+                source_paths.push(path.display().to_string());
+                (v, r, node_meta(&md))
+            }
+            (Origin::Stream(reader), _) => {
+                let (v, r) = w.file(Input::Stream(reader), &display, prev_ref, opts, progress)?;
+                source_paths.push("-".to_string());
+                // SAFETY: getuid/getgid cannot fail and touch no memory.
+                let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+                let mtime = opts.time_ns.unwrap_or_else(crate::time::now_ns);
+                (v, r, (libc::S_IFREG | 0o600, uid, gid, mtime))
             }
         };
         bytes_read += report.bytes_read;
         nodes.push(Node {
             parent: ROOT,
-            name: name.clone(),
-            // A block device is stored as the regular file of its contents.
-            mode: if md.is_file() {
-                md.mode()
-            } else {
-                libc::S_IFREG | (md.mode() & 0o7777)
-            },
-            uid: md.uid(),
-            gid: md.gid(),
-            mtime_ns: mtime_ns_of(md),
+            name,
+            mode: meta.0,
+            uid: meta.1,
+            gid: meta.2,
+            mtime_ns: meta.3,
             kind: NodeKind::File(version),
         });
         files.push(report);
@@ -272,10 +321,7 @@ pub fn backup(
         id: SnapshotId::random(),
         time_ns: opts.time_ns.unwrap_or_else(crate::time::now_ns),
         host: crate::repo::hostname(),
-        paths: sources
-            .iter()
-            .map(|(p, _, _)| p.display().to_string())
-            .collect(),
+        paths: source_paths,
         stats: SnapshotStats {
             bytes_read,
             bytes_added: 0,
@@ -300,6 +346,17 @@ pub fn backup(
         files,
         lock_taken_over: lock.took_over.clone(),
     })
+}
+
+/// Mode, uid, gid and mtime of a source's node. A block device is stored as
+/// the regular file of its contents.
+fn node_meta(md: &std::fs::Metadata) -> (u32, u32, u32, i64) {
+    let mode = if md.is_file() {
+        md.mode()
+    } else {
+        libc::S_IFREG | (md.mode() & 0o7777)
+    };
+    (mode, md.uid(), md.gid(), mtime_ns_of(md))
 }
 
 fn f_mtime(previous: &[Snapshot], name: &[u8]) -> i64 {
@@ -377,27 +434,131 @@ impl Buffers {
     }
 }
 
-/// What the parallel stage of one file reads from.
-struct Source<'a> {
+/// What every chunk of one file is diffed and compressed with.
+struct ChunkCtx<'a> {
+    cfg: &'a Config,
+    prev: Option<&'a SigView>,
+    buffers: &'a Buffers,
+    chunk_size: u64,
+}
+
+impl ChunkCtx<'_> {
+    /// Diffs and compresses one chunk, `data[pre..pre + len]` at file offset
+    /// `off`, with context on both sides (runs on a pool thread).
+    #[allow(clippy::too_many_arguments)]
+    fn process(
+        &self,
+        data: &[u8],
+        pre: usize,
+        off: u64,
+        len: u64,
+        holes: &[bool],
+        file_size: u64,
+        read: u64,
+    ) -> Result<ChunkOut> {
+        let d = diff_chunk(
+            &Chunk {
+                data,
+                start: pre,
+                len: len as usize,
+                offset: off,
+                file_size,
+                holes,
+            },
+            self.cfg.block_size,
+            self.prev,
+        );
+        // Gather literals into one stream and compress it.
+        let mut lit = self.buffers.take(0);
+        let mut ops = Vec::with_capacity(d.ops.len());
+        for op in d.ops {
+            match op {
+                Op::Literal { len, at } => {
+                    let o = lit.len();
+                    lit.extend_from_slice(&data[pre + at..pre + at + len as usize]);
+                    ops.push(Op::Literal { len, at: o });
+                }
+                o => ops.push(o),
+            }
+        }
+        let mut compressed = self.buffers.take(0);
+        let mut frames = Vec::new();
+        compress_frames(
+            &lit,
+            self.cfg.frame_size as usize,
+            self.cfg.zstd_level,
+            &mut compressed,
+            &mut frames,
+        )?;
+        self.buffers.give(lit);
+        Ok(ChunkOut {
+            len,
+            ops,
+            entries: d.entries,
+            digests: d.digests,
+            compressed,
+            frames,
+            stats: d.stats,
+            read,
+        })
+    }
+}
+
+/// Where one file's chunks come from.
+enum Feed<'a> {
+    /// A file or block device of known size, read at any offset by the pool.
+    File(FileFeed<'a>),
+    /// A stream of unknown length, read in order by one thread.
+    Stream(StreamFeed<'a>),
+}
+
+impl Feed<'_> {
+    /// Reads, diffs and compresses the next batch of up to `batch` chunks
+    /// from chunk `c0` on; also says whether they are the file's last.
+    fn batch(
+        &mut self,
+        ctx: &ChunkCtx<'_>,
+        c0: u64,
+        batch: u64,
+    ) -> Result<(Vec<Result<ChunkOut>>, bool)> {
+        match self {
+            Feed::File(f) => {
+                let cs = ctx.chunk_size;
+                let nchunks = f.size.div_ceil(cs);
+                let c1 = (c0 + batch).min(nchunks);
+                let f = &*f;
+                let outs = (c0..c1)
+                    .into_par_iter()
+                    .map(|c| {
+                        let off = c * cs;
+                        f.chunk(ctx, off, (f.size - off).min(cs))
+                    })
+                    .collect();
+                Ok((outs, c1 >= nchunks))
+            }
+            Feed::Stream(s) => s.batch(ctx, c0, batch),
+        }
+    }
+}
+
+/// A file read at any offset; its holes are never read.
+struct FileFeed<'a> {
     file: &'a File,
     path: &'a Path,
     size: u64,
     data: &'a [(u64, u64)],
-    prev: Option<&'a SigView>,
-    cfg: &'a Config,
-    buffers: &'a Buffers,
 }
 
-impl Source<'_> {
-    /// Reads, diffs and compresses one chunk (runs on a pool thread).
-    fn chunk(&self, off: u64, len: u64) -> Result<ChunkOut> {
-        let bs = self.cfg.block_size as u64;
+impl FileFeed<'_> {
+    /// Reads one chunk and its context, then diffs and compresses it.
+    fn chunk(&self, ctx: &ChunkCtx<'_>, off: u64, len: u64) -> Result<ChunkOut> {
+        let bs = ctx.cfg.block_size as u64;
         let end = off + len;
         // A block's worth of context on each side, for matches across borders.
         let lo = off.saturating_sub(bs - 1);
         let hi = (end + bs - 1).min(self.size);
         let pre = (off - lo) as usize;
-        let mut buf = self.buffers.take((hi - lo) as usize);
+        let mut buf = ctx.buffers.take((hi - lo) as usize);
         let nb = len.div_ceil(bs) as usize;
         let mut holes = vec![true; nb];
         let mut read = 0u64;
@@ -432,52 +593,84 @@ impl Source<'_> {
             }
         }
         buf[(filled - lo) as usize..].fill(0);
-        let d = diff_chunk(
-            &Chunk {
-                data: &buf,
-                start: pre,
-                len: len as usize,
-                offset: off,
-                file_size: self.size,
-                holes: &holes,
-            },
-            self.cfg.block_size,
-            self.prev,
-        );
-        // Gather literals into one stream and compress it.
-        let mut lit = self.buffers.take(0);
-        let mut ops = Vec::with_capacity(d.ops.len());
-        for op in d.ops {
-            match op {
-                Op::Literal { len, at } => {
-                    let o = lit.len();
-                    lit.extend_from_slice(&buf[pre + at..pre + at + len as usize]);
-                    ops.push(Op::Literal { len, at: o });
-                }
-                o => ops.push(o),
+        let out = ctx.process(&buf, pre, off, len, &holes, self.size, read);
+        ctx.buffers.give(buf);
+        out
+    }
+}
+
+/// A stream read in order into a window that holds the current batch of
+/// chunks and a block of context on each side.
+struct StreamFeed<'a> {
+    reader: &'a mut (dyn Read + Send),
+    buf: Vec<u8>,
+    /// Stream offset of `buf[0]`.
+    start: u64,
+    /// Bytes of `buf` that hold data.
+    filled: usize,
+    eof: bool,
+}
+
+impl<'a> StreamFeed<'a> {
+    fn new(reader: &'a mut (dyn Read + Send)) -> Self {
+        StreamFeed {
+            reader,
+            buf: Vec::new(),
+            start: 0,
+            filled: 0,
+            eof: false,
+        }
+    }
+
+    fn batch(
+        &mut self,
+        ctx: &ChunkCtx<'_>,
+        c0: u64,
+        batch: u64,
+    ) -> Result<(Vec<Result<ChunkOut>>, bool)> {
+        let bs = ctx.cfg.block_size as u64;
+        let cs = ctx.chunk_size;
+        // Keep the block of context before the batch; drop the rest.
+        let keep = (c0 * cs).saturating_sub(bs - 1).max(self.start);
+        let drop = (keep - self.start) as usize;
+        self.buf.copy_within(drop..self.filled, 0);
+        self.filled -= drop;
+        self.start = keep;
+        // Read up to a block past the batch: data there means more chunks.
+        let want = ((c0 + batch) * cs + bs - 1 - self.start) as usize;
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        while !self.eof && self.filled < want {
+            match self.reader.read(&mut self.buf[self.filled..want]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("standard input", e)),
             }
         }
-        self.buffers.give(buf);
-        let mut compressed = self.buffers.take(0);
-        let mut frames = Vec::new();
-        compress_frames(
-            &lit,
-            self.cfg.frame_size as usize,
-            self.cfg.zstd_level,
-            &mut compressed,
-            &mut frames,
-        )?;
-        self.buffers.give(lit);
-        Ok(ChunkOut {
-            len,
-            ops,
-            entries: d.entries,
-            digests: d.digests,
-            compressed,
-            frames,
-            stats: d.stats,
-            read,
-        })
+        let end = self.start + self.filled as u64;
+        let (c1, size, last) = if self.eof {
+            let n = end.div_ceil(cs);
+            let c1 = (c0 + batch).min(n);
+            (c1, end, c1 >= n)
+        } else {
+            (c0 + batch, u64::MAX, false)
+        };
+        let (buf, start) = (&self.buf[..self.filled], self.start);
+        let outs = (c0..c1)
+            .into_par_iter()
+            .map(|c| {
+                let off = c * cs;
+                let len = cs.min(end - off);
+                let lo = off.saturating_sub(bs - 1);
+                let hi = (off + len + bs - 1).min(end);
+                let holes = vec![false; len.div_ceil(bs) as usize];
+                let data = &buf[(lo - start) as usize..(hi - start) as usize];
+                ctx.process(data, (off - lo) as usize, off, len, &holes, size, len)
+            })
+            .collect();
+        Ok((outs, last))
     }
 }
 
@@ -500,6 +693,12 @@ struct Writer<'r> {
     unsynced: Vec<Unsynced>,
     added: u64,
     buffers: Buffers,
+}
+
+/// A source as the writer reads it.
+enum Input<'a> {
+    Path(&'a Path),
+    Stream(&'a mut (dyn Read + Send)),
 }
 
 impl<'r> Writer<'r> {
@@ -546,64 +745,141 @@ impl<'r> Writer<'r> {
             .ok_or_else(|| Error::InvalidInput("internal: no signature file".into()))
     }
 
-    /// Backs up one file; returns its version and report.
+    /// Backs up one file or stream; returns its version and report.
     fn file(
         &mut self,
-        path: &Path,
+        input: Input<'_>,
         name: &str,
         prev: Option<(&FileMap, &SigView)>,
         opts: &BackupOptions,
         progress: &dyn Progress,
     ) -> Result<(FileVersion, FileReport)> {
+        let (size, st, source, what) = match input {
+            Input::Path(path) => {
+                let file = File::open(path).map_err(|e| {
+                    Error::InvalidInput(format!("cannot read {}: {}", path.display(), e))
+                })?;
+                let before = file.metadata().at(path)?;
+                let size = source_size(&file, &before).at(path)?;
+                let data = data_ranges(&file, size);
+                let mut feed = Feed::File(FileFeed {
+                    file: &file,
+                    path,
+                    size,
+                    data: &data,
+                });
+                let st = self.store(&mut feed, prev, opts, progress)?;
+                if st.pos != size {
+                    return Err(Error::InvalidInput(format!(
+                        "internal: map covers {} of {size} bytes",
+                        st.pos
+                    )));
+                }
+                let after = file.metadata().at(path)?;
+                let after_size = source_size(&file, &after).at(path)?;
+                let what = if after_size != size {
+                    Some(format!("size {} -> {}", size, after_size))
+                } else if is_block_device(&before) {
+                    // A device node's times say nothing about its contents.
+                    None
+                } else if mtime_ns_of(&after) != mtime_ns_of(&before) {
+                    Some("modification time changed".to_string())
+                } else if ctime_ns(&after) != ctime_ns(&before) {
+                    Some("change time changed".to_string())
+                } else {
+                    None
+                };
+                if let Some(detail) = &what {
+                    if !opts.accept_changed {
+                        return Err(Error::SourceChanged {
+                            path: path.into(),
+                            detail: detail.clone(),
+                        });
+                    }
+                }
+                let source = (before.dev(), before.ino(), ctime_ns(&before));
+                (size, st, source, what)
+            }
+            Input::Stream(reader) => {
+                let mut feed = Feed::Stream(StreamFeed::new(reader));
+                let st = self.store(&mut feed, prev, opts, progress)?;
+                (st.pos, st, (0, 0, 0), None)
+            }
+        };
+        let cfg = self.repo.config();
+        let body = MapBody {
+            file_size: size,
+            block_size: cfg.block_size,
+            page_entries: cfg.page_entries,
+            extents: st.builder.extents,
+            pages: st.pager.refs,
+        };
+        let map_id = MapId::random();
+        let enc = body.encode();
+        write_new(&self.repo.dir("maps").join(format!("{map_id}.map")), &enc)?;
+        self.added += enc.len() as u64;
+        let mut flags = FLAG_HASH_SIZE_LAST;
+        if what.is_some() {
+            flags |= FLAG_CHANGED_WHILE_READ;
+        }
+        let version = FileVersion {
+            size,
+            hash: st.hasher.finish(size),
+            map: map_id,
+            dev: source.0,
+            ino: source.1,
+            ctime_ns: source.2,
+            flags,
+        };
+        let report = FileReport {
+            name: name.to_string(),
+            size,
+            reused: false,
+            had_previous: prev.is_some(),
+            stats: st.stats,
+            bytes_read: st.read,
+            bytes_compressed: st.compressed,
+            damaged_sig_pages: prev.map_or(0, |(_, s)| s.damaged_pages()),
+            changed_while_read: what,
+        };
+        Ok((version, report))
+    }
+
+    /// Stores every chunk `feed` gives: while the pool reads and diffs batch
+    /// k+1, this thread appends batch k.
+    fn store<'p>(
+        &mut self,
+        feed: &mut Feed<'_>,
+        prev: Option<(&'p FileMap, &'p SigView)>,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+    ) -> Result<FileState<'p>> {
         let cfg = self.repo.config().clone();
         let bs = cfg.block_size as usize;
-        let file = File::open(path)
-            .map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", path.display(), e)))?;
-        let before = file.metadata().at(path)?;
-        let size = source_size(&file, &before).at(path)?;
-        let data_ranges = data_ranges(&file, size);
-        let chunk_size = (opts.chunk_size.div_ceil(bs).max(1) * bs) as u64;
-        let nchunks = size.div_ceil(chunk_size);
-        let batch = (rayon::current_num_threads() * 2).max(2) as u64;
-        let prev_sig = prev.map(|(_, s)| s);
-        let zero = ZeroBlock::new(cfg.block_size);
         let buffers = std::mem::take(&mut self.buffers);
-        let src = Source {
-            file: &file,
-            path,
-            size,
-            data: &data_ranges,
-            prev: prev_sig,
+        let ctx = ChunkCtx {
             cfg: &cfg,
+            prev: prev.map(|(_, s)| s),
             buffers: &buffers,
+            chunk_size: (opts.chunk_size.div_ceil(bs).max(1) * bs) as u64,
         };
+        let batch = (rayon::current_num_threads() * 2).max(2) as u64;
         let mut st = FileState {
             builder: MapBuilder::default(),
-            pager: Pager::new(cfg.page_entries, prev, zero),
-            hasher: FileHasher::new(size, cfg.block_size),
+            pager: Pager::new(cfg.page_entries, prev, ZeroBlock::new(cfg.block_size)),
+            hasher: FileHasher::new(cfg.block_size),
             stats: DeltaStats::default(),
             read: 0,
             compressed: 0,
             pos: 0,
         };
-
-        // Pipeline: while the pool diffs batch k+1, this thread stores batch k.
-        let compute = |c0: u64| -> Vec<Result<ChunkOut>> {
-            let c1 = (c0 + batch).min(nchunks);
-            (c0..c1)
-                .into_par_iter()
-                .map(|c| {
-                    let off = c * chunk_size;
-                    src.chunk(off, (size - off).min(chunk_size))
-                })
-                .collect()
-        };
         let mut pending: Vec<Result<ChunkOut>> = Vec::new();
         let mut c0 = 0;
-        loop {
-            let more = c0 < nchunks;
+        let mut last = false;
+        let result = loop {
+            let more = !last;
             let (next, stored) = rayon::join(
-                || if more { compute(c0) } else { Vec::new() },
+                || more.then(|| feed.batch(&ctx, c0, batch)),
                 || -> Result<()> {
                     for out in pending.drain(..) {
                         let out = out?;
@@ -614,82 +890,26 @@ impl<'r> Writer<'r> {
                     Ok(())
                 },
             );
-            stored?;
-            if !more {
-                break;
+            if let Err(e) = stored {
+                break Err(e);
             }
-            pending = next;
-            c0 = (c0 + batch).min(nchunks);
-        }
+            match next {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(e),
+                Some(Ok((outs, is_last))) => {
+                    c0 += outs.len() as u64;
+                    pending = outs;
+                    last = is_last;
+                }
+            }
+        };
+        self.buffers = buffers;
+        result?;
         if let Some(page) = st.pager.flush() {
             let r = self.store_page(&page, &mut st.pager)?;
             st.pager.refs.push(r);
         }
-        self.buffers = buffers;
-        if st.pos != size {
-            return Err(Error::InvalidInput(format!(
-                "internal: map covers {} of {size} bytes",
-                st.pos
-            )));
-        }
-        let after = file.metadata().at(path)?;
-        let after_size = source_size(&file, &after).at(path)?;
-        let what = if after_size != size {
-            Some(format!("size {} -> {}", size, after_size))
-        } else if is_block_device(&before) {
-            // A device node's times say nothing about its contents.
-            None
-        } else if mtime_ns_of(&after) != mtime_ns_of(&before) {
-            Some("modification time changed".to_string())
-        } else if ctime_ns(&after) != ctime_ns(&before) {
-            Some("change time changed".to_string())
-        } else {
-            None
-        };
-        if let Some(detail) = &what {
-            if !opts.accept_changed {
-                return Err(Error::SourceChanged {
-                    path: path.into(),
-                    detail: detail.clone(),
-                });
-            }
-        }
-        let body = MapBody {
-            file_size: size,
-            block_size: cfg.block_size,
-            page_entries: cfg.page_entries,
-            extents: st.builder.extents,
-            pages: std::mem::take(&mut st.pager.refs),
-        };
-        let map_id = MapId::random();
-        let enc = body.encode();
-        write_new(&self.repo.dir("maps").join(format!("{map_id}.map")), &enc)?;
-        self.added += enc.len() as u64;
-        let version = FileVersion {
-            size,
-            hash: st.hasher.finish(),
-            map: map_id,
-            dev: before.dev(),
-            ino: before.ino(),
-            ctime_ns: ctime_ns(&before),
-            flags: if what.is_some() {
-                FLAG_CHANGED_WHILE_READ
-            } else {
-                0
-            },
-        };
-        let report = FileReport {
-            name: name.to_string(),
-            size,
-            reused: false,
-            had_previous: prev.is_some(),
-            stats: st.stats,
-            bytes_read: st.read,
-            bytes_compressed: st.compressed,
-            damaged_sig_pages: prev_sig.map_or(0, |s| s.damaged_pages()),
-            changed_while_read: what,
-        };
-        Ok((version, report))
+        Ok(st)
     }
 
     /// Appends a chunk's frames, extents, signature pages and hashes.

@@ -19,7 +19,9 @@ pub mod restore;
 pub mod testdata;
 pub mod time;
 
-pub use backup::{backup, BackupOptions, BackupReport, FileReport, NoProgress, Progress};
+pub use backup::{
+    backup, backup_stream, BackupOptions, BackupReport, FileReport, NoProgress, Progress,
+};
 pub use check::{check, CheckOptions, CheckReport, Problem};
 pub use error::{Error, Result};
 pub use format::snapshot::{FileVersion, Node, NodeKind, Snapshot};

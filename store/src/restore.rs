@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::backup::Progress;
-use crate::delta::signature::{digest_many, FileHasher, ZeroBlock};
+use crate::delta::signature::{digest_many, ZeroBlock};
 use crate::error::{Error, IoContext, Result};
 use crate::format::snapshot::{FileVersion, Node, NodeKind, Snapshot, ROOT};
 use crate::read::VersionReader;
@@ -197,7 +197,7 @@ fn write_verified(
     }
     let bs = block_size as u64;
     let zero = ZeroBlock::new(block_size);
-    let mut hasher = FileHasher::new(size, block_size);
+    let mut hasher = f.hasher(block_size);
     let nchunks = size.div_ceil(CHUNK);
     // Each chunk in flight holds a buffer only while a thread works on it and
     // leaves 32 bytes per block behind, so a large batch costs little memory
@@ -277,7 +277,7 @@ fn write_verified(
         }
         c0 = c1;
     }
-    if hasher.finish() != f.hash {
+    if hasher.finish(f.size) != f.hash {
         return Err(Error::corrupt(
             what.to_string(),
             0,
@@ -295,7 +295,7 @@ fn write_verified(
 pub fn cat(repo: &Repo, f: &FileVersion, what: &str, w: &mut dyn std::io::Write) -> Result<()> {
     let reader = VersionReader::open(repo, f, what)?;
     let bs = repo.config().block_size;
-    let mut hasher = FileHasher::new(f.size, bs);
+    let mut hasher = f.hasher(bs);
     let mut buf = vec![0u8; CHUNK as usize];
     let mut scratch = crate::read::Scratch::default();
     let mut off = 0;
@@ -310,7 +310,7 @@ pub fn cat(repo: &Repo, f: &FileVersion, what: &str, w: &mut dyn std::io::Write)
         off += n as u64;
     }
     w.flush().map_err(|e| Error::io("standard output", e))?;
-    if hasher.finish() != f.hash {
+    if hasher.finish(f.size) != f.hash {
         return Err(Error::corrupt(
             what.to_string(),
             0,

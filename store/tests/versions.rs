@@ -97,8 +97,89 @@ fn run(versions: &[Vec<u8>]) {
     check_all(&repo, versions, dir.path());
 }
 
+/// A stream that hands out its bytes in short reads of varying sizes, as a
+/// pipe does.
+struct Trickle {
+    data: Vec<u8>,
+    pos: usize,
+    x: u64,
+}
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.x = self
+            .x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let n = ((self.x >> 33) as usize % 7000 + 1)
+            .min(buf.len())
+            .min(self.data.len() - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Versions backed up alternately from a file and from a stream under the
+/// same name: each diffs against the other kind, and both give the same hash.
+fn run_mixed(versions: &[Vec<u8>], seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = small_repo(dir.path());
+    let src = dir.path().join("f");
+    let opts = BackupOptions {
+        chunk_size: 8192,
+        checksum: true,
+        ..Default::default()
+    };
+    for (k, v) in versions.iter().enumerate() {
+        if (k as u64 ^ seed) & 1 == 0 {
+            let mut t = Trickle {
+                data: v.clone(),
+                pos: 0,
+                x: seed ^ k as u64,
+            };
+            let o = BackupOptions {
+                name: Some("f".into()),
+                ..opts.clone()
+            };
+            dsync_store::backup_stream(&repo, &mut t, &o, &NoProgress).unwrap();
+        } else {
+            std::fs::write(&src, v).unwrap();
+            backup(&repo, std::slice::from_ref(&src), &opts, &NoProgress).unwrap();
+        }
+        let snaps = repo.snapshots().unwrap();
+        let Some(NodeKind::File(f)) = snaps
+            .last()
+            .and_then(|s| s.root_node(b"f"))
+            .map(|n| &n.kind)
+        else {
+            panic!("no file f")
+        };
+        assert_eq!(f.size, v.len() as u64);
+        assert_eq!(f.hash, dsync_store::delta::signature::file_hash(v, 512));
+    }
+    check_all(&repo, versions, dir.path());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn any_versions_from_streams_restore_exactly(
+        size in 0usize..60_000,
+        seed in any::<u64>(),
+        days in proptest::collection::vec(proptest::collection::vec(edit(), 0..6), 1..4),
+    ) {
+        let mut v = pseudo(size, seed);
+        let mut versions = vec![v.clone()];
+        for d in days {
+            for e in d {
+                e.apply(&mut v);
+            }
+            versions.push(v.clone());
+        }
+        run_mixed(&versions, seed);
+    }
+
     #[test]
     fn any_versions_restore_exactly(
         size in 0usize..60_000,
@@ -198,4 +279,56 @@ fn holes_and_zeros_of_odd_sizes() {
     for size in [0usize, 1, 4095, 4097, 3 * 4096 + 7] {
         run(&[vec![0u8; size], pseudo(size, 3), vec![0u8; size]]);
     }
+}
+
+/// A version that format 1 wrote (hash with the size first, flag bit 1
+/// clear) still verifies; reusing it keeps its hash; a hash under the wrong
+/// definition is reported, not trusted.
+#[test]
+fn format_1_hashes_still_verify() {
+    use dsync_store::delta::signature::{file_hash_with, HashScheme};
+    use dsync_store::format::snapshot::FLAG_HASH_SIZE_LAST;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = small_repo(dir.path());
+    let src = dir.path().join("f");
+    let data = pseudo(50_000, 3);
+    std::fs::write(&src, &data).unwrap();
+    let opts = BackupOptions::default();
+    backup(&repo, std::slice::from_ref(&src), &opts, &NoProgress).unwrap();
+    let rewrite = |flags_set: bool, hash: [u8; 32]| {
+        let mut s = repo.snapshots().unwrap().remove(0);
+        for n in &mut s.nodes {
+            if let NodeKind::File(f) = &mut n.kind {
+                f.flags = if flags_set {
+                    f.flags | FLAG_HASH_SIZE_LAST
+                } else {
+                    f.flags & !FLAG_HASH_SIZE_LAST
+                };
+                f.hash = hash;
+            }
+        }
+        let p = repo.dir("snapshots").join(format!("{}.snap", s.id));
+        std::fs::write(p, s.encode()).unwrap();
+    };
+    let v1 = file_hash_with(HashScheme::SizeFirst, &data, 512);
+    assert_ne!(v1, file_hash_with(HashScheme::SizeLast, &data, 512));
+    rewrite(false, v1);
+    check_all(&repo, std::slice::from_ref(&data), dir.path());
+    // The format 1 hash under the format 2 flag: restore refuses it.
+    rewrite(true, v1);
+    let s = repo.snapshots().unwrap().remove(0);
+    let out = dir.path().join("bad");
+    let err = dsync_store::restore(&repo, &s, Some("f"), &out, false, &NoProgress).unwrap_err();
+    assert!(err.to_string().contains("hash"), "{err}");
+    // Back to format 1; an unchanged backup reuses the version, hash and all.
+    rewrite(false, v1);
+    let r = backup(&repo, std::slice::from_ref(&src), &opts, &NoProgress).unwrap();
+    assert!(r.files[0].reused);
+    let Some(NodeKind::File(f)) = r.snapshot.root_node(b"f").map(|n| &n.kind) else {
+        panic!()
+    };
+    assert_eq!((f.hash, f.flags & FLAG_HASH_SIZE_LAST), (v1, 0));
+    let again = dir.path().join("again");
+    std::fs::create_dir(&again).unwrap();
+    check_all(&repo, &[data.clone(), data], &again);
 }

@@ -1,4 +1,4 @@
-//! Sources other than a plain file: a block device (a loop device set up by
+//! Sources other than a plain file: a pipe (--stdin), a block device (a loop device set up by
 //! the test; needs root, DSYNC_SKIP_ROOT=1 skips), and snapshot times given
 //! with --time.
 
@@ -160,4 +160,80 @@ fn dsync_repo_and_dash_r_stand_for_repo() {
     );
     assert_eq!(blake2(&env.path("out/disk.img")), blake2(&img));
     run(None, &["--repo", s(&repo), "check"]);
+}
+
+/// Runs `cat SRC | dsync backup REPO --stdin --name NAME --json` through a
+/// real shell pipe and returns the parsed summary.
+fn backup_from_pipe(env: &Env, src: &std::path::Path, name: &str) -> serde_json::Value {
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            "set -e; cat \"$1\" | \"$2\" backup \"$3\" --stdin --name \"$4\" --json",
+            "sh",
+        ])
+        .arg(src)
+        .arg(env!("CARGO_BIN_EXE_dsync"))
+        .arg(env.repo())
+        .arg(name)
+        .env_remove("DSYNC_REPO")
+        .output()
+        .expect("sh");
+    assert!(
+        o.status.success(),
+        "backup from a pipe failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).expect("json")
+}
+
+#[test]
+fn pipe_backup_restores_and_deltas() {
+    let env = Env::new();
+    let img = env.path("disk.img");
+    // Not a multiple of the block size, with holes (zeros in the stream).
+    make_image(&img, (40 << 20) + 1234, 11);
+    let v0 = env.path("v0");
+    std::fs::copy(&img, &v0).unwrap();
+    let v = backup_from_pipe(&env, &img, "disk.raw");
+    assert_eq!(v["files"][0]["name"], "disk.raw");
+    assert_eq!(v["files"][0]["size"], (40 << 20) + 1234);
+    assert!(
+        v["files"][0]["hole_bytes"].as_u64().unwrap() > 10 << 20,
+        "zeros in a stream are stored as holes: {v}"
+    );
+    change_image(&img, 1, 50);
+    let changed = changed_bytes(&v0, &img);
+    let v = backup_from_pipe(&env, &img, "disk.raw");
+    let added = v["bytes_added"].as_u64().unwrap();
+    let literal = v["files"][0]["literal_bytes"].as_u64().unwrap();
+    assert!(
+        literal <= changed + 64 * 1024,
+        "{literal} literal bytes for {changed} changed"
+    );
+    assert!(added < (40 << 20) / 20, "the second stream is a delta: {v}");
+    let ids = env.ids();
+    assert_eq!(ids.len(), 2);
+    for (id, want) in ids.iter().zip([&v0, &img]) {
+        let out = env.path(&format!("out-{id}"));
+        env.ok(&["restore", s(&env.repo()), id, "--to", s(&out), "disk.raw"]);
+        assert_eq!(blake2(&out), blake2(want), "snapshot {id}");
+        let md = std::fs::metadata(&out).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
+    }
+    // The stream's version can be the base of a file's, and back.
+    let file_src = env.path("disk.raw");
+    std::fs::copy(&img, &file_src).unwrap();
+    let v: serde_json::Value = serde_json::from_str(
+        env.ok(&["backup", s(&env.repo()), s(&file_src), "--json"])
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["files"][0]["literal_bytes"], 0, "{v}");
+    env.ok(&["check", s(&env.repo()), "--read-data"]);
+    // Without --name, or with paths too: one line, exit 2.
+    let o = env.run(&["backup", s(&env.repo()), "--stdin"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = env.run(&["backup", s(&env.repo()), "--stdin", "--name", "x", s(&img)]);
+    assert_eq!(o.status.code(), Some(2));
 }

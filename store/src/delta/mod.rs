@@ -84,7 +84,7 @@ pub fn diff(old: &SigView, new: &[u8], chunk_size: usize) -> Delta {
         .collect();
     let mut ops = Vec::new();
     let mut entries = Vec::with_capacity(new.len() / bs as usize * 20 + 20);
-    let mut hasher = FileHasher::new(new.len() as u64, bs);
+    let mut hasher = FileHasher::new(bs);
     let mut stats = DeltaStats::default();
     for (i, p) in parts.into_iter().enumerate() {
         let base = i * chunk_size;
@@ -110,7 +110,7 @@ pub fn diff(old: &SigView, new: &[u8], chunk_size: usize) -> Delta {
             file_size: new.len() as u64,
             entries,
         },
-        file_hash: hasher.finish(),
+        file_hash: hasher.finish(new.len() as u64),
         stats,
     }
 }

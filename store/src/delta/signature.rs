@@ -81,20 +81,46 @@ impl ZeroBlock {
     }
 }
 
+/// How a version's whole-file hash is defined (FORMAT.md, "File hash").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashScheme {
+    /// Format 1 (`dsync-file-v1`): the size first, so it needs the size before
+    /// the data. Still verified for versions that format 1 wrote.
+    SizeFirst,
+    /// Format 2 (`dsync-file-v2`): the size last, so a stream of unknown
+    /// length (`dsync backup --stdin`) is hashed in the same single pass.
+    SizeLast,
+}
+
 /// Streams block digests, in order, into the whole-file hash.
 pub struct FileHasher {
     state: blake2b_simd::State,
+    scheme: HashScheme,
 }
 
 impl FileHasher {
-    pub fn new(file_size: u64, block_size: u32) -> Self {
+    /// The hash every new version gets ([`HashScheme::SizeLast`]).
+    pub fn new(block_size: u32) -> Self {
+        Self::with_scheme(HashScheme::SizeLast, 0, block_size)
+    }
+
+    /// The hash of a version of `file_size` bytes under `scheme` (the size is
+    /// used only by [`HashScheme::SizeFirst`]; [`FileHasher::finish`] takes it
+    /// for the other).
+    pub fn with_scheme(scheme: HashScheme, file_size: u64, block_size: u32) -> Self {
+        let personal: &[u8] = match scheme {
+            HashScheme::SizeFirst => b"dsync-file-v1",
+            HashScheme::SizeLast => b"dsync-file-v2",
+        };
         let mut state = blake2b_simd::Params::new()
             .hash_length(32)
-            .personal(b"dsync-file-v1")
+            .personal(personal)
             .to_state();
-        state.update(&file_size.to_le_bytes());
+        if scheme == HashScheme::SizeFirst {
+            state.update(&file_size.to_le_bytes());
+        }
         state.update(&block_size.to_le_bytes());
-        FileHasher { state }
+        FileHasher { state, scheme }
     }
 
     pub fn update(&mut self, digests: &[Digest]) {
@@ -103,20 +129,31 @@ impl FileHasher {
         }
     }
 
-    pub fn finish(&self) -> [u8; 32] {
+    /// The hash of a file of `file_size` bytes whose digests were all given.
+    pub fn finish(&self, file_size: u64) -> [u8; 32] {
+        let mut state = self.state.clone();
+        if self.scheme == HashScheme::SizeLast {
+            state.update(&file_size.to_le_bytes());
+        }
         let mut h = [0u8; 32];
-        h.copy_from_slice(self.state.finalize().as_bytes());
+        h.copy_from_slice(state.finalize().as_bytes());
         h
     }
 }
 
-/// The whole-file hash of a buffer (the plain reference for tests and checks).
-pub fn file_hash(data: &[u8], block_size: u32) -> [u8; 32] {
-    let mut h = FileHasher::new(data.len() as u64, block_size);
+/// The whole-file hash of a buffer under `scheme` (the plain reference for
+/// tests and checks).
+pub fn file_hash_with(scheme: HashScheme, data: &[u8], block_size: u32) -> [u8; 32] {
+    let mut h = FileHasher::with_scheme(scheme, data.len() as u64, block_size);
     for b in data.chunks(block_size as usize) {
         h.update(&[block_digest(b)]);
     }
-    h.finish()
+    h.finish(data.len() as u64)
+}
+
+/// The whole-file hash a new version of `data` gets.
+pub fn file_hash(data: &[u8], block_size: u32) -> [u8; 32] {
+    file_hash_with(HashScheme::SizeLast, data, block_size)
 }
 
 /// Bytes that a signature page lives in.
@@ -337,5 +374,30 @@ mod tests {
         );
         assert!(view.entry(0).is_none());
         assert_eq!(view.damaged_pages(), 1);
+    }
+}
+
+#[cfg(test)]
+mod hash_vectors {
+    use super::*;
+
+    fn hex(h: [u8; 32]) -> String {
+        h.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The test vectors FORMAT.md shows ("File hash").
+    #[test]
+    fn file_hash_vectors() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let v2 = hex(file_hash_with(HashScheme::SizeLast, &data, 4096));
+        let v1 = hex(file_hash_with(HashScheme::SizeFirst, &data, 4096));
+        assert_eq!(
+            v2,
+            "3611715cb670e1be74cda61e0b4debf9dcd5b16af9bc3575122baea1391ed2b8"
+        );
+        assert_eq!(
+            v1,
+            "bac37ec5131d88c54241d2f8462beded5d563d9e9ec508293a801076cf7d5bdf"
+        );
     }
 }

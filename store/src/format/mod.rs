@@ -21,7 +21,7 @@ pub mod snapshot;
 use crate::error::{Error, Result};
 
 /// The format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Upper bound on an envelope body after decompression: no manifest or map of a
 /// sane repository comes near it, and it bounds what a damaged length can make
@@ -290,16 +290,24 @@ mod tests {
     #[test]
     fn newer_version_is_refused() {
         let mut sealed = seal(b"DSYNCTST", b"x", false);
-        sealed[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let split = sealed.len() - 32;
-        let sum = blake2b_simd::Params::new()
-            .hash_length(32)
-            .hash(&sealed[..split]);
-        sealed[split..].copy_from_slice(sum.as_bytes());
+        let reseal = |sealed: &mut Vec<u8>, v: u32| {
+            sealed[8..12].copy_from_slice(&v.to_le_bytes());
+            let split = sealed.len() - 32;
+            let sum = blake2b_simd::Params::new()
+                .hash_length(32)
+                .hash(&sealed[..split]);
+            sealed[split..].copy_from_slice(sum.as_bytes());
+        };
+        reseal(&mut sealed, FORMAT_VERSION + 1);
         assert!(matches!(
             open(b"DSYNCTST", &sealed, "t"),
-            Err(Error::UnsupportedVersion { found: 2, .. })
+            Err(Error::UnsupportedVersion { found, .. }) if found == FORMAT_VERSION + 1
         ));
+        // Every older version is still read.
+        for v in 1..=FORMAT_VERSION {
+            reseal(&mut sealed, v);
+            assert_eq!(open(b"DSYNCTST", &sealed, "t").unwrap(), b"x");
+        }
     }
 
     #[test]
@@ -309,7 +317,7 @@ mod tests {
         let hex: String = sealed.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             &hex[..54],
-            "4453594e4354535401000000000000000300000000000000616263"
+            "4453594e4354535402000000000000000300000000000000616263"
         );
         assert_eq!(sealed.len(), 24 + 3 + 32);
     }

@@ -1,6 +1,7 @@
 //! `snapshots/<id>.snap`: a snapshot manifest, the tree of one backup.
 
 use super::{open, seal, Reader, Writer};
+use crate::delta::signature::{FileHasher, HashScheme};
 use crate::error::{Error, Result};
 use crate::id::{MapId, SnapshotId};
 
@@ -12,6 +13,10 @@ const MAX_NAME: usize = 4096;
 const MAX_TARGET: usize = 65536;
 /// Flag on a file version: the source changed while it was read.
 pub const FLAG_CHANGED_WHILE_READ: u32 = 1;
+/// Flag on a file version (format 2): its hash puts the size last
+/// ([`HashScheme::SizeLast`]); without it the hash is format 1's.
+pub const FLAG_HASH_SIZE_LAST: u32 = 2;
+const KNOWN_FLAGS: u32 = FLAG_CHANGED_WHILE_READ | FLAG_HASH_SIZE_LAST;
 
 /// Counters recorded with a snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -73,6 +78,22 @@ pub struct FileVersion {
     pub ino: u64,
     pub ctime_ns: i64,
     pub flags: u32,
+}
+
+impl FileVersion {
+    /// How this version's [`FileVersion::hash`] is defined.
+    pub fn hash_scheme(&self) -> HashScheme {
+        if self.flags & FLAG_HASH_SIZE_LAST != 0 {
+            HashScheme::SizeLast
+        } else {
+            HashScheme::SizeFirst
+        }
+    }
+
+    /// A hasher that verifies this version's bytes against its hash.
+    pub fn hasher(&self, block_size: u32) -> FileHasher {
+        FileHasher::with_scheme(self.hash_scheme(), self.size, block_size)
+    }
 }
 
 impl Snapshot {
@@ -189,6 +210,12 @@ impl Snapshot {
             if let NodeKind::File(f) = &kind {
                 if f.map.0 == 0 {
                     return Err(r.corrupt(format!("node {i} has no map")));
+                }
+                if f.flags & !KNOWN_FLAGS != 0 {
+                    return Err(r.corrupt(format!(
+                        "node {i} has unknown flags {:#x}",
+                        f.flags & !KNOWN_FLAGS
+                    )));
                 }
             }
             nodes.push(Node {
