@@ -164,6 +164,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let rep = if stdin {
+                // A pipe's default 64 KiB buffer costs a context switch per
+                // 64 KiB; 1 MiB (the usual pipe-max-size) halves the time a
+                // 2 GiB stream takes. Not a pipe, or not allowed: no matter.
+                // SAFETY: fcntl on fd 0 with an integer argument.
+                unsafe { libc::fcntl(0, libc::F_SETPIPE_SZ, 1 << 20) };
                 let mut input = std::io::stdin();
                 dsync_store::backup_stream(&r, &mut input, &opts, &bar)
             } else {
