@@ -99,6 +99,8 @@ pub fn mount(
 ) -> io::Result<()> {
     check_mountpoint(mountpoint).map_err(io::Error::other)?;
     let repo = Repo::open_with_cache(repo, opts.cache_bytes).map_err(io::Error::other)?;
+    let cache = repo.cache().clone();
+    let frame_size = repo.config().frame_size as usize;
     let tree = tree::Tree::new(repo).map_err(io::Error::other)?;
     let fs = fs::DsyncFs { tree };
 
@@ -139,6 +141,9 @@ pub fn mount(
                 log(&format!("unmount failed: {e}"));
             }
         })?;
+    // Started here, after the signal mask: it inherits SIGINT/SIGTERM blocked.
+    cache.keep_spares_warm(frame_size);
+    raise_readahead(mountpoint);
     ready();
     session.run()
 }
@@ -151,5 +156,61 @@ fn signal_set() -> libc::sigset_t {
         libc::sigaddset(&mut s, libc::SIGINT);
         libc::sigaddset(&mut s, libc::SIGTERM);
         s
+    }
+}
+
+/// Readahead the mount's sequential readers get, in KiB.
+const READAHEAD_KB: u32 = 1024;
+
+/// Raises the kernel's readahead for the mount from FUSE's 128 KiB to 1 MiB
+/// (the mount's backing-device setting; root may write it): more requests in
+/// flight keep both cores busy, so `cat`/`cp` of a version went from
+/// 1,029-1,361 to 1,241-1,818 MB/s in alternating runs. Without permission
+/// nothing changes but speed.
+fn raise_readahead(mountpoint: &Path) {
+    // Not stat(): nothing serves the mount's requests yet. mountinfo names
+    // each mount's device as major:minor.
+    let Ok(abs) = std::path::absolute(mountpoint) else {
+        return;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let Some(dev) = mount_device(&info, &abs.to_string_lossy()) else {
+        return;
+    };
+    let _ = std::fs::write(
+        format!("/sys/class/bdi/{dev}/read_ahead_kb"),
+        READAHEAD_KB.to_string(),
+    );
+}
+
+/// The `major:minor` of the newest mount at `path` in a mountinfo text
+/// (fields: id, parent, major:minor, root, mount point with spaces and
+/// backslashes escaped as octal, ...).
+fn mount_device(info: &str, path: &str) -> Option<String> {
+    let escaped = path
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && f[4] == escaped).then(|| f[2].to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mount_device_from_mountinfo() {
+        let info = "22 1 0:21 / /proc rw - proc proc rw\n\
+                    90 22 0:39 / /tmp/a\\040b rw - fuse.dsync dsync ro\n\
+                    91 22 0:40 / /tmp/a\\040b rw - fuse.dsync dsync ro\n";
+        assert_eq!(
+            super::mount_device(info, "/tmp/a b").as_deref(),
+            Some("0:40")
+        );
+        assert_eq!(super::mount_device(info, "/tmp/a"), None);
     }
 }

@@ -152,7 +152,25 @@ impl VersionReader {
                     &s.frame
                 }
                 None => {
-                    shared = self.cache.frame(&p, fi)?;
+                    // A frame the read covers whole is decompressed straight
+                    // into it, not through the cache: sequential readers
+                    // (cp, qemu-img) do not come back for it, and it would
+                    // only evict frames that random readers share.
+                    let ulen = p
+                        .frame_range(fi as usize)
+                        .map_or(0, |(s, e)| (e - s) as usize);
+                    if off == start && ulen > 0 && out.len() >= ulen {
+                        if let Some(f) = self.cache.cached(&p, fi) {
+                            shared = f;
+                        } else {
+                            p.read_frame_to_slice(fi, &mut out[..ulen])?;
+                            out = &mut out[ulen..];
+                            off += ulen as u64;
+                            continue;
+                        }
+                    } else {
+                        shared = self.cache.frame(&p, fi)?;
+                    }
                     &shared
                 }
             };
