@@ -443,10 +443,12 @@ struct ChunkCtx<'a> {
 }
 
 impl ChunkCtx<'_> {
-    /// Diffs and compresses one chunk, `data[pre..pre + len]` at file offset
-    /// `off`, with context on both sides (runs on a pool thread).
+    /// Diffs one chunk, `data[pre..pre + len]` at file offset `off`, with
+    /// context on both sides, and gathers its literal bytes (runs on a pool
+    /// thread). `data` is not needed after this: the caller may reuse it
+    /// before [`Gathered::compress`].
     #[allow(clippy::too_many_arguments)]
-    fn process(
+    fn gather(
         &self,
         data: &[u8],
         pre: usize,
@@ -455,7 +457,7 @@ impl ChunkCtx<'_> {
         holes: &[bool],
         file_size: u64,
         read: u64,
-    ) -> Result<ChunkOut> {
+    ) -> Gathered {
         let d = diff_chunk(
             &Chunk {
                 data,
@@ -468,7 +470,6 @@ impl ChunkCtx<'_> {
             self.cfg.block_size,
             self.prev,
         );
-        // Gather literals into one stream and compress it.
         let mut lit = self.buffers.take(0);
         let mut ops = Vec::with_capacity(d.ops.len());
         for op in d.ops {
@@ -481,25 +482,51 @@ impl ChunkCtx<'_> {
                 o => ops.push(o),
             }
         }
-        let mut compressed = self.buffers.take(0);
+        Gathered {
+            len,
+            ops,
+            lit,
+            entries: d.entries,
+            digests: d.digests,
+            stats: d.stats,
+            read,
+        }
+    }
+}
+
+/// A diffed chunk whose literal bytes wait to be compressed.
+struct Gathered {
+    len: u64,
+    ops: Vec<Op>,
+    lit: Vec<u8>,
+    entries: Vec<[u8; ENTRY_SIZE]>,
+    digests: Vec<[u8; 32]>,
+    stats: DeltaStats,
+    read: u64,
+}
+
+impl Gathered {
+    /// Compresses the literals into frames.
+    fn compress(self, ctx: &ChunkCtx<'_>) -> Result<ChunkOut> {
+        let mut compressed = ctx.buffers.take(0);
         let mut frames = Vec::new();
         compress_frames(
-            &lit,
-            self.cfg.frame_size as usize,
-            self.cfg.zstd_level,
+            &self.lit,
+            ctx.cfg.frame_size as usize,
+            ctx.cfg.zstd_level,
             &mut compressed,
             &mut frames,
         )?;
-        self.buffers.give(lit);
+        ctx.buffers.give(self.lit);
         Ok(ChunkOut {
-            len,
-            ops,
-            entries: d.entries,
-            digests: d.digests,
+            len: self.len,
+            ops: self.ops,
+            entries: self.entries,
+            digests: self.digests,
             compressed,
             frames,
-            stats: d.stats,
-            read,
+            stats: self.stats,
+            read: self.read,
         })
     }
 }
@@ -593,9 +620,11 @@ impl FileFeed<'_> {
             }
         }
         buf[(filled - lo) as usize..].fill(0);
-        let out = ctx.process(&buf, pre, off, len, &holes, self.size, read);
+        let g = ctx.gather(&buf, pre, off, len, &holes, self.size, read);
+        // The chunk's buffer goes back before compressing: one fewer chunk
+        // buffer per thread at a time.
         ctx.buffers.give(buf);
-        out
+        g.compress(ctx)
     }
 }
 
@@ -667,7 +696,8 @@ impl<'a> StreamFeed<'a> {
                 let hi = (off + len + bs - 1).min(end);
                 let holes = vec![false; len.div_ceil(bs) as usize];
                 let data = &buf[(lo - start) as usize..(hi - start) as usize];
-                ctx.process(data, (off - lo) as usize, off, len, &holes, size, len)
+                ctx.gather(data, (off - lo) as usize, off, len, &holes, size, len)
+                    .compress(ctx)
             })
             .collect();
         Ok((outs, last))
