@@ -25,7 +25,12 @@ thread_local! {
 
 pub struct DsyncFs {
     pub tree: Tree,
+    pub prefill: std::sync::Arc<crate::prefill::Prefill>,
 }
+
+/// Reads up to this size are random reads whose frame is worth prefilling;
+/// larger ones are the kernel's readahead.
+const PREFILL_BELOW: usize = 64 << 10;
 
 fn to_time(ns: i64) -> SystemTime {
     if ns >= 0 {
@@ -138,7 +143,12 @@ impl Filesystem for DsyncFs {
                 buf.resize(len, 0);
             }
             match r.read_at(offset, &mut buf[..len]) {
-                Ok(n) => reply.data(&buf[..n]),
+                Ok(n) => {
+                    reply.data(&buf[..n]);
+                    if n > 0 && n < PREFILL_BELOW {
+                        self.prefill.push(ino.0, r.clone(), offset, n as u64);
+                    }
+                }
                 Err(e) => {
                     crate::log(&format!("EIO for {len} bytes at {offset}: {e}"));
                     reply.error(errno(&e))

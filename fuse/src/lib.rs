@@ -6,6 +6,7 @@
 
 mod errno;
 mod fs;
+mod prefill;
 mod tree;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,7 +103,11 @@ pub fn mount(
     let cache = repo.cache().clone();
     let frame_size = repo.config().frame_size as usize;
     let tree = tree::Tree::new(repo).map_err(io::Error::other)?;
-    let fs = fs::DsyncFs { tree };
+    let prefill = std::sync::Arc::new(prefill::Prefill::default());
+    let fs = fs::DsyncFs {
+        tree,
+        prefill: prefill.clone(),
+    };
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -141,8 +146,11 @@ pub fn mount(
                 log(&format!("unmount failed: {e}"));
             }
         })?;
-    // Started here, after the signal mask: it inherits SIGINT/SIGTERM blocked.
+    // Started here, after the signal mask: they inherit SIGINT/SIGTERM blocked.
     cache.keep_spares_warm(frame_size);
+    if let Err(e) = prefill.start(session.notifier()) {
+        log(&format!("cannot start the prefill thread: {e}"));
+    }
     raise_readahead(mountpoint);
     ready();
     session.run()

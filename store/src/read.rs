@@ -81,6 +81,36 @@ impl VersionReader {
         self.read_inner(off, buf, Some(scratch))
     }
 
+    /// The file range `[start, end)` around `off` whose bytes one stored
+    /// frame holds (within the extent that holds `off`): what one miss at
+    /// `off` has already decompressed. `None` in a hole or past the end.
+    ///
+    /// # Errors
+    /// When the extent's pack cannot be opened.
+    pub fn frame_span(&self, off: u64) -> Result<Option<(u64, u64)>> {
+        let ex = self.map.extents();
+        let Some(e) = ex.get(self.map.first_after(off)) else {
+            return Ok(None);
+        };
+        if e.logical > off {
+            return Ok(None);
+        }
+        let p = self.cache.pack(e.pack)?;
+        let Some((_, fstart)) = p.frame_at(e.offset + (off - e.logical)) else {
+            return Ok(None);
+        };
+        let Some((fs, fe)) = p
+            .frame_at(fstart)
+            .and_then(|(fi, _)| p.frame_range(fi as usize))
+        else {
+            return Ok(None);
+        };
+        // The frame's part of the extent, in file coordinates.
+        let start = e.logical + fs.saturating_sub(e.offset);
+        let end = e.end().min(e.logical + (fe - e.offset));
+        Ok(Some((start, end)))
+    }
+
     fn read_inner(
         &self,
         off: u64,

@@ -436,3 +436,70 @@ fn daemon_returns_once_ready() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Pages of `f` in `[off, off + len)` that the kernel's page cache holds.
+fn resident_pages(f: &std::fs::File, off: u64, len: usize) -> Vec<bool> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a read-only shared mapping of an open file, unmapped below;
+    // mincore writes one byte per page into a vector of that many bytes.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            off as libc::off_t,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap of a mounted file");
+        let mut v = vec![0u8; len.div_ceil(4096)];
+        let r = libc::mincore(p, len, v.as_mut_ptr());
+        libc::munmap(p, len);
+        assert_eq!(r, 0, "mincore");
+        v.into_iter().map(|b| b & 1 == 1).collect()
+    }
+}
+
+/// A 4 KiB read that misses puts the rest of its frame into the page cache
+/// (FUSE_NOTIFY_STORE), and those pages hold the right bytes.
+#[test]
+fn a_miss_prefills_its_frame() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    let img = env.path("disk.img");
+    // Incompressible, so the first version's frames map to 32 KiB-aligned
+    // file ranges: [1 MiB, 1 MiB + 32 KiB) is one frame.
+    let data = pseudo(4 << 20, 77);
+    std::fs::write(&img, &data).unwrap();
+    env.ok(&["backup", "-q", s(&env.repo()), s(&img)]);
+    let m = Mount::new(&env, &[]);
+    let f = std::fs::File::open(m.dir.join("latest/disk.img")).unwrap();
+    let frame = 1u64 << 20;
+    assert!(
+        resident_pages(&f, frame, 32768).iter().all(|r| !r),
+        "pages cached before any read"
+    );
+    let mut b = vec![0u8; 4096];
+    f.read_exact_at(&mut b, frame + 8192).unwrap();
+    assert!(b[..] == data[(frame + 8192) as usize..][..4096]);
+    let t = Instant::now();
+    while !resident_pages(&f, frame, 32768).iter().all(|&r| r) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "frame not prefilled: {:?}",
+            resident_pages(&f, frame, 32768)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The prefilled pages read (from the page cache) as the original.
+    let mut all = vec![0u8; 32768];
+    f.read_exact_at(&mut all, frame).unwrap();
+    assert!(
+        all[..] == data[frame as usize..][..32768],
+        "prefilled bytes differ"
+    );
+    drop(f);
+    m.unmount();
+}
