@@ -121,7 +121,7 @@ impl Filesystem for DsyncFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -130,6 +130,7 @@ impl Filesystem for DsyncFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        crate::affinity::follow(req.pid());
         let r = match self.tree.reader(ino.0) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(&e)),

@@ -4,6 +4,7 @@
 //! map, one frame from the shared LRU cache or the pack); this crate knows only
 //! that reading API, and keeps fuser's types to itself.
 
+mod affinity;
 mod errno;
 mod fs;
 mod prefill;
