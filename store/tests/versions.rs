@@ -161,6 +161,19 @@ fn run_mixed(versions: &[Vec<u8>], seed: u64) {
     check_all(&repo, versions, dir.path());
 }
 
+/// A file of `size` pseudo-random bytes and its state after each day's edits.
+fn history(size: usize, seed: u64, days: Vec<Vec<Edit>>) -> Vec<Vec<u8>> {
+    let mut v = pseudo(size, seed);
+    let mut versions = vec![v.clone()];
+    for d in days {
+        for e in d {
+            e.apply(&mut v);
+        }
+        versions.push(v.clone());
+    }
+    versions
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     #[test]
@@ -169,15 +182,7 @@ proptest! {
         seed in any::<u64>(),
         days in proptest::collection::vec(proptest::collection::vec(edit(), 0..6), 1..4),
     ) {
-        let mut v = pseudo(size, seed);
-        let mut versions = vec![v.clone()];
-        for d in days {
-            for e in d {
-                e.apply(&mut v);
-            }
-            versions.push(v.clone());
-        }
-        run_mixed(&versions, seed);
+        run_mixed(&history(size, seed, days), seed);
     }
 
     #[test]
@@ -186,15 +191,7 @@ proptest! {
         seed in any::<u64>(),
         days in proptest::collection::vec(proptest::collection::vec(edit(), 0..6), 1..4),
     ) {
-        let mut v = pseudo(size, seed);
-        let mut versions = vec![v.clone()];
-        for d in days {
-            for e in d {
-                e.apply(&mut v);
-            }
-            versions.push(v.clone());
-        }
-        run(&versions);
+        run(&history(size, seed, days));
     }
 
     #[test]
