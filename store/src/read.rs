@@ -96,11 +96,8 @@ impl VersionReader {
             return Ok(None);
         }
         let p = self.cache.pack(e.pack)?;
-        let Some((_, fstart)) = p.frame_at(e.offset + (off - e.logical)) else {
-            return Ok(None);
-        };
         let Some((fs, fe)) = p
-            .frame_at(fstart)
+            .frame_at(e.offset + (off - e.logical))
             .and_then(|(fi, _)| p.frame_range(fi as usize))
         else {
             return Ok(None);
