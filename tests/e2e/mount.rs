@@ -475,6 +475,21 @@ fn a_miss_prefills_its_frame() {
     std::fs::write(&img, &data).unwrap();
     env.ok(&["backup", "-q", s(&env.repo()), s(&img)]);
     let m = Mount::new(&env, &[]);
+    // As root, the mount reads ahead 1 MiB (its backing device's setting).
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let dev = std::fs::metadata(&m.dir).unwrap().dev();
+        let knob = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        );
+        assert_eq!(
+            std::fs::read_to_string(&knob).unwrap().trim(),
+            "1024",
+            "{knob}"
+        );
+    }
     let f = std::fs::File::open(m.dir.join("latest/disk.img")).unwrap();
     let frame = 1u64 << 20;
     assert!(
