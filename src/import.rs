@@ -93,7 +93,10 @@ fn import_versions(
             time_ns: Some(t * 1_000_000_000),
             ..Default::default()
         };
-        let rep = dsync_store::backup(r, &files, &opts, &dsync_store::NoProgress)?;
+        let bar = crate::progress::Bar::new(quiet);
+        let rep = dsync_store::backup(r, &files, &opts, &bar);
+        bar.done();
+        let rep = rep?;
         if !quiet {
             println!(
                 "{}/{}: {} -> snapshot {} ({} files, repository grew by {} bytes)",
