@@ -369,7 +369,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             // Dry: gc sees the forgotten snapshots still there, so its figures
             // cover only what is unused already.
-            let mut rep = dsync_store::gc::gc(&r, repack_below, dry_run)?;
+            let bar = Bar::new(cli.quiet || json);
+            let rep = dsync_store::gc::gc(&r, repack_below, dry_run, &bar);
+            bar.done();
+            let mut rep = rep?;
             if !dry_run {
                 // Forgotten manifests count too.
                 rep.bytes_freed = before.saturating_sub(dsync_store::gc::repo_bytes(&r)?);

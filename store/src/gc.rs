@@ -47,7 +47,13 @@ pub struct GcReport {
 /// # Errors
 /// [`Error::Corrupt`] when a manifest or a live map cannot be read (gc then
 /// changes nothing: it cannot know what is live); [`Error::Locked`]; [`Error::Io`].
-pub fn gc(repo: &Repo, repack_below: f64, dry_run: bool) -> Result<GcReport> {
+/// `progress` hears of the live bytes copied by a repack.
+pub fn gc(
+    repo: &Repo,
+    repack_below: f64,
+    dry_run: bool,
+    progress: &dyn crate::Progress,
+) -> Result<GcReport> {
     let _lock = repo.lock()?;
     let snaps = repo.snapshots()?;
     let mut live_maps: BTreeMap<MapId, MapBody> = BTreeMap::new();
@@ -160,9 +166,16 @@ pub fn gc(repo: &Repo, repack_below: f64, dry_run: bool) -> Result<GcReport> {
     let mut buf = Vec::new();
     let mut compressed = Vec::new();
     let mut frames: Vec<FrameMeta> = Vec::new();
+    let to_copy = repack
+        .iter()
+        .filter_map(|id| live.get(id))
+        .flat_map(|r| r.iter().map(|(a, b)| b - a))
+        .sum();
+    progress.start("repack", to_copy);
     for id in &repack {
         let p = repo.cache().pack(*id)?;
         for &(a, b) in &live[id] {
+            progress.advance(b - a);
             buf.clear();
             let mut off = a;
             while off < b {
