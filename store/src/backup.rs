@@ -275,7 +275,8 @@ fn run(
         };
         let prev_ref = prev_loaded.as_ref().map(|(m, s)| (m, s));
         let (version, report, meta) = match (origin, prev) {
-            (Origin::Path { md, .. }, Some(f)) if reuse => {
+            (Origin::Path { path, md }, Some(f)) if reuse => {
+                source_paths.push(path.display().to_string());
                 progress.advance(md.len());
                 let report = FileReport {
                     name: display,

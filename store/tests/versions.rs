@@ -214,6 +214,8 @@ fn unchanged_file_is_reused_without_reading() {
     let r = backup(&repo, std::slice::from_ref(&src), &opts, &NoProgress).unwrap();
     assert!(r.files[0].reused);
     assert_eq!(r.files[0].bytes_read, 0);
+    // A reused source is still one of the snapshot's paths.
+    assert_eq!(r.snapshot.paths, vec![src.display().to_string()]);
     let forced = BackupOptions {
         checksum: true,
         ..opts
