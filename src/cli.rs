@@ -52,6 +52,11 @@ qemu-img convert -O raw disk.qcow2 /dev/stdout | dsync backup /backup/vms --stdi
         /// stored under --name and diffed against its previous version.
         #[arg(long, requires = "name", conflicts_with = "paths")]
         stdin: bool,
+        /// With --stdin: fail, storing nothing, unless the stream is exactly
+        /// this long (e.g. `$(blockdev --getsize64 DEV)`): a producer that
+        /// dies early otherwise leaves a short snapshot.
+        #[arg(long, requires = "stdin", value_parser = parse_size)]
+        expect_size: Option<u64>,
         /// Read files even when size, mtime and inode say they are unchanged.
         #[arg(long)]
         checksum: bool,

@@ -148,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             repo,
             paths,
             stdin,
+            expect_size,
             checksum,
             accept_changed,
             name,
@@ -161,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 accept_changed,
                 name,
                 time_ns: time,
+                expect_size,
                 ..Default::default()
             };
             let rep = if stdin {

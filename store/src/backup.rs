@@ -65,6 +65,9 @@ pub struct BackupOptions {
     pub accept_changed: bool,
     /// Store the (single) source under this name instead of its base name.
     pub name: Option<String>,
+    /// A stream must be exactly this long (a stream that ends early looks
+    /// like a short one otherwise); files ignore it.
+    pub expect_size: Option<u64>,
 }
 
 impl Default for BackupOptions {
@@ -75,6 +78,7 @@ impl Default for BackupOptions {
             chunk_size: 4 << 20,
             accept_changed: false,
             name: None,
+            expect_size: None,
         }
     }
 }
@@ -834,6 +838,12 @@ impl<'r> Writer<'r> {
             Input::Stream(reader) => {
                 let mut feed = Feed::Stream(StreamFeed::new(reader));
                 let st = self.store(&mut feed, prev, opts, progress)?;
+                if let Some(want) = opts.expect_size.filter(|&w| w != st.pos) {
+                    return Err(Error::InvalidInput(format!(
+                        "standard input ended after {} bytes, not the {want} expected: no snapshot was made",
+                        st.pos
+                    )));
+                }
                 (st.pos, st, (0, 0, 0), None)
             }
         };

@@ -231,6 +231,42 @@ fn pipe_backup_restores_and_deltas() {
     .unwrap();
     assert_eq!(v["files"][0]["literal_bytes"], 0, "{v}");
     env.ok(&["check", s(&env.repo()), "--read-data"]);
+    // --expect-size: a stream that ends early makes no snapshot.
+    let before = env.ids().len();
+    let size = std::fs::metadata(&img).unwrap().len().to_string();
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            "head -c 1000000 \"$1\" | \"$2\" backup \"$3\" --stdin --name disk.raw --expect-size \"$4\"",
+            "sh",
+        ])
+        .arg(&img)
+        .arg(env!("CARGO_BIN_EXE_dsync"))
+        .arg(env.repo())
+        .arg(&size)
+        .env_remove("DSYNC_REPO")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("ended after 1000000 bytes"), "{err}");
+    assert_eq!(env.ids().len(), before, "a short stream made a snapshot");
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            "cat \"$1\" | \"$2\" backup -q \"$3\" --stdin --name disk.raw --expect-size \"$4\"",
+            "sh",
+        ])
+        .arg(&img)
+        .arg(env!("CARGO_BIN_EXE_dsync"))
+        .arg(env.repo())
+        .arg(&size)
+        .env_remove("DSYNC_REPO")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(env.ids().len(), before + 1);
     // Without --name, or with paths too: one line, exit 2.
     let o = env.run(&["backup", s(&env.repo()), "--stdin"]);
     assert_eq!(o.status.code(), Some(2));
