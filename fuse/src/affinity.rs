@@ -8,8 +8,13 @@
 //! the scheduler, 16,300-21,300, which usually keeps them apart. So every
 //! 64th read a serving thread looks up the CPU its requester last ran on
 //! (/proc/PID/stat) and moves there: 19,000-27,500 reads/s in alternating
-//! runs (median 21,000 vs 19,500), 4 readers and `cat` unchanged. Several
-//! readers on several CPUs spread the serving threads among them.
+//! runs (median 21,000 vs 19,500), 4 readers unchanged. Several readers on
+//! several CPUs spread the serving threads among them.
+//!
+//! Only small reads: a sequential reader's readahead requests (large) are
+//! better decompressed on every CPU while the reader copies on its own;
+//! bound to the reader's CPU, `cat` lost 8-10 % (1,455-1,814 vs 1,600-2,021
+//! MB/s alternating). A large request unbinds its thread.
 
 use std::cell::Cell;
 
@@ -20,10 +25,25 @@ thread_local! {
     static COUNT: Cell<u32> = const { Cell::new(0) };
     /// The CPU this thread is bound to, if any.
     static BOUND: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The CPUs it may use when not bound (its mask before binding).
+    static FREE: Cell<Option<libc::cpu_set_t>> = const { Cell::new(None) };
 }
 
-/// Called by a serving thread for each read request of `pid`.
-pub fn follow(pid: u32) {
+/// Called by a serving thread for each read request of `pid`; `small`: a
+/// random read rather than the kernel's readahead.
+pub fn follow(pid: u32, small: bool) {
+    if !small {
+        if BOUND.with(Cell::get).is_some() {
+            if let Some(set) = FREE.with(Cell::get) {
+                // SAFETY: a set sched_getaffinity filled in; this thread only.
+                unsafe {
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+            }
+            BOUND.with(|b| b.set(None));
+        }
+        return;
+    }
     let n = COUNT.with(|c| {
         let v = c.get().wrapping_add(1);
         c.set(v);
@@ -35,6 +55,16 @@ pub fn follow(pid: u32) {
     let Some(cpu) = last_cpu(pid) else { return };
     if BOUND.with(Cell::get) == Some(cpu) || cpu >= libc::CPU_SETSIZE as usize {
         return;
+    }
+    if FREE.with(Cell::get).is_none() {
+        // SAFETY: a zeroed cpu_set_t is valid; the call fills it in.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let got =
+            unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        if got != 0 {
+            return;
+        }
+        FREE.with(|f| f.set(Some(set)));
     }
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within
     // it (checked above); sched_setaffinity(0, ...) binds this thread only.

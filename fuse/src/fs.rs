@@ -28,8 +28,9 @@ pub struct DsyncFs {
     pub prefill: std::sync::Arc<crate::prefill::Prefill>,
 }
 
-/// Reads up to this size are random reads whose frame is worth prefilling;
-/// larger ones are the kernel's readahead.
+/// Reads up to this size are random reads (whose frame is worth prefilling,
+/// and whose reader's CPU is worth following); larger ones are the kernel's
+/// readahead.
 const PREFILL_BELOW: usize = 64 << 10;
 
 fn to_time(ns: i64) -> SystemTime {
@@ -130,7 +131,7 @@ impl Filesystem for DsyncFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        crate::affinity::follow(req.pid());
+        crate::affinity::follow(req.pid(), (size as usize) < PREFILL_BELOW);
         let r = match self.tree.reader(ino.0) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(&e)),
