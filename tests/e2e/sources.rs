@@ -162,22 +162,30 @@ fn dsync_repo_and_dash_r_stand_for_repo() {
     run(None, &["--repo", s(&repo), "check"]);
 }
 
-/// Runs `cat SRC | dsync backup REPO --stdin --name NAME --json` through a
-/// real shell pipe and returns the parsed summary.
-fn backup_from_pipe(env: &Env, src: &std::path::Path, name: &str) -> serde_json::Value {
-    let o = Command::new("sh")
+/// Runs `PRODUCER SRC | dsync backup REPO --stdin ARGS...` through a real
+/// shell pipe (PRODUCER: `cat`, `head -c N`, ...).
+fn pipe(env: &Env, producer: &str, src: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new("sh")
         .args([
             "-c",
-            "set -e; cat \"$1\" | \"$2\" backup \"$3\" --stdin --name \"$4\" --json",
+            &format!(
+                "src=$1 bin=$2 repo=$3; shift 3; {producer} \"$src\" | \"$bin\" backup \"$repo\" --stdin \"$@\""
+            ),
             "sh",
         ])
         .arg(src)
         .arg(env!("CARGO_BIN_EXE_dsync"))
         .arg(env.repo())
-        .arg(name)
+        .args(args)
         .env_remove("DSYNC_REPO")
         .output()
-        .expect("sh");
+        .expect("sh")
+}
+
+/// `cat SRC | dsync backup REPO --stdin --name NAME --json`, which must
+/// succeed; its parsed summary.
+fn backup_from_pipe(env: &Env, src: &std::path::Path, name: &str) -> serde_json::Value {
+    let o = pipe(env, "cat", src, &["--name", name, "--json"]);
     assert!(
         o.status.success(),
         "backup from a pipe failed: {}",
@@ -234,37 +242,23 @@ fn pipe_backup_restores_and_deltas() {
     // --expect-size: a stream that ends early makes no snapshot.
     let before = env.ids().len();
     let size = std::fs::metadata(&img).unwrap().len().to_string();
-    let o = Command::new("sh")
-        .args([
-            "-c",
-            "head -c 1000000 \"$1\" | \"$2\" backup \"$3\" --stdin --name disk.raw --expect-size \"$4\"",
-            "sh",
-        ])
-        .arg(&img)
-        .arg(env!("CARGO_BIN_EXE_dsync"))
-        .arg(env.repo())
-        .arg(&size)
-        .env_remove("DSYNC_REPO")
-        .output()
-        .unwrap();
+    let o = pipe(
+        &env,
+        "head -c 1000000",
+        &img,
+        &["--name", "disk.raw", "--expect-size", &size],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("ended after 1000000 bytes"), "{err}");
     assert_eq!(env.ids().len(), before, "a short stream made a snapshot");
-    let o = Command::new("sh")
-        .args([
-            "-c",
-            "cat \"$1\" | \"$2\" backup -q \"$3\" --stdin --name disk.raw --expect-size \"$4\"",
-            "sh",
-        ])
-        .arg(&img)
-        .arg(env!("CARGO_BIN_EXE_dsync"))
-        .arg(env.repo())
-        .arg(&size)
-        .env_remove("DSYNC_REPO")
-        .output()
-        .unwrap();
+    let o = pipe(
+        &env,
+        "cat",
+        &img,
+        &["--name", "disk.raw", "--expect-size", &size, "-q"],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(env.ids().len(), before + 1);
     // Without --name, or with paths too: one line, exit 2.
