@@ -97,28 +97,13 @@ fn readme_quick_start_runs() {
     assert!(gz.success());
     let dev_file = t.join("dev/vg/disk-snap");
     std::fs::write(&dev_file, pseudo(2 << 20, 10)).unwrap();
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-        }
-    }
     let mut _loop = None;
     let dev = if skip_root_test("README line's loop device (a regular file stands in)") {
         dev_file.display().to_string()
     } else {
-        let o = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(&dev_file)
-            .output()
-            .expect("losetup");
-        assert!(
-            o.status.success(),
-            "losetup needs root (DSYNC_SKIP_ROOT=1 uses a file): {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let d = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        _loop = Some(Detach(d.clone()));
+        let lo = LoopDevice::attach(&dev_file);
+        let d = lo.0.clone();
+        _loop = Some(lo);
         d
     };
     let skip_fuse = std::env::var_os("DSYNC_SKIP_FUSE").is_some_and(|v| v == "1");

@@ -15,24 +15,8 @@ fn block_device_backup_restores_and_deltas() {
     let env = Env::new();
     let backing = env.path("backing.img");
     std::fs::write(&backing, pseudo(16 << 20, 4)).unwrap();
-    let o = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(&backing)
-        .output()
-        .expect("losetup");
-    assert!(
-        o.status.success(),
-        "losetup needs root (DSYNC_SKIP_ROOT=1 skips): {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    struct Detach(String);
-    impl Drop for Detach {
-        fn drop(&mut self) {
-            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-        }
-    }
-    let _d = Detach(dev.clone());
+    let lo = LoopDevice::attach(&backing);
+    let dev = lo.0.clone();
     let v: serde_json::Value = serde_json::from_str(
         env.ok(&[
             "backup",

@@ -146,3 +146,28 @@ pub fn changed_bytes(a: &Path, b: &Path) -> u64 {
     x.iter().zip(&y).filter(|(p, q)| p != q).count() as u64
         + (x.len() as i64 - y.len() as i64).unsigned_abs()
 }
+
+/// A loop device over a file (needs root), detached when dropped.
+pub struct LoopDevice(pub String);
+
+impl LoopDevice {
+    pub fn attach(file: &Path) -> LoopDevice {
+        let o = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup");
+        assert!(
+            o.status.success(),
+            "losetup needs root (DSYNC_SKIP_ROOT=1 skips what needs it): {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        LoopDevice(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
