@@ -44,7 +44,10 @@ pub fn import(rdiff: &Path, repo: &Path, quiet: bool) -> anyhow::Result<usize> {
         bail!("{} holds no versions", rdiff.display());
     }
     let r = Repo::open_or_init(repo)?;
-    let work = r.dir("tmp").join(format!("import-{}", std::process::id()));
+    // rdiff-backup restores whole images: next to the repository (its
+    // file system has room for them) rather than in a small /tmp.
+    let scratch = r.scratch_dir().unwrap_or_else(std::env::temp_dir);
+    let work = scratch.join(format!("import-{}", std::process::id()));
     let result = import_versions(&r, rdiff, &times, &work, quiet);
     let _ = std::fs::remove_dir_all(&work);
     result.map(|()| times.len())

@@ -352,7 +352,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 monthly: keep_monthly,
                 yearly: keep_yearly,
             };
-            let before = dsync_store::gc::repo_bytes(&r)?;
+            let before = r.bytes_stored()?;
             let mut forgotten = Vec::new();
             let mut kept = Vec::new();
             if !policy.is_empty() {
@@ -377,7 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut rep = rep?;
             if !dry_run {
                 // Forgotten manifests count too.
-                rep.bytes_freed = before.saturating_sub(dsync_store::gc::repo_bytes(&r)?);
+                rep.bytes_freed = before.saturating_sub(r.bytes_stored()?);
             }
             if json {
                 let list = |v: &[dsync_store::prune::Decision]| -> Vec<serde_json::Value> {

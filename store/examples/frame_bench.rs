@@ -1,14 +1,19 @@
 //! Time to read (pread + XXH3 + zstd) every frame of a pack, in a random
-//! order, as the mount does on a miss: `frame_bench PACK_FILE`.
+//! order, as the mount does on a miss: `frame_bench REPO PACK_ID`.
+use dsync_store::backend::LocalBackend;
 use dsync_store::id::PackId;
 use dsync_store::pack::PackReader;
 use std::time::Instant;
 
 fn main() {
-    let path = std::env::args()
-        .nth(1)
-        .expect("usage: frame_bench PACK_FILE");
-    let p = PackReader::open(std::path::Path::new(&path), PackId(1)).expect("open");
+    let usage = "usage: frame_bench REPO PACK_ID";
+    let repo = std::env::args().nth(1).expect(usage);
+    let id = std::env::args()
+        .nth(2)
+        .and_then(|s| PackId::parse(&s))
+        .expect(usage);
+    let backend = LocalBackend::open(std::path::Path::new(&repo)).expect("open");
+    let p = PackReader::open(&backend, id).expect("open");
     let n = p.frame_count() as u32;
     let mut order: Vec<u32> = (0..n).collect();
     let mut x = 0x9E37_79B9_7F4A_7C15u64;

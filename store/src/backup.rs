@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+use crate::backend::Key;
 use crate::delta::signature::{FileHasher, ZeroBlock};
 use crate::delta::{diff_chunk, Chunk, DeltaStats, Op, SigView};
 use crate::error::{Error, IoContext, Result};
@@ -36,8 +37,8 @@ use crate::format::snapshot::{
 };
 use crate::id::{MapId, SnapshotId};
 use crate::map::{FileMap, MapBuilder, Piece};
-use crate::pack::{compress_frames, FrameMeta, PackWriter, Unsynced};
-use crate::repo::{fsync_dir, write_atomic, write_new, Repo, SigWriter};
+use crate::pack::{compress_frames, FrameMeta, PackWriter};
+use crate::repo::{Repo, SigWriter};
 
 /// Reports progress of long work. All methods default to doing nothing.
 pub trait Progress: Sync {
@@ -341,11 +342,7 @@ fn run(
     snap.stats.bytes_added = added;
     snap.stats.duration_ns = started.elapsed().as_nanos() as u64;
     let bytes = snap.encode();
-    write_atomic(
-        &repo.dir("tmp"),
-        &repo.dir("snapshots").join(format!("{}.snap", snap.id)),
-        &bytes,
-    )?;
+    repo.backend().commit(&Key::snapshot(snap.id), &bytes)?;
     Ok(BackupReport {
         snapshot: snap,
         files,
@@ -725,7 +722,6 @@ struct Writer<'r> {
     repo: &'r Repo,
     pack: Option<PackWriter>,
     sig: Option<SigWriter>,
-    unsynced: Vec<Unsynced>,
     added: u64,
     buffers: Buffers,
 }
@@ -742,7 +738,6 @@ impl<'r> Writer<'r> {
             repo,
             pack: None,
             sig: None,
-            unsynced: Vec::new(),
             added: 0,
             buffers: Buffers::default(),
         })
@@ -755,29 +750,27 @@ impl<'r> Writer<'r> {
             .is_some_and(|p| p.file_len() >= self.repo.config().pack_target);
         if full {
             if let Some(p) = self.pack.take() {
-                let (n, u) = p.finish()?;
-                self.added += n;
-                self.unsynced.push(u);
+                self.added += p.finish()?;
             }
         }
         if self.pack.is_none() {
-            self.pack = Some(PackWriter::create(&self.repo.dir("packs"))?);
+            self.pack = Some(PackWriter::create(self.repo.backend())?);
         }
         self.pack
             .as_mut()
-            .ok_or_else(|| Error::InvalidInput("internal: no pack".into()))
+            .ok_or_else(|| Error::Internal("no pack".into()))
     }
 
     fn sig(&mut self) -> Result<&mut SigWriter> {
         if self.sig.is_none() {
             self.sig = Some(SigWriter::create(
-                &self.repo.dir("sigs"),
+                self.repo.backend(),
                 self.repo.config().page_entries,
             )?);
         }
         self.sig
             .as_mut()
-            .ok_or_else(|| Error::InvalidInput("internal: no signature file".into()))
+            .ok_or_else(|| Error::Internal("no signature file".into()))
     }
 
     /// Backs up one file or stream; returns its version and report.
@@ -805,8 +798,8 @@ impl<'r> Writer<'r> {
                 });
                 let st = self.store(&mut feed, prev, opts, progress)?;
                 if st.pos != size {
-                    return Err(Error::InvalidInput(format!(
-                        "internal: map covers {} of {size} bytes",
+                    return Err(Error::Internal(format!(
+                        "map covers {} of {size} bytes",
                         st.pos
                     )));
                 }
@@ -856,9 +849,7 @@ impl<'r> Writer<'r> {
             pages: st.pager.refs,
         };
         let map_id = MapId::random();
-        let enc = body.encode();
-        write_new(&self.repo.dir("maps").join(format!("{map_id}.map")), &enc)?;
-        self.added += enc.len() as u64;
+        self.added += self.repo.put_map(map_id, &body)?;
         let mut flags = FLAG_HASH_SIZE_LAST;
         if what.is_some() {
             flags |= FLAG_CHANGED_WHILE_READ;
@@ -982,9 +973,7 @@ impl<'r> Writer<'r> {
                 }
                 Op::Copy { len, from } => {
                     let Some((pm, _)) = prev else {
-                        return Err(Error::InvalidInput(
-                            "internal: copy without a previous version".into(),
-                        ));
+                        return Err(Error::Internal("copy without a previous version".into()));
                     };
                     pm.resolve(from, len, |p| match p {
                         Piece::Data { len, pack, offset } => {
@@ -1032,23 +1021,16 @@ impl<'r> Writer<'r> {
         })
     }
 
-    /// Finishes the pack and signature file, fsyncs everything written and
-    /// the directories.
+    /// Finishes the pack and signature object and makes everything written
+    /// durable (the barrier before the manifest's commit).
     fn finish(&mut self) -> Result<u64> {
         if let Some(p) = self.pack.take() {
-            let (n, u) = p.finish()?;
-            self.added += n;
-            self.unsynced.push(u);
+            self.added += p.finish()?;
         }
         if let Some(s) = self.sig.take() {
             self.added += s.finish()?;
         }
-        for u in self.unsynced.drain(..) {
-            u.sync()?;
-        }
-        for d in ["packs", "sigs", "maps"] {
-            fsync_dir(&self.repo.dir(d))?;
-        }
+        self.repo.backend().sync()?;
         Ok(self.added)
     }
 }

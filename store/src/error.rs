@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 /// Errors returned by every fallible function of the store.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An operating-system error on a named path.
     #[error("{path}: {source}")]
@@ -84,6 +85,9 @@ pub enum Error {
     /// Anything else the caller got wrong.
     #[error("{0}")]
     InvalidInput(String),
+    /// A broken invariant of dsync itself (a bug), never the user's input.
+    #[error("internal error (a bug in dsync, please report it): {0}")]
+    Internal(String),
 }
 
 /// The store's result type.
@@ -111,6 +115,12 @@ impl Error {
     /// failing disk): the CLI maps it to its own exit code, the mount to EIO.
     pub fn is_damage(&self) -> bool {
         matches!(self, Error::Corrupt { .. })
+    }
+
+    /// True when an object (or file) does not exist: a reader that raced a
+    /// prune tells "replaced" from "damaged" by it.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     }
 }
 

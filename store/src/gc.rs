@@ -18,12 +18,13 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::error::{Error, IoContext, Result};
+use crate::backend::{Key, Kind};
+use crate::error::{Error, Result};
 use crate::format::map::{Extent, MapBody};
 use crate::format::snapshot::{NodeKind, Snapshot};
 use crate::id::{MapId, PackId, SigId};
 use crate::pack::{compress_frames, FrameMeta, PackWriter};
-use crate::repo::{fsync_dir, write_atomic, write_new, Repo};
+use crate::repo::Repo;
 
 /// What gc did (or, dry, would do).
 #[derive(Clone, Debug, Default)]
@@ -82,85 +83,69 @@ pub fn gc(
     }
 
     let mut report = GcReport::default();
-    let before = repo_bytes(repo)?;
-    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let listed = |dir: &str, ext: &str| -> Result<Vec<(String, std::path::PathBuf)>> {
-        let d = repo.dir(dir);
-        let mut v = Vec::new();
-        for e in std::fs::read_dir(&d).at(&d)? {
-            let e = e.at(&d)?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(stem) = name.strip_suffix(ext) {
-                v.push((stem.to_string(), e.path()));
-            }
-        }
-        Ok(v)
-    };
+    let before = repo.bytes_stored()?;
+    let backend = repo.backend();
+    let mut doomed: Vec<Key> = Vec::new();
 
     // Repack candidates.
     let mut repack: Vec<PackId> = Vec::new();
-    for (stem, path) in listed("packs", ".pack")? {
-        let Some(id) = PackId::parse(&stem) else {
+    let pack_sizes = repo.sizes(Kind::Pack)?;
+    for (stem, &pack_size) in &pack_sizes {
+        let Some(id) = PackId::parse(stem) else {
             continue;
         };
         match live.get(&id) {
             None => {
-                report.unused_bytes += size(&path);
+                report.unused_bytes += pack_size;
                 report.packs_deleted += 1;
-                report.bytes_freed += size(&path);
-                if !dry_run {
-                    std::fs::remove_file(&path).at(&path)?;
-                }
+                report.bytes_freed += pack_size;
+                doomed.push(Key::pack(id));
             }
             Some(ranges) => {
                 let p = repo.cache().pack(id)?;
                 let total = p.uncompressed_len().max(1);
                 let live_bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum();
                 let dead_share = (total - live_bytes.min(total)) as f64 / total as f64;
-                report.unused_bytes += (dead_share * size(&path) as f64) as u64;
+                report.unused_bytes += (dead_share * pack_size as f64) as u64;
                 if repack_below > 0.0 && (live_bytes as f64) < repack_below * total as f64 {
                     repack.push(id);
                     // The pack goes; its live bytes come back compressed.
-                    let ratio = size(&path) as f64 / total as f64;
+                    let ratio = pack_size as f64 / total as f64;
                     report.bytes_freed += ((total - live_bytes) as f64 * ratio) as u64;
                 }
             }
         }
     }
-    for (stem, path) in listed("maps", ".map")? {
-        if MapId::parse(&stem).is_some_and(|id| !live_maps.contains_key(&id)) {
-            report.unused_bytes += size(&path);
+    let map_sizes = repo.sizes(Kind::Map)?;
+    for (stem, &n) in &map_sizes {
+        if let Some(id) = MapId::parse(stem).filter(|id| !live_maps.contains_key(id)) {
+            report.unused_bytes += n;
             report.maps_deleted += 1;
-            report.bytes_freed += size(&path);
-            if !dry_run {
-                std::fs::remove_file(&path).at(&path)?;
-            }
+            report.bytes_freed += n;
+            doomed.push(Key::map(id));
         }
     }
-    for (stem, path) in listed("sigs", ".sig")? {
-        if SigId::parse(&stem).is_some_and(|id| !live_sigs.contains(&id)) {
-            report.unused_bytes += size(&path);
+    for (stem, n) in backend.list(Kind::Sig)? {
+        if let Some(id) = SigId::parse(&stem).filter(|id| !live_sigs.contains(id)) {
+            report.unused_bytes += n;
             report.sigs_deleted += 1;
-            report.bytes_freed += size(&path);
-            if !dry_run {
-                std::fs::remove_file(&path).at(&path)?;
-            }
+            report.bytes_freed += n;
+            doomed.push(Key::sig(id));
         }
     }
     report.packs_repacked = repack.len();
-    if dry_run || repack.is_empty() {
-        if !dry_run {
-            for d in ["packs", "maps", "sigs"] {
-                fsync_dir(&repo.dir(d))?;
-            }
-            report.bytes_freed = before.saturating_sub(repo_bytes(repo)?);
-        }
+    if dry_run {
+        return Ok(report);
+    }
+    backend.remove(&doomed)?;
+    if repack.is_empty() {
+        report.bytes_freed = before.saturating_sub(repo.bytes_stored()?);
         return Ok(report);
     }
 
     // Copy the live ranges of the repacked packs into one new pack.
     let cfg = repo.config().clone();
-    let mut w = PackWriter::create(&repo.dir("packs"))?;
+    let mut w = PackWriter::create(backend)?;
     // (old pack, range start) -> (range end, new offset)
     let mut moved: HashMap<PackId, Vec<(u64, u64, u64)>> = HashMap::new();
     let mut buf = Vec::new();
@@ -213,9 +198,7 @@ pub fn gc(
         }
     }
     let new_pack = w.id;
-    let (_, unsynced) = w.finish()?;
-    unsynced.sync()?;
-    fsync_dir(&repo.dir("packs"))?;
+    w.finish()?;
 
     // Rewrite the maps that point into repacked packs.
     let mut renamed: HashMap<MapId, MapId> = HashMap::new();
@@ -227,9 +210,10 @@ pub fn gc(
         for e in body.extents.iter_mut() {
             if let Some(ranges) = moved.get(&e.pack) {
                 let i = ranges.partition_point(|r| r.1 <= e.offset);
-                let (a, _, to) = ranges.get(i).copied().ok_or_else(|| {
-                    Error::InvalidInput("internal: extent outside the live ranges".into())
-                })?;
+                let (a, _, to) = ranges
+                    .get(i)
+                    .copied()
+                    .ok_or_else(|| Error::Internal("extent outside the live ranges".into()))?;
                 *e = Extent {
                     logical: e.logical,
                     len: e.len,
@@ -239,13 +223,10 @@ pub fn gc(
             }
         }
         let new_id = MapId::random();
-        write_new(
-            &repo.dir("maps").join(format!("{new_id}.map")),
-            &body.encode(),
-        )?;
+        repo.put_map(new_id, &body)?;
         renamed.insert(*id, new_id);
     }
-    fsync_dir(&repo.dir("maps"))?;
+    backend.sync()?;
 
     // Replace the manifests that name rewritten maps (same id, atomic rename).
     for s in &snaps {
@@ -260,40 +241,18 @@ pub fn gc(
             }
         }
         if changed {
-            let path = repo.dir("snapshots").join(format!("{}.snap", s.id));
-            write_atomic(&repo.dir("tmp"), &path, &s2.encode())?;
+            backend.replace(&Key::snapshot(s.id), &s2.encode())?;
             report.manifests_rewritten += 1;
         }
     }
 
     // Nothing names the old maps and packs any more.
-    for old in renamed.keys() {
-        let p = repo.dir("maps").join(format!("{old}.map"));
-        report.bytes_freed += size(&p);
-        std::fs::remove_file(&p).at(&p)?;
-    }
-    for id in &repack {
-        let p = repo.dir("packs").join(format!("{id}.pack"));
-        std::fs::remove_file(&p).at(&p)?;
-    }
-    for d in ["packs", "maps"] {
-        fsync_dir(&repo.dir(d))?;
-    }
-    report.bytes_freed = before.saturating_sub(repo_bytes(repo)?);
+    let old: Vec<Key> = renamed
+        .keys()
+        .map(|&m| Key::map(m))
+        .chain(repack.iter().map(|&p| Key::pack(p)))
+        .collect();
+    backend.remove(&old)?;
+    report.bytes_freed = before.saturating_sub(repo.bytes_stored()?);
     Ok(report)
-}
-
-/// Bytes in the repository's object directories.
-///
-/// # Errors
-/// [`Error::Io`] when a directory cannot be listed.
-pub fn repo_bytes(repo: &Repo) -> Result<u64> {
-    let mut n = 0;
-    for d in ["packs", "sigs", "maps", "snapshots"] {
-        let dir = repo.dir(d);
-        for e in std::fs::read_dir(&dir).at(&dir)? {
-            n += e.at(&dir)?.metadata().map(|m| m.len()).unwrap_or(0);
-        }
-    }
-    Ok(n)
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::backend::Kind;
 use crate::error::Result;
 use crate::format::snapshot::NodeKind;
 use crate::id::{MapId, PackId, SnapshotId};
@@ -100,9 +101,13 @@ pub fn du(repo: &Repo) -> Result<DuReport> {
         }
     }
     let mut unique = vec![0f64; snaps.len()];
+    let pack_sizes = repo.sizes(Kind::Pack)?;
+    let map_sizes = repo.sizes(Kind::Map)?;
+    let snap_sizes = repo.sizes(Kind::Snapshot)?;
+    let size =
+        |sizes: &HashMap<String, u64>, name: String| sizes.get(&name).copied().unwrap_or(0) as f64;
     for (pack, v) in uses {
-        let path = repo.dir("packs").join(format!("{pack}.pack"));
-        let file_len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) as f64;
+        let file_len = size(&pack_sizes, pack.to_string());
         let ulen = repo
             .cache()
             .pack(pack)
@@ -137,16 +142,14 @@ pub fn du(repo: &Repo) -> Result<DuReport> {
     }
     for (id, u) in &users {
         if u.len() == 1 {
-            let p = repo.dir("maps").join(format!("{id}.map"));
-            unique[u[0]] += std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64;
+            unique[u[0]] += size(&map_sizes, id.to_string());
         }
     }
     for (i, s) in snaps.iter().enumerate() {
-        let p = repo.dir("snapshots").join(format!("{}.snap", s.id));
-        unique[i] += std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) as f64;
+        unique[i] += size(&snap_sizes, s.id.to_string());
     }
     Ok(DuReport {
-        total_bytes: crate::gc::repo_bytes(repo)?,
+        total_bytes: repo.bytes_stored()?,
         snapshots: snaps
             .iter()
             .zip(unique)

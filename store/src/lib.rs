@@ -2,6 +2,7 @@
 //! backup, restore and read paths over them. It knows nothing of the command
 //! line or of FUSE. store/FORMAT.md specifies every byte it writes.
 
+pub mod backend;
 pub mod backup;
 pub mod check;
 pub mod delta;

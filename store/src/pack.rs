@@ -2,16 +2,15 @@
 //! shared cache of decompressed frames.
 //!
 //! Durability: a pack's bytes are durable only after [`PackWriter::finish`]
-//! (which writes the index and fsyncs); a pack is referenced by a snapshot only
-//! after that, so a pack cut short by a crash is unreferenced garbage.
+//! (which writes the index) and the backend's sync; a pack is referenced by a
+//! snapshot only after that, so a pack cut short by a crash is unreferenced
+//! garbage.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use crate::error::{Error, IoContext, Result};
+use crate::backend::{Backend, Key, Object, ObjectWriter};
+use crate::error::{Error, Result};
 use crate::format::pack::{self as fmt, FrameEntry};
 use crate::format::FORMAT_VERSION;
 use crate::id::PackId;
@@ -45,14 +44,14 @@ pub fn compress_frames(
     out: &mut Vec<u8>,
     frames: &mut Vec<FrameMeta>,
 ) -> Result<()> {
-    let zerr = |e: std::io::Error| Error::InvalidInput(format!("zstd compression failed: {e}"));
+    let zerr = |e: std::io::Error| Error::Internal(format!("zstd compression failed: {e}"));
     CCTX.with(|c| {
         let mut c = c.borrow_mut();
         if c.as_ref().is_none_or(|(l, _)| *l != level) {
             *c = Some((level, zstd::bulk::Compressor::new(level).map_err(zerr)?));
         }
         let Some((_, cctx)) = c.as_mut() else {
-            return Err(Error::InvalidInput("zstd context missing".into()));
+            return Err(Error::Internal("zstd context missing".into()));
         };
         for part in data.chunks(frame_size.max(1)) {
             let start = out.len();
@@ -104,83 +103,32 @@ fn decompress_frame_to_slice(src: &[u8], out: &mut [u8]) -> std::io::Result<usiz
     })
 }
 
-/// Appends frames to a new pack file.
+/// Appends frames to a new pack object.
 pub struct PackWriter {
     pub id: PackId,
-    path: PathBuf,
-    file: File,
-    pos: u64,
+    w: Box<dyn ObjectWriter>,
     ulen: u64,
-    flushed: u64,
     frames: Vec<FrameEntry>,
-}
-
-/// A written file whose fsync is still due.
-pub struct Unsynced {
-    file: File,
-    path: PathBuf,
-}
-
-impl Unsynced {
-    pub fn new(file: File, path: PathBuf) -> Self {
-        Unsynced { file, path }
-    }
-
-    /// # Errors
-    /// [`Error::Io`] when the data cannot be made durable.
-    pub fn sync(self) -> Result<()> {
-        self.file.sync_all().at(&self.path)
-    }
-}
-
-/// Asks the kernel to start writing a range back (no wait).
-pub fn start_writeback(file: &File, off: u64, len: u64) {
-    use std::os::unix::io::AsRawFd;
-    let len = if len == u64::MAX { 0 } else { len };
-    // SAFETY: a valid fd; sync_file_range has no memory effects. Failure only
-    // means the final fsync does all the work.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            off as i64,
-            len as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
 }
 
 impl PackWriter {
     /// # Errors
-    /// [`Error::Io`] when the file cannot be created.
-    pub fn create(dir: &Path) -> Result<PackWriter> {
+    /// [`Error::Io`] when the object cannot be created.
+    pub fn create(backend: &dyn Backend) -> Result<PackWriter> {
         let id = PackId::random();
-        let path = dir.join(format!("{id}.pack"));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .at(&path)?;
-        file.write_all_at(&fmt::header(FORMAT_VERSION), 0)
-            .at(&path)?;
+        let mut w = backend.create(&Key::pack(id))?;
+        w.append(&fmt::header(FORMAT_VERSION))?;
         Ok(PackWriter {
             id,
-            path,
-            file,
-            pos: fmt::HEADER_SIZE,
+            w,
             ulen: 0,
-            flushed: 0,
             frames: Vec::new(),
         })
     }
 
-    /// Offset in the uncompressed stream where the next frame starts.
-    pub fn uncompressed_len(&self) -> u64 {
-        self.ulen
-    }
-
     /// Bytes written so far.
     pub fn file_len(&self) -> u64 {
-        self.pos
+        self.w.len()
     }
 
     /// Appends a frame; returns its uncompressed offset.
@@ -188,42 +136,31 @@ impl PackWriter {
     /// # Errors
     /// [`Error::Io`] on a write failure (a full disk among them).
     pub fn append(&mut self, bytes: &[u8], ulen: u32, sum: u64) -> Result<u64> {
-        self.file.write_all_at(bytes, self.pos).at(&self.path)?;
+        let file_offset = self.w.len();
+        self.w.append(bytes)?;
         self.frames.push(FrameEntry {
-            file_offset: self.pos,
+            file_offset,
             clen: bytes.len() as u32,
             ulen,
             sum,
         });
-        self.pos += bytes.len() as u64;
-        // Start writeback early, so the fsync at the end of the backup finds
-        // little left to write.
-        if self.pos - self.flushed >= 8 << 20 {
-            start_writeback(&self.file, self.flushed, self.pos - self.flushed);
-            self.flushed = self.pos;
-        }
         let at = self.ulen;
         self.ulen += ulen as u64;
         Ok(at)
     }
 
-    /// Writes the index and starts writeback. Returns the pack's size and a
-    /// handle the caller must [`Unsynced::sync`] before anything references
-    /// the pack.
+    /// Writes the index and completes the object (durable after the
+    /// backend's sync, which must come before anything references the pack).
+    /// Returns the pack's size.
     ///
     /// # Errors
     /// [`Error::Io`] on a write failure.
-    pub fn finish(self) -> Result<(u64, Unsynced)> {
-        let idx = fmt::encode_index(&self.frames, self.pos);
-        self.file.write_all_at(&idx, self.pos).at(&self.path)?;
-        start_writeback(&self.file, self.flushed, u64::MAX);
-        Ok((
-            self.pos + idx.len() as u64,
-            Unsynced {
-                file: self.file,
-                path: self.path,
-            },
-        ))
+    pub fn finish(mut self) -> Result<u64> {
+        let idx = fmt::encode_index(&self.frames, self.w.len());
+        self.w.append(&idx)?;
+        let n = self.w.len();
+        self.w.finish()?;
+        Ok(n)
     }
 }
 
@@ -231,7 +168,7 @@ impl PackWriter {
 pub struct PackReader {
     pub id: PackId,
     name: String,
-    file: File,
+    file: Arc<dyn Object>,
     frames: Vec<FrameEntry>,
     /// Uncompressed start offset of each frame.
     starts: Vec<u64>,
@@ -242,10 +179,10 @@ impl PackReader {
     ///
     /// # Errors
     /// [`Error::Io`] (a missing pack among them), [`Error::Corrupt`].
-    pub fn open(path: &Path, id: PackId) -> Result<PackReader> {
+    pub fn open(backend: &dyn Backend, id: PackId) -> Result<PackReader> {
         let name = format!("pack {id}");
-        let file = File::open(path).at(path)?;
-        let len = file.metadata().at(path)?.len();
+        let file = backend.open(&Key::pack(id))?;
+        let len = file.len();
         if len < fmt::HEADER_SIZE + fmt::TRAILER_SIZE {
             return Err(Error::corrupt(
                 &name,
@@ -253,15 +190,14 @@ impl PackReader {
                 format!("pack of {len} bytes is too short"),
             ));
         }
-        let mut h = [0u8; 16];
-        file.read_exact_at(&mut h, 0).at(path)?;
+        let mut h = [0u8; fmt::HEADER_SIZE as usize];
+        file.read_at(0, &mut h)?;
         fmt::check_header(&h, &name)?;
-        let mut t = [0u8; 32];
-        file.read_exact_at(&mut t, len - fmt::TRAILER_SIZE)
-            .at(path)?;
+        let mut t = [0u8; fmt::TRAILER_SIZE as usize];
+        file.read_at(len - fmt::TRAILER_SIZE, &mut t)?;
         let (index_offset, count, sum) = fmt::decode_trailer(&t, len, &name)?;
         let mut idx = vec![0u8; count as usize * fmt::INDEX_ENTRY_SIZE as usize];
-        file.read_exact_at(&mut idx, index_offset).at(path)?;
+        file.read_at(index_offset, &mut idx)?;
         let frames = fmt::decode_index(&idx, sum, index_offset, &name)?;
         let mut starts = Vec::with_capacity(frames.len());
         let mut u = 0u64;
@@ -356,9 +292,7 @@ impl PackReader {
         let n = RBUF.with(|c| {
             let mut c = c.borrow_mut();
             c.resize(f.clen as usize, 0);
-            self.file
-                .read_exact_at(&mut c, f.file_offset)
-                .map_err(|e| Error::io(PathBuf::from(&self.name), e))?;
+            self.file.read_at(f.file_offset, &mut c)?;
             if xxhash_rust::xxh3::xxh3_64(&c) != f.sum {
                 return Err(Error::corrupt(
                     name(),
@@ -405,7 +339,7 @@ const WARM_LOW: usize = 16;
 /// Opens packs on demand and keeps an LRU of decompressed frames, bounded in
 /// bytes. Shared by restore, `cat` and the mount.
 pub struct PackCache {
-    dir: PathBuf,
+    backend: Arc<dyn Backend>,
     packs: RwLock<HashMap<PackId, Arc<PackReader>>>,
     frames: Mutex<LruState>,
     capacity: usize,
@@ -414,9 +348,9 @@ pub struct PackCache {
 }
 
 impl PackCache {
-    pub fn new(dir: PathBuf, capacity_bytes: usize) -> Self {
+    pub fn new(backend: Arc<dyn Backend>, capacity_bytes: usize) -> Self {
         PackCache {
-            dir,
+            backend,
             packs: RwLock::new(HashMap::new()),
             frames: Mutex::new(LruState {
                 lru: lru::LruCache::unbounded(),
@@ -437,8 +371,7 @@ impl PackCache {
         if let Some(p) = self.packs.read().ok().and_then(|m| m.get(&id).cloned()) {
             return Ok(p);
         }
-        let path = self.dir.join(format!("{id}.pack"));
-        let p = Arc::new(PackReader::open(&path, id)?);
+        let p = Arc::new(PackReader::open(&*self.backend, id)?);
         if let Ok(mut m) = self.packs.write() {
             m.insert(id, p.clone());
         }

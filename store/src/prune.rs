@@ -7,10 +7,11 @@
 //! manifests (one unlink each, so a crash forgets some or all of them and
 //! loses nothing else); the data they alone used is reclaimed by gc.
 
-use crate::error::{IoContext, Result};
+use crate::backend::Key;
+use crate::error::Result;
 use crate::format::snapshot::Snapshot;
 use crate::id::SnapshotId;
-use crate::repo::{fsync_dir, Repo};
+use crate::repo::Repo;
 
 /// How many of each period to keep. Zero keeps none by that rule.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -97,12 +98,8 @@ pub fn apply(snaps: &[Snapshot], policy: &KeepPolicy) -> Vec<Decision> {
 /// [`crate::Error::Locked`], [`crate::Error::Io`].
 pub fn forget(repo: &Repo, ids: &[SnapshotId]) -> Result<()> {
     let _lock = repo.lock()?;
-    let dir = repo.dir("snapshots");
-    for id in ids {
-        let p = dir.join(format!("{id}.snap"));
-        std::fs::remove_file(&p).at(&p)?;
-    }
-    fsync_dir(&dir)
+    let keys: Vec<Key> = ids.iter().map(|&id| Key::snapshot(id)).collect();
+    repo.backend().remove(&keys)
 }
 
 #[cfg(test)]

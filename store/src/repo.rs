@@ -1,33 +1,28 @@
-//! A repository on a local file system: creating and opening it, the writer
-//! lock, listing snapshots, and loading maps and signatures.
+//! A repository: creating and opening it on a backend, the writer lock,
+//! listing snapshots, and loading maps and signatures.
 //!
-//! Layout (FORMAT.md has the bytes):
+//! The objects (FORMAT.md has the bytes and the local layout):
 //!
 //! ```text
-//! REPO/config                 parameters and format version
-//! REPO/lock                   the writer lock (flock), with its holder
-//! REPO/packs/<id>.pack        compressed literal bytes
-//! REPO/sigs/<id>.sig          signature pages
-//! REPO/maps/<id>.map          one file version: extent map + signature index
-//! REPO/snapshots/<id>.snap    manifests; a snapshot exists iff its file does
-//! REPO/tmp/                   manifests being written
+//! config                 parameters and format version
+//! packs/<id>.pack        compressed literal bytes
+//! sigs/<id>.sig          signature pages
+//! maps/<id>.map          one file version: extent map + signature index
+//! snapshots/<id>.snap    manifests; a snapshot exists iff its object does
 //! ```
 //!
-//! Readers take no lock: every file is written once, under a name nobody
-//! references yet, and a snapshot becomes visible by one rename after
-//! everything it references is fsynced.
+//! Every byte goes through [`crate::backend`]. Readers take no lock: every
+//! object is written once, under a name nobody references yet, and a snapshot
+//! becomes visible by one commit after everything it references is durable.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::backend::{Backend, Key, Kind, LocalBackend, LockGuard, ObjectWriter};
 use crate::delta::signature::{PageBytes, PageSource};
 use crate::delta::SigView;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::format::config::Config;
 use crate::format::sig::{self as sigfmt, ENTRY_SIZE};
 use crate::format::snapshot::Snapshot;
@@ -36,14 +31,12 @@ use crate::id::{MapId, SigId, SnapshotId};
 use crate::map::FileMap;
 use crate::pack::PackCache;
 
-const DIRS: [&str; 5] = ["packs", "sigs", "maps", "snapshots", "tmp"];
-
 /// Default size of the decompressed-frame cache.
 pub const DEFAULT_CACHE: usize = 256 << 20;
 
 /// An open repository.
 pub struct Repo {
-    root: PathBuf,
+    backend: Arc<dyn Backend>,
     config: Config,
     cache: Arc<PackCache>,
 }
@@ -55,34 +48,24 @@ impl Repo {
     /// [`Error::InvalidInput`] when `path` is a non-empty directory or a file,
     /// [`Error::Io`] when it cannot be written.
     pub fn init(path: &Path, config: Config) -> Result<Repo> {
-        if path.join("config").exists() {
-            return Err(Error::InvalidInput(format!(
-                "{} is already a dsync repository",
-                path.display()
-            )));
-        }
-        if path.exists() {
-            let md = std::fs::metadata(path).at(path)?;
-            if !md.is_dir() {
+        Repo::init_on(Arc::new(LocalBackend::create_layout(path)?), config)
+    }
+
+    /// Creates a repository on an empty backend.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when it already holds one; [`Error::Io`].
+    pub fn init_on(backend: Arc<dyn Backend>, config: Config) -> Result<Repo> {
+        match backend.commit(&Key::config(), &config.encode()) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(Error::InvalidInput(format!(
-                    "{} exists and is not a directory",
-                    path.display()
-                )));
+                    "{} is already a dsync repository",
+                    backend.location().display()
+                )))
             }
-            if std::fs::read_dir(path).at(path)?.next().is_some() {
-                return Err(Error::InvalidInput(format!(
-                    "{} is a non-empty directory that is not a dsync repository",
-                    path.display()
-                )));
-            }
+            r => r?,
         }
-        std::fs::create_dir_all(path).at(path)?;
-        for d in DIRS {
-            let p = path.join(d);
-            std::fs::create_dir_all(&p).at(&p)?;
-        }
-        write_atomic(&path.join("tmp"), &path.join("config"), &config.encode())?;
-        Repo::open(path)
+        Repo::open_on(backend, DEFAULT_CACHE)
     }
 
     /// Opens the repository at `path`.
@@ -98,28 +81,33 @@ impl Repo {
     /// # Errors
     /// See [`Repo::open`].
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Repo> {
-        let cfg_path = path.join("config");
-        let bytes = match std::fs::read(&cfg_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotARepository { path: path.into() })
-            }
-            Err(e) => return Err(Error::io(cfg_path, e)),
-        };
-        let config = Config::decode(&bytes, &cfg_path.display().to_string())?;
-        for d in DIRS {
-            let p = path.join(d);
-            if !p.is_dir() {
-                return Err(Error::corrupt(
-                    p.display().to_string(),
-                    0,
-                    "directory missing",
-                ));
-            }
+        if !LocalBackend::holds_repository(path) {
+            return Err(Error::NotARepository { path: path.into() });
         }
+        Repo::open_on(Arc::new(LocalBackend::open(path)?), cache_bytes)
+    }
+
+    /// Opens the repository a backend holds, with a frame cache of
+    /// `cache_bytes`.
+    ///
+    /// # Errors
+    /// See [`Repo::open`].
+    pub fn open_on(backend: Arc<dyn Backend>, cache_bytes: usize) -> Result<Repo> {
+        let key = Key::config();
+        let bytes = match backend.read(&key) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(Error::NotARepository {
+                    path: backend.location(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let name = backend.location().join(key.path()).display().to_string();
+        let config = Config::decode(&bytes, &name)?;
         Ok(Repo {
-            root: path.to_path_buf(),
-            cache: Arc::new(PackCache::new(path.join("packs"), cache_bytes)),
+            cache: Arc::new(PackCache::new(backend.clone(), cache_bytes)),
+            backend,
             config,
         })
     }
@@ -129,15 +117,16 @@ impl Repo {
     /// # Errors
     /// See [`Repo::init`] and [`Repo::open`].
     pub fn open_or_init(path: &Path) -> Result<Repo> {
-        if path.join("config").exists() {
+        if LocalBackend::holds_repository(path) {
             Repo::open(path)
         } else {
             Repo::init(path, Config::default())
         }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// Where the repository is, for messages.
+    pub fn location(&self) -> PathBuf {
+        self.backend.location()
     }
     pub fn config(&self) -> &Config {
         &self.config
@@ -145,50 +134,27 @@ impl Repo {
     pub fn cache(&self) -> &Arc<PackCache> {
         &self.cache
     }
-    pub fn dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// A directory for large temporary files beside the repository (on its
+    /// file system), when it has one.
+    pub fn scratch_dir(&self) -> Option<PathBuf> {
+        self.backend.scratch_dir()
     }
 
     /// Takes the writer lock, or fails at once if another process holds it.
     ///
     /// # Errors
     /// [`Error::Locked`] naming the holder.
-    pub fn lock(&self) -> Result<WriteLock> {
-        let path = self.root.join("lock");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .at(&path)?;
-        // SAFETY: a valid fd; flock has no memory effects.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(Error::Locked {
-                path: self.root.clone(),
-                holder: holder.trim().to_string(),
-            });
-        }
-        // A holder that released the lock normally emptied the file; what is
-        // left names a writer that died holding it (the kernel released it).
-        let previous = std::fs::read_to_string(&path).unwrap_or_default();
-        let took_over = Some(previous.trim().to_string()).filter(|p| !p.is_empty());
-        let info = format!(
-            "host={} pid={} since={}\n",
-            hostname(),
-            std::process::id(),
-            crate::time::local(crate::time::now_ns())
-        );
-        file.set_len(0).at(&path)?;
-        file.write_all_at(info.as_bytes(), 0).at(&path)?;
-        Ok(WriteLock { file, took_over })
+    pub fn lock(&self) -> Result<LockGuard> {
+        self.backend.lock()
     }
 
-    /// Who holds the writer lock now, if anyone (what the lock file records).
-    /// The lock is an flock: the kernel releases it when its holder exits,
-    /// however it exits, so a lock is never stale on a local file system.
+    /// Who holds the writer lock now, if anyone (what the lock records).
+    /// Locally the lock is an flock: the kernel releases it when its holder
+    /// exits, however it exits, so a lock is never stale.
     ///
     /// # Errors
     /// [`Error::Io`].
@@ -206,43 +172,40 @@ impl Repo {
     /// # Errors
     /// [`Error::Io`], [`Error::Corrupt`].
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        let mut out = Vec::new();
-        for id in self.snapshot_ids()? {
-            out.push(self.load_snapshot(id)?);
+        let ids = self.snapshot_ids()?;
+        let keys: Vec<Key> = ids.iter().map(|&id| Key::snapshot(id)).collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, bytes) in ids.into_iter().zip(self.backend.read_many(&keys)) {
+            out.push(self.decode_snapshot(id, &bytes?)?);
         }
         out.sort_by_key(|s| (s.time_ns, s.id));
         Ok(out)
     }
 
-    /// The ids of the snapshots that exist now, in no order (a directory
-    /// listing: no manifest is read).
+    /// The ids of the snapshots that exist now, in no order (a listing: no
+    /// manifest is read).
     ///
     /// # Errors
     /// [`Error::Io`].
     pub fn snapshot_ids(&self) -> Result<Vec<SnapshotId>> {
-        let dir = self.dir("snapshots");
-        let mut out = Vec::new();
-        for ent in std::fs::read_dir(&dir).at(&dir)? {
-            let ent = ent.at(&dir)?;
-            let name = ent.file_name();
-            if let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".snap"))
-                .and_then(SnapshotId::parse)
-            {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        Ok(self
+            .backend
+            .list(Kind::Snapshot)?
+            .into_iter()
+            .filter_map(|(name, _)| SnapshotId::parse(&name))
+            .collect())
     }
 
     /// # Errors
     /// [`Error::Io`], [`Error::Corrupt`].
     pub fn load_snapshot(&self, id: SnapshotId) -> Result<Snapshot> {
-        let path = self.dir("snapshots").join(format!("{id}.snap"));
-        let bytes = std::fs::read(&path).at(&path)?;
-        let name = format!("snapshots/{id}.snap");
-        let s = Snapshot::decode(&bytes, &name)?;
+        let bytes = self.backend.read(&Key::snapshot(id))?;
+        self.decode_snapshot(id, &bytes)
+    }
+
+    fn decode_snapshot(&self, id: SnapshotId, bytes: &[u8]) -> Result<Snapshot> {
+        let name = Key::snapshot(id).path();
+        let s = Snapshot::decode(bytes, &name)?;
         if s.id != id {
             return Err(Error::corrupt(
                 name,
@@ -268,17 +231,49 @@ impl Repo {
     /// # Errors
     /// [`Error::Io`], [`Error::Corrupt`].
     pub fn load_map(&self, id: MapId) -> Result<FileMap> {
-        let path = self.dir("maps").join(format!("{id}.map"));
-        let bytes = std::fs::read(&path).at(&path)?;
-        let body = crate::format::map::MapBody::decode(&bytes, &format!("maps/{id}.map"))?;
+        let key = Key::map(id);
+        let bytes = self.backend.read(&key)?;
+        let body = crate::format::map::MapBody::decode(&bytes, &key.path())?;
         Ok(FileMap { id, body })
     }
 
-    /// The signature of a version, memory-mapped in place.
+    /// Writes a new map object (durable after [`Backend::sync`]); returns
+    /// its encoded size.
     ///
     /// # Errors
-    /// [`Error::Io`] when a signature file is missing, [`Error::Corrupt`] when
-    /// one is malformed. Page contents are checked lazily by [`SigView`].
+    /// [`Error::Io`].
+    pub(crate) fn put_map(&self, id: MapId, body: &crate::format::map::MapBody) -> Result<u64> {
+        let enc = body.encode();
+        self.backend.put(&Key::map(id), &enc)?;
+        Ok(enc.len() as u64)
+    }
+
+    /// Sizes of every object of `kind`, by name.
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub(crate) fn sizes(&self, kind: Kind) -> Result<HashMap<String, u64>> {
+        Ok(self.backend.list(kind)?.into_iter().collect())
+    }
+
+    /// Bytes in the repository's objects (packs, signatures, maps, manifests).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when a kind cannot be listed.
+    pub fn bytes_stored(&self) -> Result<u64> {
+        let mut n = 0;
+        for kind in Kind::DATA {
+            n += self.backend.list(kind)?.iter().map(|(_, s)| s).sum::<u64>();
+        }
+        Ok(n)
+    }
+
+    /// The signature of a version; pages are read in place (mapped, on a
+    /// local repository).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when a signature object is missing, [`Error::Corrupt`]
+    /// when one is malformed. Page contents are checked lazily by [`SigView`].
     pub fn sig_view(&self, map: &FileMap) -> Result<SigView> {
         let b = &map.body;
         let mut files: HashMap<SigId, PageBytes> = HashMap::new();
@@ -292,20 +287,16 @@ impl Repo {
             let bytes = match files.get(&sig) {
                 Some(m) => m.clone(),
                 None => {
-                    let path = self.dir("sigs").join(format!("{sig}.sig"));
-                    let f = File::open(&path).at(&path)?;
-                    // SAFETY: signature files are never modified after they are
-                    // written; a truncation by another process would fault, which
-                    // the checks below make unlikely but cannot exclude (as for
-                    // any mmap).
-                    let m = unsafe { memmap2::Mmap::map(&f) }.at(&path)?;
-                    let obj = format!("sigs/{sig}.sig");
-                    let pe =
-                        sigfmt::check_header(m.get(..sigfmt::HEADER_SIZE).unwrap_or(&[]), &obj)?;
+                    let key = Key::sig(sig);
+                    let m = self.backend.bytes(&key)?;
+                    let obj = key.path();
+                    let pe = sigfmt::check_header(
+                        (*m).as_ref().get(..sigfmt::HEADER_SIZE).unwrap_or(&[]),
+                        &obj,
+                    )?;
                     if pe != b.page_entries {
                         return Err(Error::corrupt(obj, 12, "page size differs from the map's"));
                     }
-                    let m: PageBytes = Arc::new(m);
                     files.insert(sig, m.clone());
                     m
                 }
@@ -322,20 +313,6 @@ impl Repo {
             b.page_entries,
             pages,
         ))
-    }
-}
-
-/// Held while writing; released when dropped (or when the process dies).
-pub struct WriteLock {
-    file: File,
-    /// The lock file's record of a writer that died holding the lock.
-    pub took_over: Option<String>,
-}
-
-impl Drop for WriteLock {
-    fn drop(&mut self) {
-        // Released normally: say so by leaving the record empty.
-        let _ = self.file.set_len(0);
     }
 }
 
@@ -380,44 +357,6 @@ pub(crate) fn resolve_in(all: Vec<Snapshot>, spec: &str) -> Result<Snapshot> {
     }
 }
 
-/// Writes `bytes` to `dest` via a temporary file in `tmp`, fsynced, renamed,
-/// and the destination directory fsynced.
-///
-/// # Errors
-/// [`Error::Io`].
-pub fn write_atomic(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<()> {
-    let t = tmp.join(format!("{:016x}.tmp", crate::id::random_u64()));
-    let mut f = File::create(&t).at(&t)?;
-    f.write_all(bytes).at(&t)?;
-    f.sync_all().at(&t)?;
-    drop(f);
-    std::fs::rename(&t, dest).at(dest)?;
-    if let Some(parent) = dest.parent() {
-        fsync_dir(parent)?;
-    }
-    Ok(())
-}
-
-/// Writes a new file (that nothing references yet) and fsyncs it.
-///
-/// # Errors
-/// [`Error::Io`].
-pub fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .at(path)?;
-    f.write_all(bytes).at(path)?;
-    f.sync_all().at(path)
-}
-
-/// # Errors
-/// [`Error::Io`].
-pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).at(dir)?.sync_all().at(dir)
-}
-
 /// This machine's host name.
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
@@ -430,11 +369,10 @@ pub fn hostname() -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-/// Appends signature pages to a new signature file.
-pub struct SigWriter {
+/// Appends signature pages to a new signature object.
+pub(crate) struct SigWriter {
     pub id: SigId,
-    path: PathBuf,
-    file: File,
+    w: Box<dyn ObjectWriter>,
     page_bytes: usize,
     slots: u32,
 }
@@ -442,20 +380,13 @@ pub struct SigWriter {
 impl SigWriter {
     /// # Errors
     /// [`Error::Io`].
-    pub fn create(dir: &Path, page_entries: u32) -> Result<SigWriter> {
+    pub fn create(backend: &dyn Backend, page_entries: u32) -> Result<SigWriter> {
         let id = SigId::random();
-        let path = dir.join(format!("{id}.sig"));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .at(&path)?;
-        file.write_all_at(&sigfmt::header(FORMAT_VERSION, page_entries), 0)
-            .at(&path)?;
+        let mut w = backend.create(&Key::sig(id))?;
+        w.append(&sigfmt::header(FORMAT_VERSION, page_entries))?;
         Ok(SigWriter {
             id,
-            path,
-            file,
+            w,
             page_bytes: page_entries as usize * ENTRY_SIZE,
             slots: 0,
         })
@@ -468,23 +399,20 @@ impl SigWriter {
     pub fn append(&mut self, page: &[u8]) -> Result<u32> {
         let mut buf = page.to_vec();
         buf.resize(self.page_bytes, 0);
-        let off = (sigfmt::HEADER_SIZE + self.slots as usize * self.page_bytes) as u64;
-        self.file.write_all_at(&buf, off).at(&self.path)?;
+        self.w.append(&buf)?;
         self.slots += 1;
         Ok(self.slots - 1)
     }
 
-    /// Fsyncs; returns the file's size.
+    /// Completes the object (durable after the backend's sync); returns its
+    /// size.
     ///
     /// # Errors
     /// [`Error::Io`].
     pub fn finish(self) -> Result<u64> {
-        self.file.sync_all().at(&self.path)?;
-        Ok((sigfmt::HEADER_SIZE + self.slots as usize * self.page_bytes) as u64)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        let n = self.w.len();
+        self.w.finish()?;
+        Ok(n)
     }
 }
 

@@ -1,0 +1,298 @@
+//! The storage seam: the only code that touches a repository's bytes.
+//!
+//! Everything above this module (backup, restore, the mount, prune, check)
+//! speaks of *objects* named by a [`Key`] (a kind and a name), never of files
+//! or paths. A backend stores them: [`LocalBackend`] in a directory of a local
+//! file system, [`MemBackend`] in memory (tests, with fault injection), and
+//! later a remote `dsync serve` and an S3 bucket.
+//!
+//! The contract is what an object store can give, so that every backend can
+//! keep it:
+//!
+//! - **Objects are written once** under fresh random names and never modified
+//!   afterwards ([`Backend::create`], [`Backend::put`]). Until something that
+//!   readers follow names them, they are garbage if the writer dies.
+//! - **Durability is explicit.** Bytes written by `create`/`put` are durable
+//!   only after [`Backend::sync`] returns; [`Backend::commit`] and
+//!   [`Backend::remove`] are durable when they return. A writer therefore
+//!   writes its data, calls `sync`, and only then commits what names it.
+//! - **The commit is one create-if-absent** of one object
+//!   ([`Backend::commit`]): locally a link of a fsynced temporary file, on S3 a
+//!   conditional PUT. Nothing is ever renamed over anything else.
+//! - **Reads are by range** ([`Object::read_at`]) of an object opened once
+//!   ([`Backend::open`]); whole small objects are read with [`Backend::read`],
+//!   many at once with [`Backend::read_many`] (a slow backend keeps the
+//!   requests in flight together).
+//! - **Listing gives sizes** ([`Backend::list`]), so accounting (du, prune's
+//!   report) needs no request per object.
+//! - **Deletion** ([`Backend::remove`]) is done by prune only, in batches.
+//! - **One writer at a time** ([`Backend::lock`]): locally an flock that the
+//!   kernel releases when its holder dies.
+//!
+//! A missing object is an [`Error::Io`] whose source is
+//! [`std::io::ErrorKind::NotFound`] ([`Error::is_not_found`]): readers that
+//! race a prune use it to tell "replaced" from "damaged".
+
+mod local;
+mod mem;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use local::LocalBackend;
+pub use mem::MemBackend;
+
+use crate::delta::signature::PageBytes;
+use crate::error::Result;
+use crate::id::{MapId, PackId, SigId, SnapshotId};
+
+/// What an object is. Each kind lives in its own namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// The repository's parameters (one object, named `config`).
+    Config,
+    /// Compressed literal bytes in frames.
+    Pack,
+    /// Signature pages.
+    Sig,
+    /// One file version's extent map.
+    Map,
+    /// A snapshot's manifest.
+    Snapshot,
+}
+
+impl Kind {
+    /// Every kind of object that holds repository data (not the config).
+    pub const DATA: [Kind; 4] = [Kind::Pack, Kind::Sig, Kind::Map, Kind::Snapshot];
+
+    /// The directory of this kind's objects in the layout (FORMAT.md,
+    /// "Layout"); empty for the config, which sits at the top.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Config => "",
+            Kind::Pack => "packs",
+            Kind::Sig => "sigs",
+            Kind::Map => "maps",
+            Kind::Snapshot => "snapshots",
+        }
+    }
+
+    /// The file-name suffix of this kind's objects.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Kind::Config => "",
+            Kind::Pack => ".pack",
+            Kind::Sig => ".sig",
+            Kind::Map => ".map",
+            Kind::Snapshot => ".snap",
+        }
+    }
+}
+
+/// Names one object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub kind: Kind,
+    /// The object's name within its kind (16 hex digits for ids).
+    pub name: String,
+}
+
+impl Key {
+    pub fn new(kind: Kind, name: impl Into<String>) -> Key {
+        Key {
+            kind,
+            name: name.into(),
+        }
+    }
+    pub fn config() -> Key {
+        Key::new(Kind::Config, "config")
+    }
+    pub fn pack(id: PackId) -> Key {
+        Key::new(Kind::Pack, id.to_string())
+    }
+    pub fn sig(id: SigId) -> Key {
+        Key::new(Kind::Sig, id.to_string())
+    }
+    pub fn map(id: MapId) -> Key {
+        Key::new(Kind::Map, id.to_string())
+    }
+    pub fn snapshot(id: SnapshotId) -> Key {
+        Key::new(Kind::Snapshot, id.to_string())
+    }
+
+    /// The object's path relative to the repository's root
+    /// (`packs/<id>.pack`): what error messages and `check` name, and the
+    /// key an object store uses.
+    pub fn path(&self) -> String {
+        if self.kind == Kind::Config {
+            return self.name.clone();
+        }
+        format!("{}/{}{}", self.kind.dir(), self.name, self.kind.suffix())
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.path())
+    }
+}
+
+/// An object opened for reading by range.
+pub trait Object: Send + Sync {
+    /// The object's length in bytes.
+    fn len(&self) -> u64;
+    /// True for an object of no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fills `buf` from `offset`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`], an `UnexpectedEof` one when the range runs past
+    /// the end.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// A new object being written by appends ([`Backend::create`]).
+pub trait ObjectWriter: Send {
+    /// Appends `bytes`.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`] (a full disk among them).
+    fn append(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Bytes appended so far.
+    fn len(&self) -> u64;
+    /// True before the first byte is appended.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Completes the object. Durable after the next [`Backend::sync`].
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`].
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Held by the one writer of a repository; dropping it releases the lock.
+pub struct LockGuard {
+    /// What releases the lock when dropped.
+    pub(crate) _inner: Box<dyn Send>,
+    /// The record of a writer that died holding the lock, if one did.
+    pub took_over: Option<String>,
+}
+
+/// Where a repository's objects are stored. See the module documentation
+/// for the contract every method keeps.
+pub trait Backend: Send + Sync {
+    /// Where the repository is, for messages (a path, later a URL).
+    fn location(&self) -> PathBuf;
+
+    /// Reads a whole object.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`] (NotFound when it does not exist).
+    fn read(&self, key: &Key) -> Result<Vec<u8>>;
+
+    /// Reads many whole objects; results in the order of `keys`. A backend
+    /// with latency keeps the requests in flight together.
+    fn read_many(&self, keys: &[Key]) -> Vec<Result<Vec<u8>>> {
+        keys.iter().map(|k| self.read(k)).collect()
+    }
+
+    /// Opens an object for reads by range. An object opened before a prune
+    /// removed it may stay readable (locally, an open file does).
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`].
+    fn open(&self, key: &Key) -> Result<Arc<dyn Object>>;
+
+    /// A whole object as shared bytes that stay valid while held: the local
+    /// backend maps the file (signatures are read this way, page by page).
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`].
+    fn bytes(&self, key: &Key) -> Result<PageBytes> {
+        Ok(Arc::new(self.read(key)?))
+    }
+
+    /// The names and sizes of every object of `kind`, in no order.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`].
+    fn list(&self, kind: Kind) -> Result<Vec<(String, u64)>>;
+
+    /// Starts a new object written by appends. `key` must be fresh (the
+    /// writer never reuses a name); the object is durable only after
+    /// [`ObjectWriter::finish`] and then [`Backend::sync`].
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`], AlreadyExists when `key` is taken.
+    fn create(&self, key: &Key) -> Result<Box<dyn ObjectWriter>>;
+
+    /// Writes a new object whole. Durable after the next [`Backend::sync`].
+    ///
+    /// # Errors
+    /// As [`Backend::create`].
+    fn put(&self, key: &Key, bytes: &[u8]) -> Result<()> {
+        let mut w = self.create(key)?;
+        w.append(bytes)?;
+        w.finish()
+    }
+
+    /// Makes every object this handle finished or put so far durable: the
+    /// barrier before a commit that names them.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`]: then nothing written since the last sync may be
+    /// relied on.
+    fn sync(&self) -> Result<()>;
+
+    /// Creates `key` holding `bytes` if no object has that key, atomically:
+    /// readers see all of it or nothing. Durable when it returns. The commit
+    /// point of a snapshot.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`], AlreadyExists when the key is taken.
+    fn commit(&self, key: &Key, bytes: &[u8]) -> Result<()>;
+
+    /// Replaces an existing object atomically (readers see the old or the
+    /// new bytes). Only format 2's repack uses it, for manifests; durable
+    /// when it returns.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`].
+    fn replace(&self, key: &Key, bytes: &[u8]) -> Result<()>;
+
+    /// Deletes objects (missing ones are not an error). Durable when it
+    /// returns.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`].
+    fn remove(&self, keys: &[Key]) -> Result<()>;
+
+    /// Takes the writer lock, or fails at once naming its holder.
+    ///
+    /// # Errors
+    /// [`crate::Error::Locked`], [`crate::Error::Io`].
+    fn lock(&self) -> Result<LockGuard>;
+
+    /// A directory on the repository's file system for large temporary
+    /// files that are not repository objects (an import's working copies),
+    /// when the backend has one.
+    fn scratch_dir(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+/// What a lock holder records of itself: host, pid and since when.
+pub(crate) fn holder_record() -> String {
+    format!(
+        "host={} pid={} since={}\n",
+        crate::repo::hostname(),
+        std::process::id(),
+        crate::time::local(crate::time::now_ns())
+    )
+}
+
+#[cfg(test)]
+mod tests;
