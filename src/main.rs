@@ -638,14 +638,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let r = Repo::open(&repo)?;
             let s = r.resolve(&snapshot)?;
-            let node = dsync_store::restore::find_file(&s, &path)?;
-            let dsync_store::NodeKind::File(f) = &node.kind else {
-                anyhow::bail!("{path} is not a file");
-            };
             let stdout = std::io::stdout();
             let mut lock = stdout.lock();
-            let what = format!("snapshot {} file {}", s.id, path);
-            dsync_store::cat(&r, f, &what, &mut lock).with_context(|| format!("cat {path}"))?;
+            dsync_store::cat(&r, &s, &path, &mut lock).with_context(|| format!("cat {path}"))?;
         }
     }
     Ok(())

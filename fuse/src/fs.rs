@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, Request,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, Request,
 };
 
 use crate::errno::errno;
@@ -102,6 +102,8 @@ impl Filesystem for DsyncFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.tree.readlink(ino.0) {
             Some(t) => reply.data(&t),
+            // A day link whose snapshots were forgotten is gone.
+            None if self.tree.attr(ino.0).is_none() => reply.error(Errno::ENOENT),
             None => reply.error(Errno::EINVAL),
         }
     }
@@ -110,7 +112,7 @@ impl Filesystem for DsyncFs {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.tree.reader(ino.0) {
+        match self.tree.open(ino.0) {
             // Versions never change: the page cache may keep their pages.
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => {
@@ -118,6 +120,20 @@ impl Filesystem for DsyncFs {
                 reply.error(errno(&e))
             }
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.tree.release(ino.0);
+        reply.ok();
     }
 
     fn read(

@@ -85,7 +85,12 @@ pub struct Tree {
     state: RwLock<State>,
     inodes: RwLock<Inodes>,
     next_ino: std::sync::atomic::AtomicU64,
-    readers: Mutex<HashMap<u64, Arc<VersionReader>>>,
+    /// Readers of open files, with their count of open handles: a reader
+    /// (and the packs it holds open) goes when its file's last handle is
+    /// released, so packs a prune deleted are not kept alive by the mount.
+    readers: Mutex<HashMap<u64, (Arc<VersionReader>, u32)>>,
+    /// Bytes stored per file inode (for st_blocks), once known.
+    stored: Mutex<HashMap<u64, u64>>,
     mount_time_ns: i64,
 }
 
@@ -103,6 +108,7 @@ impl Tree {
             inodes: RwLock::new(Inodes::default()),
             next_ino: std::sync::atomic::AtomicU64::new(ROOT_INO + 1),
             readers: Mutex::new(HashMap::new()),
+            stored: Mutex::new(HashMap::new()),
             mount_time_ns: dsync_store::time::now_ns(),
         };
         t.ino(&Key::Root);
@@ -270,33 +276,82 @@ impl Tree {
             .map(|(_, k, _)| k)
     }
 
-    /// The open reader of a file version (opened once, then shared).
+    /// Opens file `ino` for one more handle; its reader is shared by all
+    /// handles and kept until the last is released.
+    ///
+    /// # Errors
+    /// When the version's map cannot be loaded.
+    pub fn open(&self, ino: u64) -> Result<Arc<VersionReader>, Error> {
+        if let Ok(mut m) = self.readers.lock() {
+            if let Some((r, n)) = m.get_mut(&ino) {
+                *n += 1;
+                return Ok(r.clone());
+            }
+        }
+        let r = self.open_reader(ino)?;
+        if let Ok(mut m) = self.readers.lock() {
+            let e = m.entry(ino).or_insert_with(|| (r.clone(), 0));
+            e.1 += 1;
+            return Ok(e.0.clone());
+        }
+        Ok(r)
+    }
+
+    /// Releases one handle of file `ino`.
+    pub fn release(&self, ino: u64) {
+        if let Ok(mut m) = self.readers.lock() {
+            if let Some((_, n)) = m.get_mut(&ino) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&ino);
+                }
+            }
+        }
+    }
+
+    /// The reader of file `ino`: the open one, or a fresh one for this use.
     ///
     /// # Errors
     /// When the version's map cannot be loaded.
     pub fn reader(&self, ino: u64) -> Result<Arc<VersionReader>, Error> {
-        if let Some(r) = self.readers.lock().ok().and_then(|m| m.get(&ino).cloned()) {
+        if let Some(r) = self
+            .readers
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&ino).map(|e| e.0.clone()))
+        {
             return Ok(r);
         }
+        self.open_reader(ino)
+    }
+
+    fn open_reader(&self, ino: u64) -> Result<Arc<VersionReader>, Error> {
         let Some(Key::File(id, node)) = self.key(ino) else {
             return Err(Error::InvalidInput("not a file".into()));
         };
         let s = self.snap(id).ok_or_else(|| Error::NoSuchSnapshot {
             spec: id.to_string(),
         })?;
-        let n = s
-            .nodes
-            .get(node as usize)
-            .ok_or_else(|| Error::InvalidInput("no such node".into()))?;
-        let NodeKind::File(f) = &n.kind else {
-            return Err(Error::InvalidInput("not a file".into()));
-        };
-        let what = format!("snapshot {} file {}", id, String::from_utf8_lossy(&n.name));
-        let r = Arc::new(VersionReader::open(&self.repo, f, &what)?);
-        if let Ok(mut m) = self.readers.lock() {
-            m.insert(ino, r.clone());
+        Ok(Arc::new(VersionReader::open_node(&self.repo, &s, node)?))
+    }
+
+    /// Bytes stored for file `ino` (its size when its map cannot be read).
+    fn stored_bytes(&self, ino: u64, size: u64) -> u64 {
+        if let Some(&n) = self
+            .stored
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&ino).copied())
+            .as_ref()
+        {
+            return n;
         }
-        Ok(r)
+        let Ok(r) = self.reader(ino) else { return size };
+        let n = r.map().stored_bytes();
+        if let Ok(mut m) = self.stored.lock() {
+            m.insert(ino, n);
+        }
+        n
     }
 
     /// The target of a symlink.
@@ -352,13 +407,7 @@ impl Tree {
                 let s = self.snap(id)?;
                 let n = s.nodes.get(node as usize)?;
                 let (kind, size, stored) = match &n.kind {
-                    NodeKind::File(f) => {
-                        let stored = self
-                            .reader(ino)
-                            .map(|r| r.map().stored_bytes())
-                            .unwrap_or(f.size);
-                        (Type::File, f.size, stored)
-                    }
+                    NodeKind::File(f) => (Type::File, f.size, self.stored_bytes(ino, f.size)),
                     NodeKind::Dir => (Type::Dir, 0, 0),
                     NodeKind::Symlink(t) => (Type::Symlink, t.len() as u64, 0),
                 };

@@ -7,7 +7,7 @@
 //! garbage.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
 use crate::backend::{Backend, Key, Object, ObjectWriter};
 use crate::error::{Error, Result};
@@ -340,7 +340,10 @@ const WARM_LOW: usize = 16;
 /// bytes. Shared by restore, `cat` and the mount.
 pub struct PackCache {
     backend: Arc<dyn Backend>,
-    packs: RwLock<HashMap<PackId, Arc<PackReader>>>,
+    /// Open packs, while some reader holds them: a pack nobody reads is
+    /// closed, so a long-lived mount does not keep packs that a prune
+    /// deleted (and their disk space) alive.
+    packs: RwLock<HashMap<PackId, Weak<PackReader>>>,
     frames: Mutex<LruState>,
     capacity: usize,
     /// Signalled when a miss takes a spare buffer (for the warming thread).
@@ -368,12 +371,20 @@ impl PackCache {
     /// # Errors
     /// See [`PackReader::open`].
     pub fn pack(&self, id: PackId) -> Result<Arc<PackReader>> {
-        if let Some(p) = self.packs.read().ok().and_then(|m| m.get(&id).cloned()) {
+        if let Some(p) = self
+            .packs
+            .read()
+            .ok()
+            .and_then(|m| m.get(&id).and_then(Weak::upgrade))
+        {
             return Ok(p);
         }
         let p = Arc::new(PackReader::open(&*self.backend, id)?);
         if let Ok(mut m) = self.packs.write() {
-            m.insert(id, p.clone());
+            if m.len() >= 64 && m.len().is_power_of_two() {
+                m.retain(|_, w| w.strong_count() > 0);
+            }
+            m.insert(id, Arc::downgrade(&p));
         }
         Ok(p)
     }

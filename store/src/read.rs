@@ -1,14 +1,28 @@
 //! Random-access reads of one stored file version: one binary search in its
 //! extent map, then one frame (usually from the cache) per piece. Any version
 //! reads the same way whatever its age; there is no chain to walk.
+//!
+//! Readers and prune: a reader opens every pack its map names when it is
+//! opened and keeps them open, so a prune that deletes them later does not
+//! disturb it (an open object stays readable; FORMAT.md, "Readers during
+//! prune"). A reader opened from a snapshot's node ([`VersionReader::open_node`])
+//! that finds its map or a pack already gone reloads the snapshot's manifest,
+//! which a repacking prune replaced before deleting anything, and opens the
+//! version it names now: the same bytes, stored elsewhere.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::format::snapshot::FileVersion;
+use crate::format::snapshot::{FileVersion, NodeKind, Snapshot};
+use crate::id::PackId;
 use crate::map::FileMap;
-use crate::pack::PackCache;
+use crate::pack::{PackCache, PackReader};
 use crate::repo::Repo;
+
+/// How many times a reader follows a replaced manifest before it gives up
+/// (each prune replaces a manifest at most once; several may run meanwhile).
+const FOLLOW: usize = 8;
 
 /// The last frame one sequential reader decompressed.
 #[derive(Default)]
@@ -21,7 +35,12 @@ pub struct Scratch {
 #[derive(Clone)]
 pub struct VersionReader {
     map: Arc<FileMap>,
+    /// The version read (its map id may be newer than the caller's, when
+    /// the reader followed a repack).
+    file: FileVersion,
     cache: Arc<PackCache>,
+    /// Every pack the map names, opened at open time.
+    packs: Arc<HashMap<PackId, Arc<PackReader>>>,
     /// What errors name: "snapshot S file F".
     what: Arc<str>,
 }
@@ -34,6 +53,12 @@ impl VersionReader {
     /// not describe a file of the manifest's size.
     pub fn open(repo: &Repo, file: &FileVersion, what: &str) -> Result<VersionReader> {
         let map = repo.load_map(file.map)?;
+        let mut packs = HashMap::new();
+        for e in map.extents() {
+            if let std::collections::hash_map::Entry::Vacant(v) = packs.entry(e.pack) {
+                v.insert(repo.cache().pack(e.pack)?);
+            }
+        }
         if map.size() != file.size {
             return Err(Error::corrupt(
                 format!("maps/{}.map", file.map),
@@ -47,9 +72,81 @@ impl VersionReader {
         }
         Ok(VersionReader {
             map: Arc::new(map),
+            file: file.clone(),
             cache: repo.cache().clone(),
+            packs: Arc::new(packs),
             what: what.into(),
         })
+    }
+
+    /// Opens the file at node `node` of `snap`, following the snapshot's
+    /// manifest if a prune replaced it since `snap` was read.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchSnapshot`] when the snapshot was forgotten meanwhile;
+    /// [`Error::InvalidInput`] when the node is not a file; otherwise as
+    /// [`VersionReader::open`] (a missing object that no newer manifest
+    /// explains is reported as missing).
+    pub fn open_node(repo: &Repo, snap: &Snapshot, node: u32) -> Result<VersionReader> {
+        let n = snap
+            .nodes
+            .get(node as usize)
+            .ok_or_else(|| Error::Internal(format!("snapshot {} has no node {node}", snap.id)))?;
+        let NodeKind::File(f) = &n.kind else {
+            return Err(Error::InvalidInput(format!(
+                "{} is not a file",
+                String::from_utf8_lossy(&n.name)
+            )));
+        };
+        let what = format!(
+            "snapshot {} file {}",
+            snap.id,
+            String::from_utf8_lossy(&n.name)
+        );
+        let mut cur = f.clone();
+        let mut followed = 0;
+        loop {
+            let err = match VersionReader::open(repo, &cur, &what) {
+                Err(e) if e.is_not_found() && followed < FOLLOW => e,
+                r => return r,
+            };
+            followed += 1;
+            let now = match repo.load_snapshot(snap.id) {
+                Ok(s) => s,
+                Err(e) if e.is_not_found() => {
+                    return Err(Error::NoSuchSnapshot {
+                        spec: snap.id.to_string(),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            match now.nodes.get(node as usize) {
+                Some(m) if m.name == n.name => match &m.kind {
+                    NodeKind::File(g) if g.map != cur.map => cur = g.clone(),
+                    // The manifest still names what is missing: damage.
+                    _ => return Err(err),
+                },
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// What errors name: "snapshot S file F".
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    /// The version this reader reads.
+    pub fn file(&self) -> &FileVersion {
+        &self.file
+    }
+
+    /// The open pack `id` (one the map names, else from the cache).
+    fn pack(&self, id: PackId) -> Result<Arc<PackReader>> {
+        match self.packs.get(&id) {
+            Some(p) => Ok(p.clone()),
+            None => self.cache.pack(id),
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -95,7 +192,7 @@ impl VersionReader {
         if e.logical > off {
             return Ok(None);
         }
-        let p = self.cache.pack(e.pack)?;
+        let p = self.pack(e.pack)?;
         let Some((fs, fe)) = p
             .frame_at(e.offset + (off - e.logical))
             .and_then(|(fi, _)| p.frame_range(fi as usize))
@@ -156,7 +253,7 @@ impl VersionReader {
         mut out: &mut [u8],
         mut scratch: Option<&mut Scratch>,
     ) -> Result<()> {
-        let p = self.cache.pack(pack)?;
+        let p = self.pack(pack)?;
         while !out.is_empty() {
             let (fi, start) = p.frame_at(off).ok_or_else(|| {
                 Error::corrupt(

@@ -30,17 +30,19 @@ pub struct RestoreReport {
     pub bytes: u64,
 }
 
-/// The root-level file `name` of `snap`.
+/// The root-level file `name` of `snap`, and its node index.
 ///
 /// # Errors
 /// [`Error::NoSuchPath`].
-pub fn find_file<'s>(snap: &'s Snapshot, name: &str) -> Result<&'s Node> {
+pub fn find_file<'s>(snap: &'s Snapshot, name: &str) -> Result<(u32, &'s Node)> {
     let name = name.trim_start_matches('/');
     snap.nodes
         .iter()
-        .find(|n| {
+        .enumerate()
+        .find(|(_, n)| {
             n.parent == ROOT && n.name == name.as_bytes() && matches!(n.kind, NodeKind::File(_))
         })
+        .map(|(i, n)| (i as u32, n))
         .ok_or_else(|| Error::NoSuchPath {
             path: name.to_string(),
             snapshot: snap.id.to_string(),
@@ -65,13 +67,13 @@ pub fn restore(
     let mut jobs = Vec::new();
     match path {
         Some(p) => {
-            let node = find_file(snap, p)?;
+            let (i, node) = find_file(snap, p)?;
             let target = if dest.is_dir() {
                 dest.join(String::from_utf8_lossy(&node.name).as_ref())
             } else {
                 dest.to_path_buf()
             };
-            jobs.push((node, target));
+            jobs.push((i, node, target));
         }
         None => {
             if dest.exists()
@@ -86,14 +88,15 @@ pub fn restore(
                 )));
             }
             std::fs::create_dir_all(dest).at(dest)?;
-            for n in snap.nodes.iter().filter(|n| n.parent == ROOT) {
-                if let NodeKind::File(_) = n.kind {
-                    jobs.push((n, dest.join(String::from_utf8_lossy(&n.name).as_ref())));
+            for (i, n) in snap.nodes.iter().enumerate() {
+                if n.parent == ROOT && matches!(n.kind, NodeKind::File(_)) {
+                    let target = dest.join(String::from_utf8_lossy(&n.name).as_ref());
+                    jobs.push((i as u32, n, target));
                 }
             }
         }
     }
-    for (_, target) in &jobs {
+    for (_, _, target) in &jobs {
         if target.exists() && !force {
             return Err(Error::InvalidInput(format!(
                 "{} exists; pass --force to overwrite it",
@@ -105,14 +108,14 @@ pub fn restore(
         files: Vec::new(),
         bytes: 0,
     };
-    for (node, target) in jobs {
+    for (i, node, target) in jobs {
         let NodeKind::File(f) = &node.kind else {
             continue;
         };
         let name = String::from_utf8_lossy(&node.name);
-        let what = format!("snapshot {} file {}", snap.id, name);
         progress.start(&name, f.size);
-        restore_file(repo, f, &what, &target, progress)?;
+        let reader = VersionReader::open_node(repo, snap, i)?;
+        restore_file(repo, &reader, &target, progress)?;
         let file = File::options().write(true).open(&target).at(&target)?;
         let mt = libc::timespec {
             tv_sec: node.mtime_ns.div_euclid(1_000_000_000) as libc::time_t,
@@ -133,20 +136,19 @@ pub fn restore(
 ///
 /// # Errors
 /// As [`restore`].
-pub fn restore_file(
+fn restore_file(
     repo: &Repo,
-    f: &FileVersion,
-    what: &str,
+    reader: &VersionReader,
     dest: &Path,
     progress: &dyn Progress,
 ) -> Result<()> {
-    let reader = VersionReader::open(repo, f, what)?;
+    let (f, what) = (reader.file(), reader.what());
     let mut tmp_name = dest.as_os_str().to_owned();
     tmp_name.push(".dsync-partial");
     let tmp = PathBuf::from(tmp_name);
     let out = File::create(&tmp).at(&tmp)?;
     let result = write_verified(
-        &reader,
+        reader,
         f,
         what,
         Some((&out, &tmp)),
@@ -287,13 +289,16 @@ fn write_verified(
     Ok(())
 }
 
-/// Writes one version to `w` sequentially (for `dsync cat`), verifying the
-/// whole-file hash at the end.
+/// Writes the root-level file `path` of `snap` to `w` sequentially (for
+/// `dsync cat`), verifying the whole-file hash at the end.
 ///
 /// # Errors
-/// As [`restore`]; a write error on `w` as [`Error::Io`] on "standard output".
-pub fn cat(repo: &Repo, f: &FileVersion, what: &str, w: &mut dyn std::io::Write) -> Result<()> {
-    let reader = VersionReader::open(repo, f, what)?;
+/// [`Error::NoSuchPath`]; as [`restore`]; a write error on `w` as
+/// [`Error::Io`] on "standard output".
+pub fn cat(repo: &Repo, snap: &Snapshot, path: &str, w: &mut dyn std::io::Write) -> Result<()> {
+    let (node, _) = find_file(snap, path)?;
+    let reader = VersionReader::open_node(repo, snap, node)?;
+    let (f, what) = (reader.file(), reader.what());
     let bs = repo.config().block_size;
     let mut hasher = f.hasher(bs);
     let mut buf = vec![0u8; CHUNK as usize];

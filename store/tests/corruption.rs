@@ -138,7 +138,7 @@ fn seeded_damage_never_yields_wrong_bytes() {
                 continue;
             };
             let mut out = Vec::new();
-            match dsync_store::cat(&repo, f, "t", &mut out) {
+            match dsync_store::cat(&repo, s, "disk.img", &mut out) {
                 Ok(()) => assert!(
                     out == *want,
                     "case {case} ({what}): cat returned wrong bytes"

@@ -47,7 +47,7 @@ fn check_all(repo: &Repo, versions: &[Vec<u8>], dir: &Path) {
         assert!(got == *want, "version {k} differs after restore");
         // cat
         let mut cat = Vec::new();
-        dsync_store::cat(repo, f, "t", &mut cat).unwrap();
+        dsync_store::cat(repo, s, "f", &mut cat).unwrap();
         assert!(cat == *want, "version {k} differs through cat");
         // Random-access reads through the shared cache.
         let r = VersionReader::open(repo, f, "t").unwrap();

@@ -8,6 +8,7 @@ mod inspect;
 mod json;
 mod mount;
 mod prune;
+mod prune_readers;
 mod readme;
 mod sources;
 mod util;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::util::*;
 
-fn skip() -> bool {
+pub fn skip() -> bool {
     if std::env::var_os("DSYNC_SKIP_FUSE").is_some_and(|v| v == "1") {
         eprintln!("DSYNC_SKIP_FUSE=1: skipping a FUSE test");
         return true;
