@@ -15,7 +15,26 @@ use dsync_store::{BackupOptions, Error, Repo};
 use cli::{Cli, Command};
 use progress::Bar;
 
+/// A reader holds every pack of the version it reads open (so that a prune
+/// running beside it cannot pull one away), and a version with a long
+/// history spans many packs: lift the soft limit on open files to the hard
+/// one, as most servers do, instead of failing with EMFILE at 1,024.
+fn raise_open_file_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write or read one valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    raise_open_file_limit();
     let cli = match with_repo(std::env::args_os().collect()) {
         Ok(args) => Cli::parse_from(args),
         Err(msg) => {
@@ -352,33 +371,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 monthly: keep_monthly,
                 yearly: keep_yearly,
             };
-            let before = r.bytes_stored()?;
-            let mut forgotten = Vec::new();
-            let mut kept = Vec::new();
-            if !policy.is_empty() {
-                let snaps = r.snapshots()?;
-                for d in dsync_store::prune::apply(&snaps, &policy) {
-                    if d.reasons.is_empty() {
-                        forgotten.push(d);
-                    } else {
-                        kept.push(d);
-                    }
-                }
-                if !dry_run {
-                    let ids: Vec<_> = forgotten.iter().map(|d| d.id).collect();
-                    dsync_store::prune::forget(&r, &ids)?;
-                }
-            }
-            // Dry: gc sees the forgotten snapshots still there, so its figures
-            // cover only what is unused already.
             let bar = Bar::new(cli.quiet || json);
-            let rep = dsync_store::gc::gc(&r, repack_below, dry_run, &bar);
+            let done = dsync_store::prune::prune(&r, &policy, repack_below, dry_run, &bar);
             bar.done();
-            let mut rep = rep?;
-            if !dry_run {
-                // Forgotten manifests count too.
-                rep.bytes_freed = before.saturating_sub(r.bytes_stored()?);
-            }
+            let (plan, rep) = done?;
+            let (kept, forgotten) = (plan.kept, plan.forgotten);
             if json {
                 let list = |v: &[dsync_store::prune::Decision]| -> Vec<serde_json::Value> {
                     v.iter()
@@ -456,8 +453,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let va = fa.iter().find(|(n, _)| *n == name).map(|(_, f)| f);
                 let vb = fb.iter().find(|(n, _)| *n == name).map(|(_, f)| f);
                 let (status, ranges, bytes) = match (va, vb) {
-                    (Some(x), Some(y)) => {
-                        let (ma, mb) = (r.load_map(x.map)?, r.load_map(y.map)?);
+                    (Some(_), Some(_)) => {
+                        let ma = dsync_store::inspect::version_map(&r, &sa, &name)?;
+                        let mb = dsync_store::inspect::version_map(&r, &sb, &name)?;
                         let (ranges, bytes) = dsync_store::inspect::diff_maps(&ma, &mb);
                         (if bytes == 0 { "same" } else { "changed" }, ranges, bytes)
                     }

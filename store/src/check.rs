@@ -71,12 +71,26 @@ struct Use {
     snapshots: Vec<String>,
 }
 
-/// Checks the repository.
+/// Checks the repository. A check that found problems while a prune
+/// replaced or removed manifests under it (objects it was about to read went
+/// missing) runs again on what is there now, up to twice.
 ///
 /// # Errors
 /// Only when the repository cannot be listed at all; everything found wrong
 /// is in the report.
 pub fn check(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Result<CheckReport> {
+    let mut again = 0;
+    loop {
+        let before = repo.manifests_fingerprint()?;
+        let report = check_once(repo, opts, progress)?;
+        if report.problems.is_empty() || again == 2 || repo.manifests_fingerprint()? == before {
+            return Ok(report);
+        }
+        again += 1;
+    }
+}
+
+fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let mut versions: BTreeMap<MapId, Use> = BTreeMap::new();
     for id in repo.snapshot_ids()? {

@@ -1,20 +1,29 @@
 //! Garbage collection: reclaim what no snapshot references any more.
 //!
+//! First a plan ([`plan`], a pure function of the repository's state that
+//! `prune --dry-run` prints), then its execution ([`execute`]).
+//!
 //! Versions share frames, so liveness is computed per byte range of each
 //! pack's uncompressed stream: the union of the extents of every map that a
-//! remaining snapshot references. Then:
+//! kept snapshot references. Then:
 //!
-//! - maps, signature files and packs that nothing live references are deleted;
+//! - maps, signature objects and packs that nothing live references are
+//!   deleted;
 //! - a pack whose live bytes are below `repack_below` of its stream is
 //!   repacked: its live ranges are copied into a new pack, every map that
 //!   points into it is rewritten under a new id, and every manifest that names
-//!   such a map is replaced (same snapshot id, atomic rename); the old pack and
-//!   maps are deleted last.
+//!   such a map is replaced (same snapshot id); the old pack and maps are
+//!   deleted last.
 //!
-//! Crash safety: new packs and maps are fsynced before any manifest names
+//! Crash safety: new packs and maps are durable before any manifest names
 //! them, and nothing a manifest may still name is deleted before every
 //! manifest has been replaced, so a kill at any moment leaves every snapshot
 //! readable; what a killed gc wrote is garbage for the next one.
+//!
+//! Readers running meanwhile (FORMAT.md, "Readers during prune"): a reader
+//! holds every pack of its version open from the moment it opens it, and a
+//! reader that finds its map gone reloads the manifest, which already names
+//! the new map; so deleting at once is safe for them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -22,7 +31,7 @@ use crate::backend::{Key, Kind};
 use crate::error::{Error, Result};
 use crate::format::map::{Extent, MapBody};
 use crate::format::snapshot::{NodeKind, Snapshot};
-use crate::id::{MapId, PackId, SigId};
+use crate::id::{MapId, PackId, SigId, SnapshotId};
 use crate::pack::{compress_frames, FrameMeta, PackWriter};
 use crate::repo::Repo;
 
@@ -36,29 +45,53 @@ pub struct GcReport {
     pub manifests_rewritten: usize,
     /// Bytes the repository shrank by (an estimate when dry).
     pub bytes_freed: u64,
-    /// Bytes no snapshot used before this gc: unreferenced files plus the dead
-    /// part of each pack (its dead uncompressed share of the pack's size).
-    /// What a gc that repacked everything would free.
+    /// Bytes no snapshot used before this gc: unreferenced objects plus the
+    /// dead part of each pack (its dead uncompressed share of the pack's
+    /// size). What a gc that repacked everything would free.
     pub unused_bytes: u64,
 }
 
-/// Collects garbage. `repack_below` is the live fraction under which a pack is
-/// rewritten (0 never repacks). Takes the writer lock.
+/// A pack to repack: its live ranges are copied, the rest goes.
+#[derive(Clone, Debug)]
+pub struct Repack {
+    pub pack: PackId,
+    /// Live ranges of its uncompressed stream, sorted and merged.
+    pub live: Vec<(u64, u64)>,
+}
+
+/// What a gc will do, computed from the repository without changing it.
+#[derive(Clone, Debug, Default)]
+pub struct GcPlan {
+    /// The snapshots that stay, as read when planning.
+    pub kept: Vec<Snapshot>,
+    /// Manifests to delete (forgotten snapshots), before anything else.
+    pub forget: Vec<SnapshotId>,
+    /// Objects nothing kept references, deleted at once.
+    pub unreferenced: Vec<Key>,
+    /// Packs to repack.
+    pub repack: Vec<Repack>,
+    /// The kept snapshots' maps (what a repack rewrites).
+    live_maps: BTreeMap<MapId, MapBody>,
+    /// The figures the plan expects (`bytes_freed` an estimate).
+    pub expected: GcReport,
+}
+
+/// Plans a gc that keeps every snapshot but `forget`: what is unreferenced
+/// once they are gone, and which packs fall under `repack_below` (the live
+/// fraction under which a pack is rewritten; 0 never repacks). The caller
+/// holds the writer lock until the plan is executed or dropped.
 ///
 /// # Errors
-/// [`Error::Corrupt`] when a manifest or a live map cannot be read (gc then
-/// changes nothing: it cannot know what is live); [`Error::Locked`]; [`Error::Io`].
-/// `progress` hears of the live bytes copied by a repack.
-pub fn gc(
-    repo: &Repo,
-    repack_below: f64,
-    dry_run: bool,
-    progress: &dyn crate::Progress,
-) -> Result<GcReport> {
-    let _lock = repo.lock()?;
-    let snaps = repo.snapshots()?;
+/// [`Error::Corrupt`] when a manifest or a live map cannot be read (nothing
+/// can be planned then: gc cannot know what is live); [`Error::Io`].
+pub fn plan(repo: &Repo, forget: &[SnapshotId], repack_below: f64) -> Result<GcPlan> {
+    let kept: Vec<Snapshot> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|s| !forget.contains(&s.id))
+        .collect();
     let mut live_maps: BTreeMap<MapId, MapBody> = BTreeMap::new();
-    for s in &snaps {
+    for s in &kept {
         for n in &s.nodes {
             if let NodeKind::File(f) = &n.kind {
                 if let std::collections::btree_map::Entry::Vacant(v) = live_maps.entry(f.map) {
@@ -82,90 +115,139 @@ pub fn gc(
         *r = crate::map::merge_ranges(std::mem::take(r));
     }
 
-    let mut report = GcReport::default();
-    let before = repo.bytes_stored()?;
-    let backend = repo.backend();
-    let mut doomed: Vec<Key> = Vec::new();
-
-    // Repack candidates.
-    let mut repack: Vec<PackId> = Vec::new();
-    let pack_sizes = repo.sizes(Kind::Pack)?;
-    for (stem, &pack_size) in &pack_sizes {
-        let Some(id) = PackId::parse(stem) else {
+    let mut p = GcPlan {
+        forget: forget.to_vec(),
+        ..GcPlan::default()
+    };
+    let snap_sizes = repo.sizes(Kind::Snapshot)?;
+    for id in forget {
+        p.expected.bytes_freed += snap_sizes.get(&id.to_string()).copied().unwrap_or(0);
+    }
+    let mut dead = |key: Key, n: u64, e: &mut GcReport| {
+        e.unused_bytes += n;
+        e.bytes_freed += n;
+        match key.kind {
+            Kind::Pack => e.packs_deleted += 1,
+            Kind::Map => e.maps_deleted += 1,
+            Kind::Sig => e.sigs_deleted += 1,
+            _ => {}
+        }
+        p.unreferenced.push(key);
+    };
+    let mut expected = GcReport::default();
+    let mut repack = Vec::new();
+    let mut pack_sizes: Vec<(String, u64)> = repo.sizes(Kind::Pack)?.into_iter().collect();
+    pack_sizes.sort();
+    for (name, size) in pack_sizes {
+        let Some(id) = PackId::parse(&name) else {
             continue;
         };
-        match live.get(&id) {
-            None => {
-                report.unused_bytes += pack_size;
-                report.packs_deleted += 1;
-                report.bytes_freed += pack_size;
-                doomed.push(Key::pack(id));
-            }
-            Some(ranges) => {
-                let p = repo.cache().pack(id)?;
-                let total = p.uncompressed_len().max(1);
-                let live_bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum();
-                let dead_share = (total - live_bytes.min(total)) as f64 / total as f64;
-                report.unused_bytes += (dead_share * pack_size as f64) as u64;
-                if repack_below > 0.0 && (live_bytes as f64) < repack_below * total as f64 {
-                    repack.push(id);
-                    // The pack goes; its live bytes come back compressed.
-                    let ratio = pack_size as f64 / total as f64;
-                    report.bytes_freed += ((total - live_bytes) as f64 * ratio) as u64;
-                }
-            }
+        let Some(ranges) = live.remove(&id) else {
+            dead(Key::pack(id), size, &mut expected);
+            continue;
+        };
+        let total = repo.cache().pack(id)?.uncompressed_len().max(1);
+        let live_bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+        let dead_share = (total - live_bytes.min(total)) as f64 / total as f64;
+        expected.unused_bytes += (dead_share * size as f64) as u64;
+        if repack_below > 0.0 && (live_bytes as f64) < repack_below * total as f64 {
+            // The pack goes; its live bytes come back compressed.
+            expected.bytes_freed += (dead_share * size as f64) as u64;
+            repack.push(Repack {
+                pack: id,
+                live: ranges,
+            });
         }
     }
-    let map_sizes = repo.sizes(Kind::Map)?;
-    for (stem, &n) in &map_sizes {
-        if let Some(id) = MapId::parse(stem).filter(|id| !live_maps.contains_key(id)) {
-            report.unused_bytes += n;
-            report.maps_deleted += 1;
-            report.bytes_freed += n;
-            doomed.push(Key::map(id));
+    for (name, n) in repo.sizes(Kind::Map)? {
+        if let Some(id) = MapId::parse(&name).filter(|id| !live_maps.contains_key(id)) {
+            dead(Key::map(id), n, &mut expected);
         }
     }
-    for (stem, n) in backend.list(Kind::Sig)? {
-        if let Some(id) = SigId::parse(&stem).filter(|id| !live_sigs.contains(id)) {
-            report.unused_bytes += n;
-            report.sigs_deleted += 1;
-            report.bytes_freed += n;
-            doomed.push(Key::sig(id));
+    for (name, n) in repo.sizes(Kind::Sig)? {
+        if let Some(id) = SigId::parse(&name).filter(|id| !live_sigs.contains(id)) {
+            dead(Key::sig(id), n, &mut expected);
         }
     }
-    report.packs_repacked = repack.len();
-    if dry_run {
-        return Ok(report);
-    }
-    backend.remove(&doomed)?;
-    if repack.is_empty() {
-        report.bytes_freed = before.saturating_sub(repo.bytes_stored()?);
-        return Ok(report);
-    }
+    expected.packs_repacked = repack.len();
+    expected.bytes_freed += p.expected.bytes_freed;
+    expected.manifests_rewritten = kept
+        .iter()
+        .filter(|s| names_repacked_pack(s, &live_maps, &repack))
+        .count();
+    p.expected = expected;
+    p.repack = repack;
+    p.kept = kept;
+    p.live_maps = live_maps;
+    Ok(p)
+}
 
-    // Copy the live ranges of the repacked packs into one new pack.
+fn names_repacked_pack(s: &Snapshot, maps: &BTreeMap<MapId, MapBody>, repack: &[Repack]) -> bool {
+    s.nodes.iter().any(|n| match &n.kind {
+        NodeKind::File(f) => maps.get(&f.map).is_some_and(|m| {
+            m.extents
+                .iter()
+                .any(|e| repack.iter().any(|r| r.pack == e.pack))
+        }),
+        _ => false,
+    })
+}
+
+/// Carries out `plan`: deletes the forgotten manifests and the unreferenced
+/// objects, then repacks. The caller holds the writer lock since planning.
+/// `progress` hears of the live bytes a repack copies.
+///
+/// # Errors
+/// [`Error::Io`], [`Error::Corrupt`] when a pack being repacked is damaged
+/// (nothing it holds has been deleted then).
+pub fn execute(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<GcReport> {
+    let before = repo.bytes_stored()?;
+    let backend = repo.backend();
+    let forget: Vec<Key> = plan.forget.iter().map(|&id| Key::snapshot(id)).collect();
+    backend.remove(&forget)?;
+    backend.remove(&plan.unreferenced)?;
+    let mut report = GcReport {
+        packs_repacked: plan.repack.len(),
+        ..plan.expected.clone()
+    };
+    if !plan.repack.is_empty() {
+        report.manifests_rewritten = repack(repo, plan, progress)?;
+    }
+    report.bytes_freed = before.saturating_sub(repo.bytes_stored()?);
+    Ok(report)
+}
+
+/// Copies the live ranges of the plan's packs into one new pack, rewrites
+/// the maps and manifests that point into them, then deletes the old maps
+/// and packs. Returns how many manifests it replaced.
+fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<usize> {
+    let backend = repo.backend();
     let cfg = repo.config().clone();
     let mut w = PackWriter::create(backend)?;
-    // (old pack, range start) -> (range end, new offset)
+    // old pack -> [(range start, range end, new offset)]
     let mut moved: HashMap<PackId, Vec<(u64, u64, u64)>> = HashMap::new();
     let mut buf = Vec::new();
     let mut compressed = Vec::new();
     let mut frames: Vec<FrameMeta> = Vec::new();
-    let to_copy = repack
+    let to_copy = plan
+        .repack
         .iter()
-        .filter_map(|id| live.get(id))
-        .flat_map(|r| r.iter().map(|(a, b)| b - a))
+        .flat_map(|r| r.live.iter().map(|(a, b)| b - a))
         .sum();
     progress.start("repack", to_copy);
-    for id in &repack {
-        let p = repo.cache().pack(*id)?;
-        for &(a, b) in &live[id] {
+    for r in &plan.repack {
+        let p = repo.cache().pack(r.pack)?;
+        for &(a, b) in &r.live {
             progress.advance(b - a);
             buf.clear();
             let mut off = a;
             while off < b {
                 let (fi, start) = p.frame_at(off).ok_or_else(|| {
-                    Error::corrupt(format!("pack {id}"), off, "live range past the pack's end")
+                    Error::corrupt(
+                        format!("pack {}", r.pack),
+                        off,
+                        "live range past the pack's end",
+                    )
                 })?;
                 let frame = p.read_frame(fi)?;
                 let from = (off - start) as usize;
@@ -192,7 +274,7 @@ pub fn gc(
                 new_off.get_or_insert(at);
             }
             moved
-                .entry(*id)
+                .entry(r.pack)
                 .or_default()
                 .push((a, b, new_off.unwrap_or(0)));
         }
@@ -202,7 +284,7 @@ pub fn gc(
 
     // Rewrite the maps that point into repacked packs.
     let mut renamed: HashMap<MapId, MapId> = HashMap::new();
-    for (id, m) in &live_maps {
+    for (id, m) in &plan.live_maps {
         if !m.extents.iter().any(|e| moved.contains_key(&e.pack)) {
             continue;
         }
@@ -226,10 +308,12 @@ pub fn gc(
         repo.put_map(new_id, &body)?;
         renamed.insert(*id, new_id);
     }
+    // The new pack and maps are durable before any manifest names them.
     backend.sync()?;
 
-    // Replace the manifests that name rewritten maps (same id, atomic rename).
-    for s in &snaps {
+    // Replace the manifests that name rewritten maps (same id, atomically).
+    let mut rewritten = 0;
+    for s in &plan.kept {
         let mut changed = false;
         let mut s2: Snapshot = s.clone();
         for n in s2.nodes.iter_mut() {
@@ -242,7 +326,7 @@ pub fn gc(
         }
         if changed {
             backend.replace(&Key::snapshot(s.id), &s2.encode())?;
-            report.manifests_rewritten += 1;
+            rewritten += 1;
         }
     }
 
@@ -250,9 +334,27 @@ pub fn gc(
     let old: Vec<Key> = renamed
         .keys()
         .map(|&m| Key::map(m))
-        .chain(repack.iter().map(|&p| Key::pack(p)))
+        .chain(plan.repack.iter().map(|r| Key::pack(r.pack)))
         .collect();
     backend.remove(&old)?;
-    report.bytes_freed = before.saturating_sub(repo.bytes_stored()?);
-    Ok(report)
+    Ok(rewritten)
+}
+
+/// Plans and (unless `dry_run`) executes a gc that forgets nothing, under
+/// the writer lock.
+///
+/// # Errors
+/// As [`plan`] and [`execute`]; [`Error::Locked`].
+pub fn gc(
+    repo: &Repo,
+    repack_below: f64,
+    dry_run: bool,
+    progress: &dyn crate::Progress,
+) -> Result<GcReport> {
+    let _lock = repo.lock()?;
+    let p = plan(repo, &[], repack_below)?;
+    if dry_run {
+        return Ok(p.expected);
+    }
+    execute(repo, &p, progress)
 }

@@ -158,6 +158,17 @@ pub fn du(repo: &Repo) -> Result<DuReport> {
     })
 }
 
+/// The extent map of the root-level file `name` of `snap`, following the
+/// snapshot's manifest if a prune replaced it since `snap` was read.
+///
+/// # Errors
+/// [`crate::Error::NoSuchPath`]; as [`crate::VersionReader::open_node`].
+pub fn version_map(repo: &Repo, snap: &crate::Snapshot, name: &str) -> Result<FileMap> {
+    let (node, _) = crate::restore::find_file(snap, name)?;
+    let r = crate::read::VersionReader::open_node(repo, snap, node)?;
+    Ok(r.map().clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@
 use crate::backend::Key;
 use crate::error::Result;
 use crate::format::snapshot::Snapshot;
+use crate::gc::{GcPlan, GcReport};
 use crate::id::SnapshotId;
 use crate::repo::Repo;
 
@@ -100,6 +101,67 @@ pub fn forget(repo: &Repo, ids: &[SnapshotId]) -> Result<()> {
     let _lock = repo.lock()?;
     let keys: Vec<Key> = ids.iter().map(|&id| Key::snapshot(id)).collect();
     repo.backend().remove(&keys)
+}
+
+/// What `dsync prune` will do: the policy's decision for every snapshot,
+/// and the gc that follows once the forgotten ones are gone.
+#[derive(Clone, Debug)]
+pub struct PrunePlan {
+    /// Kept snapshots, newest first, with the rules that keep them.
+    pub kept: Vec<Decision>,
+    /// Snapshots to forget, newest first.
+    pub forgotten: Vec<Decision>,
+    /// The gc over the kept snapshots; its `expected` figures are what
+    /// `--dry-run` reports.
+    pub gc: GcPlan,
+}
+
+/// Plans a prune: `policy` (an empty one forgets nothing) and then a gc
+/// repacking packs whose live share is under `repack_below`. Changes
+/// nothing; the caller holds the writer lock until it executes the plan.
+///
+/// # Errors
+/// As [`crate::gc::plan`].
+pub fn plan(repo: &Repo, policy: &KeepPolicy, repack_below: f64) -> Result<PrunePlan> {
+    let (mut kept, mut forgotten) = (Vec::new(), Vec::new());
+    if !policy.is_empty() {
+        for d in apply(&repo.snapshots()?, policy) {
+            if d.reasons.is_empty() {
+                forgotten.push(d);
+            } else {
+                kept.push(d);
+            }
+        }
+    }
+    let ids: Vec<SnapshotId> = forgotten.iter().map(|d| d.id).collect();
+    Ok(PrunePlan {
+        gc: crate::gc::plan(repo, &ids, repack_below)?,
+        kept,
+        forgotten,
+    })
+}
+
+/// Plans a prune under the writer lock and, unless `dry_run`, executes it.
+/// Returns the plan and what was done (the plan's expected figures when
+/// dry).
+///
+/// # Errors
+/// [`crate::Error::Locked`]; as [`plan`] and [`crate::gc::execute`].
+pub fn prune(
+    repo: &Repo,
+    policy: &KeepPolicy,
+    repack_below: f64,
+    dry_run: bool,
+    progress: &dyn crate::Progress,
+) -> Result<(PrunePlan, GcReport)> {
+    let _lock = repo.lock()?;
+    let p = plan(repo, policy, repack_below)?;
+    let report = if dry_run {
+        p.gc.expected.clone()
+    } else {
+        crate::gc::execute(repo, &p.gc, progress)?
+    };
+    Ok((p, report))
 }
 
 #[cfg(test)]

@@ -216,6 +216,24 @@ impl Repo {
         Ok(s)
     }
 
+    /// Every manifest's id and a hash of its bytes, sorted: equal before and
+    /// after a long read-only job exactly when no manifest was committed,
+    /// replaced or removed meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the snapshots cannot be listed.
+    pub(crate) fn manifests_fingerprint(&self) -> Result<Vec<(SnapshotId, u64)>> {
+        let ids = self.snapshot_ids()?;
+        let keys: Vec<Key> = ids.iter().map(|&id| Key::snapshot(id)).collect();
+        let mut out: Vec<(SnapshotId, u64)> = ids
+            .into_iter()
+            .zip(self.backend.read_many(&keys))
+            .map(|(id, b)| (id, b.map_or(0, |b| xxhash_rust::xxh3::xxh3_64(&b))))
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
     /// Finds one snapshot by id, unique id prefix, local time
     /// (`YYYY-MM-DDTHH:MM:SS`), day (`YYYY-MM-DD`, the last of that day) or `latest`.
     ///
