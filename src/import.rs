@@ -4,6 +4,7 @@
 //! version (into a temporary directory, one at a time), so whatever it can
 //! read, dsync imports.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -60,6 +61,10 @@ fn import_versions(
     work: &Path,
     quiet: bool,
 ) -> anyhow::Result<()> {
+    // A reader that closes standard output (`| head -1`) must not stop the
+    // import half-way: stop printing, import the rest, then report the
+    // failed write (a broken pipe is success for main).
+    let mut printed = Ok(());
     for (k, t) in times.iter().enumerate() {
         let _ = std::fs::remove_dir_all(work);
         let o = Command::new("rdiff-backup")
@@ -100,8 +105,9 @@ fn import_versions(
         let rep = dsync_store::backup(r, &files, &opts, &bar);
         bar.done();
         let rep = rep?;
-        if !quiet {
-            println!(
+        if !quiet && printed.is_ok() {
+            printed = writeln!(
+                std::io::stdout(),
                 "{}/{}: {} -> snapshot {} ({} files, repository grew by {} bytes)",
                 k + 1,
                 times.len(),
@@ -112,5 +118,5 @@ fn import_versions(
             );
         }
     }
-    Ok(())
+    Ok(printed?)
 }

@@ -1,5 +1,21 @@
 //! The `dsync` binary: parses the command line, calls the store, prints, and
 //! maps errors to exit codes.
+//!
+//! Nothing here prints with `println!` or `eprintln!`: both panic when the
+//! stream is closed (`dsync list --json | head -1`). Standard output is
+//! written through a lock with `writeln!`, whose error travels up to `main`,
+//! which takes a broken pipe for success; diagnostics go through [`diag!`],
+//! which ignores a failed write to standard error, there being nowhere left
+//! to report it.
+
+/// `eprintln!` that cannot panic: a line to standard error, dropped if
+/// standard error is closed.
+macro_rules! diag {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 mod cli;
 mod import;
@@ -38,7 +54,7 @@ fn main() -> ExitCode {
     let cli = match with_repo(std::env::args_os().collect()) {
         Ok(args) => Cli::parse_from(args),
         Err(msg) => {
-            eprintln!("dsync: {msg}");
+            diag!("dsync: {msg}");
             return ExitCode::from(2);
         }
     };
@@ -61,7 +77,7 @@ fn main() -> ExitCode {
             if broken_pipe {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("dsync: {e:#}");
+            diag!("dsync: {e:#}");
             ExitCode::from(exit_code(&e))
         }
     }
@@ -142,6 +158,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Init {
             repo,
@@ -160,7 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             Repo::init(&repo, cfg)?;
             if !cli.quiet {
-                println!("created repository {}", repo.display());
+                writeln!(out, "created repository {}", repo.display())?;
             }
         }
         Command::Backup {
@@ -198,11 +215,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bar.done();
             let rep = rep?;
             if let Some(w) = &rep.lock_taken_over {
-                eprintln!("dsync: warning: took over the lock of a writer that died ({w}); what it wrote is garbage for prune");
+                diag!("dsync: warning: took over the lock of a writer that died ({w}); what it wrote is garbage for prune");
             }
             for f in &rep.files {
                 if let Some(what) = &f.changed_while_read {
-                    eprintln!("dsync: warning: {} changed while it was read ({what}); stored as read and flagged", f.name);
+                    diag!("dsync: warning: {} changed while it was read ({what}); stored as read and flagged", f.name);
                 }
             }
             let s = &rep.snapshot;
@@ -226,13 +243,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "bytes_read": s.stats.bytes_read, "bytes_added": s.stats.bytes_added,
                     "seconds": s.stats.duration_ns as f64 / 1e9, "files": files,
                 });
-                println!("{v}");
+                writeln!(out, "{v}")?;
             } else if !cli.quiet {
                 for f in &rep.files {
                     if f.reused {
-                        println!("{}: unchanged (size, mtime, inode), not read", f.name);
+                        writeln!(out, "{}: unchanged (size, mtime, inode), not read", f.name)?;
                     } else {
-                        println!(
+                        writeln!(
+                            out,
                             "{}: {} read, {} new ({} compressed), {} unchanged, {} moved, {} holes",
                             f.name,
                             human(f.bytes_read),
@@ -241,22 +259,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             human(f.stats.aligned),
                             human(f.stats.shifted),
                             human(f.stats.hole)
-                        );
+                        )?;
                     }
                 }
-                println!(
+                writeln!(
+                    out,
                     "snapshot {} saved: {} read, repository grew by {} in {:.2} s",
                     &s.id.to_string()[..8],
                     human(s.stats.bytes_read),
                     human(s.stats.bytes_added),
                     s.stats.duration_ns as f64 / 1e9
-                );
+                )?;
             }
         }
         Command::List { repo, json } => {
             let r = Repo::open(&repo)?;
-            let out = std::io::stdout();
-            let mut out = out.lock();
             let snaps = r.snapshots()?;
             if !json {
                 writeln!(
@@ -307,13 +324,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|(p, n)| serde_json::json!({"path": p.display().to_string(), "size": n, "verified": true}))
                     .collect();
-                println!(
+                writeln!(
+                    out,
                     "{}",
                     serde_json::json!({"snapshot": s.id.to_string(), "bytes": rep.bytes, "files": files})
-                );
+                )?;
             } else if !cli.quiet {
                 for (p, n) in &rep.files {
-                    println!("restored {} ({}), verified", p.display(), human(*n));
+                    writeln!(out, "restored {} ({}), verified", p.display(), human(*n))?;
                 }
             }
         }
@@ -341,13 +359,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dsync_store::prune::forget(&r, &ids)?;
             if json {
                 let v: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-                println!("{}", serde_json::json!({ "forgotten": v }));
+                writeln!(out, "{}", serde_json::json!({ "forgotten": v }))?;
             } else if !cli.quiet {
-                println!(
+                writeln!(
+                    out,
                     "forgot {} snapshots; `dsync prune {}` reclaims the space they alone used",
                     ids.len(),
                     repo.display()
-                );
+                )?;
             }
         }
         Command::Prune {
@@ -389,20 +408,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "manifests_rewritten": rep.manifests_rewritten, "bytes_freed": rep.bytes_freed,
                     "unused_bytes": rep.unused_bytes,
                 });
-                println!("{v}");
+                writeln!(out, "{v}")?;
             } else if !cli.quiet {
                 for d in &kept {
-                    println!(
+                    writeln!(
+                        out,
                         "keep    {}  {}  ({})",
                         d.id,
                         dsync_store::time::local(d.time_ns),
                         d.reasons.join(", ")
-                    );
+                    )?;
                 }
                 for d in &forgotten {
-                    println!("forget  {}  {}", d.id, dsync_store::time::local(d.time_ns));
+                    writeln!(
+                        out,
+                        "forget  {}  {}",
+                        d.id,
+                        dsync_store::time::local(d.time_ns)
+                    )?;
                 }
-                println!(
+                writeln!(out,
                     "{}{} packs deleted, {} repacked, {} maps and {} signature files deleted, {} freed of {} unused",
                     if dry_run { "dry run: " } else { "" },
                     rep.packs_deleted,
@@ -411,7 +436,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     rep.sigs_deleted,
                     human(rep.bytes_freed),
                     human(rep.unused_bytes)
-                );
+                )?;
             }
         }
         Command::Diff {
@@ -464,21 +489,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     (None, None) => continue,
                 };
                 if json {
-                    println!(
+                    writeln!(
+                        out,
                         "{}",
                         serde_json::json!({"file": name, "status": status, "bytes": bytes, "ranges": ranges})
-                    );
+                    )?;
                 } else {
-                    println!(
+                    writeln!(
+                        out,
                         "{name}: {status}, {} differ in {} ranges",
                         human(bytes),
                         ranges.len()
-                    );
+                    )?;
                     for (s, e) in ranges.iter().take(if cli.quiet { 0 } else { 50 }) {
-                        println!("  {s}-{e} ({})", human(e - s));
+                        writeln!(out, "  {s}-{e} ({})", human(e - s))?;
                     }
                     if ranges.len() > 50 && !cli.quiet {
-                        println!("  ... {} more (--json lists all)", ranges.len() - 50);
+                        writeln!(out, "  ... {} more (--json lists all)", ranges.len() - 50)?;
                     }
                 }
             }
@@ -492,21 +519,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|(id, t, u)| serde_json::json!({"id": id.to_string(), "time": dsync_store::time::local(*t), "unique_bytes": u}))
                     .collect();
-                println!(
+                writeln!(
+                    out,
                     "{}",
                     serde_json::json!({"total_bytes": rep.total_bytes, "snapshots": snaps})
-                );
+                )?;
             } else {
-                println!("{:<16}  {:<19}  {:>12}", "ID", "TIME", "UNIQUE");
+                writeln!(out, "{:<16}  {:<19}  {:>12}", "ID", "TIME", "UNIQUE")?;
                 for (id, t, u) in &rep.snapshots {
-                    println!(
+                    writeln!(
+                        out,
                         "{:<16}  {:<19}  {:>12}",
                         id.to_string(),
                         dsync_store::time::local(*t),
                         human(*u)
-                    );
+                    )?;
                 }
-                println!("repository: {}", human(rep.total_bytes));
+                writeln!(out, "repository: {}", human(rep.total_bytes))?;
             }
         }
         Command::Generate { what } => {
@@ -514,14 +543,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cmd = Cli::command();
             match what {
                 cli::Generate::Completions { shell } => {
-                    clap_complete::generate(shell, &mut cmd, "dsync", &mut std::io::stdout());
+                    // clap_complete panics when a write fails: let it write
+                    // to memory, and write that here.
+                    let mut buf = Vec::new();
+                    clap_complete::generate(shell, &mut cmd, "dsync", &mut buf);
+                    out.write_all(&buf)?;
                 }
                 cli::Generate::Man { dir } => {
                     std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
                     clap_mangen::generate_to(cmd, &dir)
                         .with_context(|| format!("writing man pages to {}", dir.display()))?;
                     if !cli.quiet {
-                        println!("man pages written to {}", dir.display());
+                        writeln!(out, "man pages written to {}", dir.display())?;
                     }
                 }
             }
@@ -529,7 +562,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ImportRdiffBackup { rdiff_repo, repo } => {
             let n = import::import(&rdiff_repo, &repo, cli.quiet)?;
             if !cli.quiet {
-                println!("imported {n} versions from {}", rdiff_repo.display());
+                writeln!(out, "imported {n} versions from {}", rdiff_repo.display())?;
             }
         }
         Command::Unlock { repo } => {
@@ -537,7 +570,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match r.lock_holder()? {
                 None => {
                     if !cli.quiet {
-                        println!("{} is not locked", repo.display());
+                        writeln!(out, "{} is not locked", repo.display())?;
                     }
                 }
                 Some(holder) => {
@@ -570,64 +603,72 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             bar.done();
             let rep = rep?;
-            if json {
-                let problems: Vec<_> = rep
-                    .problems
-                    .iter()
-                    .map(|p| {
-                        serde_json::json!({
-                            "object": p.object, "detail": p.detail, "snapshot": p.snapshot,
-                            "file": p.file, "ranges": p.ranges,
+            // Printed apart from the verdict: a reader that closes the pipe
+            // after the first damaged line must not turn exit 3 into 0.
+            let mut print = || -> std::io::Result<()> {
+                if json {
+                    let problems: Vec<_> = rep
+                        .problems
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({
+                                "object": p.object, "detail": p.detail, "snapshot": p.snapshot,
+                                "file": p.file, "ranges": p.ranges,
+                            })
                         })
-                    })
-                    .collect();
-                let v = serde_json::json!({
-                    "snapshots": rep.snapshots, "versions": rep.versions, "packs": rep.packs,
-                    "frames_read": rep.frames_read, "bytes_verified": rep.bytes_verified,
-                    "problems": problems,
-                });
-                println!("{v}");
-            } else {
-                for p in &rep.problems {
-                    let mut line = format!("damaged: {}: {}", p.object, p.detail);
-                    if let (Some(s), Some(f)) = (&p.snapshot, &p.file) {
-                        line += &format!(" [snapshot {s} file {f}");
-                        if !p.ranges.is_empty() {
-                            let r: Vec<String> =
-                                p.ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect();
-                            line += &format!(" bytes {}", r.join(","));
+                        .collect();
+                    let v = serde_json::json!({
+                        "snapshots": rep.snapshots, "versions": rep.versions, "packs": rep.packs,
+                        "frames_read": rep.frames_read, "bytes_verified": rep.bytes_verified,
+                        "problems": problems,
+                    });
+                    writeln!(out, "{v}")?;
+                } else {
+                    for p in &rep.problems {
+                        let mut line = format!("damaged: {}: {}", p.object, p.detail);
+                        if let (Some(s), Some(f)) = (&p.snapshot, &p.file) {
+                            line += &format!(" [snapshot {s} file {f}");
+                            if !p.ranges.is_empty() {
+                                let r: Vec<String> =
+                                    p.ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+                                line += &format!(" bytes {}", r.join(","));
+                            }
+                            line += "]";
                         }
-                        line += "]";
+                        writeln!(out, "{line}")?;
                     }
-                    println!("{line}");
-                }
-                if !cli.quiet {
-                    let data = if read_data {
-                        format!(
-                            ", {} frames, {} verified",
-                            rep.frames_read,
-                            human(rep.bytes_verified)
-                        )
-                    } else {
-                        String::new()
-                    };
-                    println!(
-                        "checked {} snapshots, {} versions, {} packs{}: {}",
-                        rep.snapshots,
-                        rep.versions,
-                        rep.packs,
-                        data,
-                        if rep.problems.is_empty() {
-                            "no problems".to_string()
+                    if !cli.quiet {
+                        let data = if read_data {
+                            format!(
+                                ", {} frames, {} verified",
+                                rep.frames_read,
+                                human(rep.bytes_verified)
+                            )
                         } else {
-                            format!("{} problems", rep.problems.len())
-                        }
-                    );
+                            String::new()
+                        };
+                        writeln!(
+                            out,
+                            "checked {} snapshots, {} versions, {} packs{}: {}",
+                            rep.snapshots,
+                            rep.versions,
+                            rep.packs,
+                            data,
+                            if rep.problems.is_empty() {
+                                "no problems".to_string()
+                            } else {
+                                format!("{} problems", rep.problems.len())
+                            }
+                        )?;
+                    }
                 }
-            }
+                Ok(())
+            };
+            let printed = print();
             if !rep.problems.is_empty() {
                 return Err(CheckFailed(rep.problems.len()).into());
             }
+            printed?;
         }
         Command::Cat {
             repo,
@@ -636,11 +677,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let r = Repo::open(&repo)?;
             let s = r.resolve(&snapshot)?;
-            let stdout = std::io::stdout();
-            let mut lock = stdout.lock();
-            dsync_store::cat(&r, &s, &path, &mut lock).with_context(|| format!("cat {path}"))?;
+            dsync_store::cat(&r, &s, &path, &mut out).with_context(|| format!("cat {path}"))?;
         }
     }
+    // Stdout is line-buffered: what is left must fail here, not silently at exit.
+    out.flush()?;
     Ok(())
 }
 
@@ -679,7 +720,7 @@ fn daemonize(cli: Cli) -> ExitCode {
     let mut fds = [0i32; 2];
     // SAFETY: fds is a valid two-element array.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        eprintln!(
+        diag!(
             "dsync: cannot create a pipe: {}",
             std::io::Error::last_os_error()
         );
@@ -688,7 +729,7 @@ fn daemonize(cli: Cli) -> ExitCode {
     // SAFETY: no other thread exists yet in this process.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        eprintln!("dsync: cannot fork: {}", std::io::Error::last_os_error());
+        diag!("dsync: cannot fork: {}", std::io::Error::last_os_error());
         return ExitCode::FAILURE;
     }
     if pid > 0 {
@@ -727,7 +768,7 @@ fn daemonize(cli: Cli) -> ExitCode {
     match mount(&repo, &mountpoint, allow_other, cache_size, ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("dsync: {e:#}");
+            diag!("dsync: {e:#}");
             ExitCode::FAILURE
         }
     }

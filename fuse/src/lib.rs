@@ -30,7 +30,9 @@ pub(crate) fn log(msg: &str) {
             unsafe { libc::syslog(libc::LOG_ERR, c"%s".as_ptr(), c.as_ptr()) };
         }
     } else {
-        eprintln!("dsync mount: {msg}");
+        // Not eprintln!, which panics (in a FUSE callback) if stderr is closed.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "dsync mount: {msg}");
     }
 }
 

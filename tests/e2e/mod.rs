@@ -1,6 +1,7 @@
 mod backup_restore;
 mod bad_input;
 mod check;
+mod cli;
 mod contrib;
 mod crash;
 mod import;
