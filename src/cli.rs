@@ -1,9 +1,11 @@
 //! The command line, as clap types. Nothing here reaches the store: main.rs
 //! turns these into the store's options.
 
-use std::path::PathBuf;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -11,10 +13,26 @@ use clap::{Parser, Subcommand};
     version,
     about = "Fast incremental backups of large files (VM disk images) with rsync-style deltas",
     after_help = "With DSYNC_REPO set, or -r REPO before the command, leave REPO out of every command \
-(e.g. DSYNC_REPO=/backup/vms dsync backup ~/vms/disk.qcow2).\n\n\
+(e.g. DSYNC_REPO=/backup/vms dsync backup ~/vms/disk.qcow2). A REPO given on the command line \
+wins over DSYNC_REPO: see -r.\n\n\
 Exit codes: 0 success, 1 error, 2 bad usage, 3 repository damaged, 4 repository locked."
 )]
 pub struct Cli {
+    /// The repository, for a command that takes REPO: leave REPO out of the
+    /// command. Only before the command; wins over DSYNC_REPO.
+    ///
+    /// DSYNC_REPO stands for REPO only where the command line lacks it: a
+    /// command given all its arguments keeps them (`DSYNC_REPO=/a dsync list
+    /// /b` lists /b). Where the count cannot tell (`backup A B`, `restore A
+    /// B`, `diff A B C`, `forget A B`), A is REPO if it is a dsync repository
+    /// (a directory with a `config` file) or a URL (`scheme://...`), and
+    /// otherwise DSYNC_REPO is REPO. There, a repository that does not exist
+    /// yet overrides DSYNC_REPO only as `-r NEW`.
+    // with_repo() takes it off the command line before clap parses it (it
+    // is inserted where REPO goes): declared here for --help, completions
+    // and man pages, never read.
+    #[arg(short = 'r', long = "repo", value_name = "REPO")]
+    pub repo: Option<PathBuf>,
     /// Print nothing but errors (no progress bars).
     #[arg(long, short, global = true)]
     pub quiet: bool,
@@ -241,6 +259,276 @@ and files it affects and their unreadable byte ranges.\n\nExample: dsync check /
         snapshot: String,
         path: String,
     },
+}
+
+/// Puts the repository of `-r REPO` / `--repo REPO` (before the command) or
+/// of DSYNC_REPO (`env`) where the command's REPO argument goes, so that REPO
+/// can be left out, as RESTIC_REPOSITORY and restic's -r do.
+///
+/// `-r` always stands for REPO. DSYNC_REPO does only where REPO is missing:
+/// the command's positional arguments (counted with clap's own definitions,
+/// so that an option's value is not mistaken for one) are too few for REPO
+/// to be among them; or there could be REPO or not (an optional or variadic
+/// argument: backup, restore, diff, forget) and the one in REPO's place is
+/// neither a dsync repository nor a URL. The --help of -r says the same.
+///
+/// # Errors
+/// `-r` without a value.
+pub fn with_repo(mut args: Vec<OsString>, env: Option<OsString>) -> Result<Vec<OsString>, String> {
+    let env = env.filter(|v| !v.is_empty());
+    let mut flag = None;
+    let mut i = 1;
+    let mut command = None;
+    while i < args.len() {
+        let a = args[i].to_string_lossy().into_owned();
+        if a == "-r" || a == "--repo" {
+            if i + 1 >= args.len() {
+                return Err(format!("{a} needs a repository path"));
+            }
+            flag = Some(args.remove(i + 1));
+            args.remove(i);
+            continue;
+        }
+        if let Some(v) = args[i].as_bytes().strip_prefix(b"--repo=") {
+            // Bytes, not `a`: a path need not be UTF-8.
+            flag = Some(OsStr::from_bytes(v).to_owned());
+            args.remove(i);
+            continue;
+        }
+        if !a.starts_with('-') {
+            command = Some((i, a));
+            break;
+        }
+        i += 1;
+    }
+    let (Some(repo), Some((at, name))) = (flag.clone().or(env), command) else {
+        return Ok(args);
+    };
+    let mut cli = Cli::command();
+    cli.build();
+    let Some(cmd) = cli.find_subcommand(&name) else {
+        return Ok(args);
+    };
+    let wanted: Vec<&clap::Arg> = cmd.get_positionals().collect();
+    let Some(repo_at) = wanted.iter().position(|a| a.get_id() == "repo") else {
+        return Ok(args);
+    };
+    let given = positionals(cmd, &args[at + 1..]);
+    let insert = flag.is_some() || {
+        let required = wanted.iter().filter(|a| a.is_required_set()).count();
+        let variadic = wanted
+            .iter()
+            .any(|a| a.get_num_args().is_some_and(|n| n.max_values() > 1));
+        let most = if variadic { usize::MAX } else { wanted.len() };
+        if given.len() < required {
+            true
+        } else if given.len() >= most {
+            false
+        } else {
+            !given
+                .get(repo_at)
+                .is_some_and(|&k| names_a_repo(&args[at + 1 + k]))
+        }
+    };
+    if insert {
+        let k = given.get(repo_at).map_or(args.len(), |&k| at + 1 + k);
+        args.insert(k, repo);
+    }
+    Ok(args)
+}
+
+/// Indices in `args` (what follows the command's name) of the positional
+/// arguments, skipping options and the values of those that take one.
+fn positionals(cmd: &clap::Command, args: &[OsString]) -> Vec<usize> {
+    let takes_value = |a: Option<&clap::Arg>| a.is_some_and(|a| a.get_action().takes_values());
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < args.len() {
+        let a = args[k].to_string_lossy();
+        if a == "--" {
+            out.extend(k + 1..args.len());
+            break;
+        }
+        if let Some(long) = a.strip_prefix("--") {
+            if !long.contains('=')
+                && takes_value(cmd.get_arguments().find(|x| x.get_long() == Some(long)))
+            {
+                k += 1;
+            }
+        } else if a.len() > 1 && a.starts_with('-') {
+            // A cluster of short flags, the last of which may take the next
+            // argument as its value (`-qx V`), or `-xV`.
+            for (j, c) in a.char_indices().skip(1) {
+                if takes_value(cmd.get_arguments().find(|x| x.get_short() == Some(c))) {
+                    if j + c.len_utf8() == a.len() {
+                        k += 1;
+                    }
+                    break;
+                }
+            }
+        } else {
+            out.push(k);
+        }
+        k += 1;
+    }
+    out
+}
+
+/// A dsync repository (a directory with a config file) or a URL such as
+/// `ssh://host/path`: what an explicit REPO looks like.
+fn names_a_repo(arg: &OsStr) -> bool {
+    let url = arg
+        .to_str()
+        .and_then(|s| s.split_once("://"))
+        .is_some_and(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        });
+    url || Path::new(arg).join("config").is_file()
+}
+
+#[cfg(test)]
+mod repo_tests {
+    use super::with_repo;
+    use std::ffi::OsString;
+
+    fn run(env: Option<&str>, line: &str) -> String {
+        let args: Vec<OsString> = line.split(' ').map(OsString::from).collect();
+        let out = with_repo(args, env.map(OsString::from)).unwrap();
+        let out: Vec<String> = out
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        out.join(" ")
+    }
+
+    #[test]
+    fn dsync_repo_fills_a_missing_repo() {
+        let e = Some("/e");
+        assert_eq!(run(e, "dsync list --json"), "dsync list --json /e");
+        assert_eq!(run(e, "dsync -q list"), "dsync -q list /e");
+        assert_eq!(run(e, "dsync backup disk.img"), "dsync backup /e disk.img");
+        assert_eq!(run(e, "dsync backup a b c"), "dsync backup /e a b c");
+        assert_eq!(
+            run(e, "dsync backup --stdin --name x"),
+            "dsync backup --stdin --name x /e"
+        );
+        assert_eq!(
+            run(e, "dsync backup --name x disk"),
+            "dsync backup --name x /e disk"
+        );
+        assert_eq!(
+            run(e, "dsync restore latest --to out"),
+            "dsync restore /e latest --to out"
+        );
+        assert_eq!(
+            run(e, "dsync restore latest --to out a.img"),
+            "dsync restore /e latest --to out a.img"
+        );
+        assert_eq!(run(e, "dsync diff a b"), "dsync diff /e a b");
+        assert_eq!(run(e, "dsync diff a b c"), "dsync diff /e a b c");
+        assert_eq!(run(e, "dsync mount /mnt"), "dsync mount /e /mnt");
+        assert_eq!(
+            run(e, "dsync cat latest a.img"),
+            "dsync cat /e latest a.img"
+        );
+        assert_eq!(run(e, "dsync forget a"), "dsync forget /e a");
+        assert_eq!(
+            run(e, "dsync import-rdiff-backup /src"),
+            "dsync import-rdiff-backup /src /e"
+        );
+        assert_eq!(
+            run(e, "dsync init --zstd-level -3"),
+            "dsync init --zstd-level -3 /e"
+        );
+        assert_eq!(
+            run(e, "dsync check --read-data-subset 1/7"),
+            "dsync check --read-data-subset 1/7 /e"
+        );
+        assert_eq!(run(e, "dsync backup -- -odd"), "dsync backup -- /e -odd");
+    }
+
+    #[test]
+    fn an_explicit_repo_wins_over_dsync_repo() {
+        let e = Some("/e");
+        assert_eq!(run(e, "dsync list /r"), "dsync list /r");
+        assert_eq!(run(e, "dsync list --json /r"), "dsync list --json /r");
+        assert_eq!(
+            run(e, "dsync check /r --read-data"),
+            "dsync check /r --read-data"
+        );
+        assert_eq!(run(e, "dsync mount /r /mnt"), "dsync mount /r /mnt");
+        assert_eq!(
+            run(e, "dsync cat /r latest a.img"),
+            "dsync cat /r latest a.img"
+        );
+        assert_eq!(
+            run(e, "dsync restore /r latest --to o a.img"),
+            "dsync restore /r latest --to o a.img"
+        );
+        assert_eq!(run(e, "dsync diff /r a b c"), "dsync diff /r a b c");
+        assert_eq!(
+            run(e, "dsync import-rdiff-backup /src /r"),
+            "dsync import-rdiff-backup /src /r"
+        );
+        assert_eq!(
+            run(e, "dsync backup ssh://h/r a"),
+            "dsync backup ssh://h/r a"
+        );
+        assert_eq!(run(e, "dsync -r /f list"), "dsync list /f");
+        assert_eq!(run(e, "dsync --repo=/f backup a b"), "dsync backup /f a b");
+        assert_eq!(
+            run(None, "dsync -r /f import-rdiff-backup /src"),
+            "dsync import-rdiff-backup /src /f"
+        );
+        // -r always stands for REPO: with REPO given too, clap says which is extra.
+        assert_eq!(run(e, "dsync -r /f list /r"), "dsync list /f /r");
+    }
+
+    #[test]
+    fn an_existing_repository_is_recognised_in_an_ambiguous_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path().join("r");
+        std::fs::create_dir(&r).unwrap();
+        let r = r.to_str().unwrap().to_string();
+        let e = Some("/e");
+        // Not a repository yet: a file to back up.
+        assert_eq!(
+            run(e, &format!("dsync backup {r} a")),
+            format!("dsync backup /e {r} a")
+        );
+        std::fs::write(format!("{r}/config"), b"").unwrap();
+        assert_eq!(
+            run(e, &format!("dsync backup {r} a")),
+            format!("dsync backup {r} a")
+        );
+        assert_eq!(
+            run(e, &format!("dsync forget {r} a")),
+            format!("dsync forget {r} a")
+        );
+        assert_eq!(
+            run(e, &format!("dsync restore {r} a --to o")),
+            format!("dsync restore {r} a --to o")
+        );
+        assert_eq!(
+            run(e, &format!("dsync diff {r} a b")),
+            format!("dsync diff {r} a b")
+        );
+    }
+
+    #[test]
+    fn nothing_to_do() {
+        assert_eq!(run(None, "dsync list /r"), "dsync list /r");
+        assert_eq!(run(Some(""), "dsync list"), "dsync list");
+        assert_eq!(
+            run(Some("/e"), "dsync generate man /d"),
+            "dsync generate man /d"
+        );
+        assert_eq!(run(Some("/e"), "dsync --version"), "dsync --version");
+        assert!(with_repo(vec!["dsync".into(), "-r".into()], None).is_err());
+    }
 }
 
 /// Parses `1234`, `64K`, `256M`, `1G` (powers of 1024).

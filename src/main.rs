@@ -51,7 +51,8 @@ fn raise_open_file_limit() {
 
 fn main() -> ExitCode {
     raise_open_file_limit();
-    let cli = match with_repo(std::env::args_os().collect()) {
+    let args = std::env::args_os().collect();
+    let cli = match cli::with_repo(args, std::env::var_os("DSYNC_REPO")) {
         Ok(args) => Cli::parse_from(args),
         Err(msg) => {
             diag!("dsync: {msg}");
@@ -98,52 +99,6 @@ impl std::fmt::Display for CheckFailed {
 }
 
 impl std::error::Error for CheckFailed {}
-
-/// Commands whose first argument is the repository (import-rdiff-backup takes
-/// it second).
-const REPO_FIRST: &[&str] = &[
-    "init", "backup", "list", "restore", "mount", "cat", "forget", "prune", "check", "diff", "du",
-    "unlock",
-];
-
-/// `-r REPO` / `--repo REPO` (before the command) or DSYNC_REPO stands for the
-/// REPO argument, as RESTIC_REPOSITORY does for restic: it is inserted where
-/// REPO goes, so with either set REPO is left out of every command.
-fn with_repo(mut args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>, String> {
-    let mut repo = std::env::var_os("DSYNC_REPO").filter(|v| !v.is_empty());
-    let mut i = 1;
-    let mut command = None;
-    while i < args.len() {
-        let a = args[i].to_string_lossy().into_owned();
-        if a == "-r" || a == "--repo" {
-            if i + 1 >= args.len() {
-                return Err(format!("{a} needs a repository path"));
-            }
-            repo = Some(args.remove(i + 1));
-            args.remove(i);
-            continue;
-        }
-        if let Some(v) = a.strip_prefix("--repo=") {
-            repo = Some(v.into());
-            args.remove(i);
-            continue;
-        }
-        if !a.starts_with('-') {
-            command = Some((i, a));
-            break;
-        }
-        i += 1;
-    }
-    let (Some(repo), Some((at, cmd))) = (repo, command) else {
-        return Ok(args);
-    };
-    if REPO_FIRST.contains(&cmd.as_str()) {
-        args.insert(at + 1, repo);
-    } else if cmd == "import-rdiff-backup" {
-        args.push(repo);
-    }
-    Ok(args)
-}
 
 /// Exit codes, documented in README.md and `dsync --help`.
 fn exit_code(e: &anyhow::Error) -> u8 {

@@ -116,3 +116,95 @@ fn closed_stderr_keeps_the_exit_code() {
         .unwrap();
     assert_eq!(st.code(), Some(2), "bad usage");
 }
+
+/// Runs dsync with DSYNC_REPO set to `env_repo`; requires success.
+fn with_env(env: &Env, env_repo: &std::path::Path, args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_dsync"))
+        .args(args)
+        .env("DSYNC_REPO", env_repo)
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "DSYNC_REPO={} dsync {args:?}: {}",
+        env_repo.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Snapshot count of a repository, read without DSYNC_REPO.
+fn count(env: &Env, repo: &std::path::Path) -> usize {
+    env.ok(&["list", s(repo), "--json"]).lines().count()
+}
+
+#[test]
+fn an_explicit_repo_wins_over_dsync_repo() {
+    let env = Env::new();
+    let (repo, other) = (env.repo(), env.path("other"));
+    let img = env.path("disk.img");
+    std::fs::write(&img, pseudo(1 << 20, 3)).unwrap();
+    env.ok(&["backup", "-q", s(&repo), s(&img), "--time", "@1700000000"]);
+    env.ok(&["backup", "-q", s(&other), s(&img), "--time", "@1800000000"]);
+    let mine = &env.ids()[0];
+
+    // Commands whose arguments are complete keep them.
+    let list = with_env(&env, &other, &["list", s(&repo), "--json"]);
+    assert_eq!(list.lines().count(), 1);
+    assert!(list.contains(mine.as_str()), "{list}");
+    let check = with_env(&env, &other, &["check", s(&repo), "--read-data"]);
+    assert!(check.contains("no problems"), "{check}");
+    let du = with_env(&env, &other, &["du", s(&repo), "--json"]);
+    assert!(du.contains(mine.as_str()), "{du}");
+
+    // backup: an existing repository in REPO's place is REPO...
+    with_env(
+        &env,
+        &other,
+        &["backup", "-q", s(&repo), s(&img), "--checksum"],
+    );
+    assert_eq!((count(&env, &repo), count(&env, &other)), (2, 1));
+    // ...a file is a file, backed up into DSYNC_REPO.
+    with_env(&env, &other, &["backup", "-q", s(&img), "--checksum"]);
+    assert_eq!((count(&env, &repo), count(&env, &other)), (2, 2));
+    // -r wins over DSYNC_REPO, and creates a new repository.
+    let new = env.path("new");
+    with_env(&env, &other, &["-r", s(&new), "backup", "-q", s(&img)]);
+    assert_eq!((count(&env, &new), count(&env, &other)), (1, 2));
+    // The snapshot arguments of restore are not mistaken for REPO.
+    with_env(
+        &env,
+        &repo,
+        &["restore", mine, "--to", s(&env.path("out.img")), "disk.img"],
+    );
+    assert_eq!(blake2(&env.path("out.img")), blake2(&img));
+}
+
+#[test]
+fn import_rdiff_backup_keeps_its_destination_with_dsync_repo_set() {
+    let env = Env::new();
+    let src = env.path("src");
+    std::fs::create_dir(&src).unwrap();
+    let img = src.join("disk.img");
+    std::fs::write(&img, pseudo(1 << 20, 4)).unwrap();
+    let rdiff = env.path("rdiff");
+    let o = Command::new("rdiff-backup")
+        .arg("backup")
+        .arg(&src)
+        .arg(&rdiff)
+        .output()
+        .expect("rdiff-backup is installed by scripts/setup.sh");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (dest, other) = (env.repo(), env.path("other"));
+    with_env(
+        &env,
+        &other,
+        &["import-rdiff-backup", s(&rdiff), s(&dest), "-q"],
+    );
+    assert_eq!(count(&env, &dest), 1);
+    assert!(!other.exists(), "DSYNC_REPO was not the destination");
+    let out = env.path("out");
+    env.ok(&["restore", s(&dest), "latest", "--to", s(&out)]);
+    assert_eq!(blake2(&out.join("disk.img")), blake2(&img));
+}
