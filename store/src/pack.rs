@@ -504,7 +504,12 @@ impl PackCache {
             });
         if let Err(e) = spawned {
             // Only slower misses: not worth failing the mount for.
-            eprintln!("dsync: cannot start the buffer warming thread: {e}");
+            // (A closed stderr must not panic the mount.)
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "dsync: cannot start the buffer warming thread: {e}"
+            );
         }
     }
 
