@@ -46,6 +46,10 @@ id_type!(
     MapId
 );
 id_type!(
+    /// Names a meta pack of format 3 (`meta/<id>.meta`).
+    MetaId
+);
+id_type!(
     /// Names a snapshot (`snapshots/<id>.snap`).
     SnapshotId
 );

@@ -17,6 +17,7 @@ pub mod map;
 pub mod pack;
 pub mod sig;
 pub mod snapshot;
+pub mod v3;
 
 use crate::error::{Error, Result};
 
@@ -63,6 +64,23 @@ impl Writer {
     /// A length-prefixed (u32) byte string.
     pub fn str(&mut self, v: &[u8]) {
         self.u32(v.len() as u32);
+        self.buf.extend_from_slice(v);
+    }
+    /// Unsigned LEB128 (format 3's `varint`).
+    pub fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+    }
+    /// A zigzag-coded `i64` (format 3's `zigzag`).
+    pub fn zigzag(&mut self, v: i64) {
+        self.varint(((v << 1) ^ (v >> 63)) as u64);
+    }
+    /// A varint-length-prefixed byte string (format 3's `bytes`).
+    pub fn vbytes(&mut self, v: &[u8]) {
+        self.varint(v.len() as u64);
         self.buf.extend_from_slice(v);
     }
 }
@@ -148,6 +166,57 @@ impl<'a> Reader<'a> {
         }
         Ok(n as usize)
     }
+    /// Unsigned LEB128: at most 10 bytes, no redundant zero group, no
+    /// overflow.
+    pub fn varint(&mut self) -> Result<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.u8()?;
+            let part = (b & 0x7f) as u64;
+            if i == 9 && b > 1 {
+                return Err(self.corrupt("varint overflows 64 bits"));
+            }
+            v |= part << (7 * i);
+            if b & 0x80 == 0 {
+                if b == 0 && i > 0 {
+                    return Err(self.corrupt("varint with a redundant zero group"));
+                }
+                return Ok(v);
+            }
+        }
+        Err(self.corrupt("varint longer than 10 bytes"))
+    }
+    /// A zigzag-coded `i64`.
+    pub fn zigzag(&mut self) -> Result<i64> {
+        let v = self.varint()?;
+        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
+    }
+    /// A varint that must fit in a u32.
+    pub fn varint_u32(&mut self) -> Result<u32> {
+        let v = self.varint()?;
+        u32::try_from(v).map_err(|_| self.corrupt(format!("{v} does not fit 32 bits")))
+    }
+    /// A varint-length-prefixed byte string of at most `max` bytes.
+    pub fn vbytes(&mut self, max: usize) -> Result<&'a [u8]> {
+        let n = self.varint()?;
+        if n > max as u64 {
+            return Err(self.corrupt(format!("string of {n} bytes exceeds the limit of {max}")));
+        }
+        self.take(n as usize)
+    }
+    /// A varint count of records of at least `min_size` bytes each, checked
+    /// against what is left.
+    pub fn vcount(&mut self, min_size: usize) -> Result<usize> {
+        let n = self.varint()?;
+        let max = (self.remaining() / min_size.max(1)) as u64;
+        if n > max {
+            return Err(self.corrupt(format!(
+                "count {n} exceeds what the {} bytes left can hold",
+                self.remaining()
+            )));
+        }
+        Ok(n as usize)
+    }
     pub fn finish(&self) -> Result<()> {
         if self.remaining() != 0 {
             return Err(self.corrupt(format!("{} unexpected trailing bytes", self.remaining())));
@@ -158,6 +227,11 @@ impl<'a> Reader<'a> {
 
 /// Wraps `body` in an envelope of kind `magic`.
 pub fn seal(magic: &[u8; 8], body: &[u8], compress: bool) -> Vec<u8> {
+    seal_as(magic, FORMAT_VERSION, body, compress)
+}
+
+/// Wraps `body` in an envelope of kind `magic` marked with `version`.
+pub fn seal_as(magic: &[u8; 8], version: u32, body: &[u8], compress: bool) -> Vec<u8> {
     let (flags, stored) = if compress {
         match zstd::bulk::compress(body, 3) {
             Ok(c) => (FLAG_ZSTD, c),
@@ -168,7 +242,7 @@ pub fn seal(magic: &[u8; 8], body: &[u8], compress: bool) -> Vec<u8> {
     };
     let mut w = Writer::default();
     w.bytes(magic);
-    w.u32(FORMAT_VERSION);
+    w.u32(version);
     w.u32(flags);
     w.u64(stored.len() as u64);
     w.bytes(&stored);
@@ -184,6 +258,15 @@ pub fn seal(magic: &[u8; 8], body: &[u8], compress: bool) -> Vec<u8> {
 /// [`Error::Corrupt`] for any damage, [`Error::UnsupportedVersion`] for a newer
 /// format.
 pub fn open(magic: &[u8; 8], bytes: &[u8], object: &str) -> Result<Vec<u8>> {
+    open_as(magic, bytes, object, FORMAT_VERSION).map(|(_, body)| body)
+}
+
+/// As [`open`], for an object of at most version `newest`; returns the
+/// version found with the body.
+///
+/// # Errors
+/// As [`open`].
+pub fn open_as(magic: &[u8; 8], bytes: &[u8], object: &str, newest: u32) -> Result<(u32, Vec<u8>)> {
     let mut r = Reader::new(bytes, object);
     let m: [u8; 8] = r.array()?;
     if &m != magic {
@@ -198,11 +281,11 @@ pub fn open(magic: &[u8; 8], bytes: &[u8], object: &str) -> Result<Vec<u8>> {
         ));
     }
     let version = r.u32()?;
-    if version > FORMAT_VERSION {
+    if version > newest {
         return Err(Error::UnsupportedVersion {
             path: object.into(),
             found: version,
-            supported: FORMAT_VERSION,
+            supported: newest,
         });
     }
     if version == 0 {
@@ -237,11 +320,12 @@ pub fn open(magic: &[u8; 8], bytes: &[u8], object: &str) -> Result<Vec<u8>> {
             format!("unknown flags {flags:#x}"),
         ));
     }
-    if flags & FLAG_ZSTD != 0 {
-        decompress_bounded(stored, MAX_BODY, object, ENVELOPE_HEADER as u64)
+    let body = if flags & FLAG_ZSTD != 0 {
+        decompress_bounded(stored, MAX_BODY, object, ENVELOPE_HEADER as u64)?
     } else {
-        Ok(stored.to_vec())
-    }
+        stored.to_vec()
+    };
+    Ok((version, body))
 }
 
 /// Decompresses a zstd stream of unknown size, refusing to grow past `max`.
