@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
-use crate::backend::{Backend, Key, Object, ObjectWriter};
+use crate::backend::{Backend, Key, Kind, Object, ObjectWriter};
 use crate::error::{Error, Result};
 use crate::format::pack::{self as fmt, FrameEntry};
 use crate::format::FORMAT_VERSION;
@@ -115,8 +115,17 @@ impl PackWriter {
     /// # Errors
     /// [`Error::Io`] when the object cannot be created.
     pub fn create(backend: &dyn Backend) -> Result<PackWriter> {
+        PackWriter::create_as(backend, Kind::Pack)
+    }
+
+    /// A new pack of `kind` (data [`Kind::Pack`] or [`Kind::Meta`]: the same
+    /// layout).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the object cannot be created.
+    pub fn create_as(backend: &dyn Backend, kind: Kind) -> Result<PackWriter> {
         let id = PackId::random();
-        let mut w = backend.create(&Key::pack(id))?;
+        let mut w = backend.create(&Key::new(kind, id.to_string()))?;
         w.append(&fmt::header(FORMAT_VERSION))?;
         Ok(PackWriter {
             id,
@@ -129,6 +138,11 @@ impl PackWriter {
     /// Bytes written so far.
     pub fn file_len(&self) -> u64 {
         self.w.len()
+    }
+
+    /// Frames appended so far (the next frame's index).
+    pub fn frame_count(&self) -> usize {
+        self.frames.len()
     }
 
     /// Appends a frame; returns its uncompressed offset.
@@ -180,8 +194,19 @@ impl PackReader {
     /// # Errors
     /// [`Error::Io`] (a missing pack among them), [`Error::Corrupt`].
     pub fn open(backend: &dyn Backend, id: PackId) -> Result<PackReader> {
-        let name = format!("pack {id}");
-        let file = backend.open(&Key::pack(id))?;
+        PackReader::open_as(backend, Kind::Pack, id)
+    }
+
+    /// Opens pack `id` of `kind` (a meta pack reads like a data pack).
+    ///
+    /// # Errors
+    /// As [`PackReader::open`].
+    pub fn open_as(backend: &dyn Backend, kind: Kind, id: PackId) -> Result<PackReader> {
+        let name = match kind {
+            Kind::Meta => format!("meta pack {id}"),
+            _ => format!("pack {id}"),
+        };
+        let file = backend.open(&Key::new(kind, id.to_string()))?;
         let len = file.len();
         if len < fmt::HEADER_SIZE + fmt::TRAILER_SIZE {
             return Err(Error::corrupt(
@@ -343,7 +368,7 @@ pub struct PackCache {
     /// Open packs, while some reader holds them: a pack nobody reads is
     /// closed, so a long-lived mount does not keep packs that a prune
     /// deleted (and their disk space) alive.
-    packs: RwLock<HashMap<PackId, Weak<PackReader>>>,
+    packs: RwLock<HashMap<(Kind, PackId), Weak<PackReader>>>,
     frames: Mutex<LruState>,
     capacity: usize,
     /// Signalled when a miss takes a spare buffer (for the warming thread).
@@ -371,20 +396,32 @@ impl PackCache {
     /// # Errors
     /// See [`PackReader::open`].
     pub fn pack(&self, id: PackId) -> Result<Arc<PackReader>> {
+        self.open(Kind::Pack, id)
+    }
+
+    /// The open meta pack `id`.
+    ///
+    /// # Errors
+    /// See [`PackReader::open`].
+    pub fn meta(&self, id: crate::id::MetaId) -> Result<Arc<PackReader>> {
+        self.open(Kind::Meta, PackId(id.0))
+    }
+
+    fn open(&self, kind: Kind, id: PackId) -> Result<Arc<PackReader>> {
         if let Some(p) = self
             .packs
             .read()
             .ok()
-            .and_then(|m| m.get(&id).and_then(Weak::upgrade))
+            .and_then(|m| m.get(&(kind, id)).and_then(Weak::upgrade))
         {
             return Ok(p);
         }
-        let p = Arc::new(PackReader::open(&*self.backend, id)?);
+        let p = Arc::new(PackReader::open_as(&*self.backend, kind, id)?);
         if let Ok(mut m) = self.packs.write() {
             if m.len() >= 64 && m.len().is_power_of_two() {
                 m.retain(|_, w| w.strong_count() > 0);
             }
-            m.insert(id, Arc::downgrade(&p));
+            m.insert((kind, id), Arc::downgrade(&p));
         }
         Ok(p)
     }

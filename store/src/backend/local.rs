@@ -20,7 +20,10 @@ use super::{Backend, Key, Kind, LockGuard, Object, ObjectWriter};
 use crate::delta::signature::PageBytes;
 use crate::error::{Error, IoContext, Result};
 
-const DIRS: [&str; 5] = ["packs", "sigs", "maps", "snapshots", "tmp"];
+const DIRS: [&str; 6] = ["packs", "sigs", "maps", "snapshots", "tmp", "meta"];
+/// Directories that repositories made by an older dsync lack: made when
+/// first written to, and an empty listing while missing.
+const ADDED_LATER: [&str; 1] = ["meta"];
 
 /// A repository directory on a local file system.
 pub struct LocalBackend {
@@ -77,7 +80,7 @@ impl LocalBackend {
     /// # Errors
     /// [`Error::Corrupt`] naming a missing directory.
     pub fn open(root: &Path) -> Result<LocalBackend> {
-        for d in DIRS {
+        for d in DIRS.iter().filter(|d| !ADDED_LATER.contains(d)) {
             let p = root.join(d);
             if !p.is_dir() {
                 return Err(Error::corrupt(
@@ -110,11 +113,28 @@ impl LocalBackend {
     }
 
     fn create_new(path: &Path) -> Result<File> {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .at(path)
+        let open = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+        };
+        match open() {
+            // A directory that an older dsync's repository lacks.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let dir = path.parent().unwrap_or(path);
+                let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if !ADDED_LATER.contains(&name) {
+                    return Err(Error::io(path, e));
+                }
+                std::fs::create_dir_all(dir).at(dir)?;
+                if let Some(root) = dir.parent() {
+                    fsync_dir(root)?;
+                }
+                open().at(path)
+            }
+            r => r.at(path),
+        }
     }
 
     /// Writes `bytes` to a fresh temporary file and fsyncs it.
@@ -252,7 +272,16 @@ impl Backend for LocalBackend {
         }
         let dir = self.dir(kind);
         let mut out = Vec::new();
-        for ent in std::fs::read_dir(&dir).at(&dir)? {
+        let entries = match std::fs::read_dir(&dir) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && ADDED_LATER.contains(&kind.dir()) =>
+            {
+                return Ok(out)
+            }
+            r => r.at(&dir)?,
+        };
+        for ent in entries {
             let ent = ent.at(&dir)?;
             let name = ent.file_name();
             let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(kind.suffix())) else {

@@ -44,7 +44,7 @@ pub use mem::MemBackend;
 
 use crate::delta::signature::PageBytes;
 use crate::error::Result;
-use crate::id::{MapId, PackId, SigId, SnapshotId};
+use crate::id::{MapId, MetaId, PackId, SigId, SnapshotId};
 
 /// What an object is. Each kind lives in its own namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,11 +59,13 @@ pub enum Kind {
     Map,
     /// A snapshot's manifest.
     Snapshot,
+    /// Format 3's metadata blobs (a pack of them).
+    Meta,
 }
 
 impl Kind {
     /// Every kind of object that holds repository data (not the config).
-    pub const DATA: [Kind; 4] = [Kind::Pack, Kind::Sig, Kind::Map, Kind::Snapshot];
+    pub const DATA: [Kind; 5] = [Kind::Pack, Kind::Sig, Kind::Map, Kind::Snapshot, Kind::Meta];
 
     /// The directory of this kind's objects in the layout (FORMAT.md,
     /// "Layout"); empty for the config, which sits at the top.
@@ -74,6 +76,7 @@ impl Kind {
             Kind::Sig => "sigs",
             Kind::Map => "maps",
             Kind::Snapshot => "snapshots",
+            Kind::Meta => "meta",
         }
     }
 
@@ -85,6 +88,7 @@ impl Kind {
             Kind::Sig => ".sig",
             Kind::Map => ".map",
             Kind::Snapshot => ".snap",
+            Kind::Meta => ".meta",
         }
     }
 }
@@ -118,6 +122,9 @@ impl Key {
     }
     pub fn snapshot(id: SnapshotId) -> Key {
         Key::new(Kind::Snapshot, id.to_string())
+    }
+    pub fn meta(id: MetaId) -> Key {
+        Key::new(Kind::Meta, id.to_string())
     }
 
     /// The object's path relative to the repository's root

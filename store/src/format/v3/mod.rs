@@ -111,9 +111,8 @@ pub trait Record: Sized + Clone {
     const MIN_SIZE: usize;
     /// Running state while coding a sequence (extents: the logical offset).
     type State: Copy;
-    /// The state at the start of a sequence whose first key is `first_key`
-    /// (empty for an inline list).
-    fn start(first_key: &[u8]) -> Result<Self::State>;
+    /// The state at the start of a page or an inline list.
+    fn start() -> Self::State;
     fn encode(&self, w: &mut Writer, st: &mut Self::State);
     /// # Errors
     /// [`Error::Corrupt`].
@@ -160,10 +159,7 @@ impl<T: Record> List<T> {
             List::Inline(v) => {
                 w.varint(v.len() as u64);
                 w.u8(0);
-                let mut st = match T::start(&[]) {
-                    Ok(s) => s,
-                    Err(_) => return,
-                };
+                let mut st = T::start();
                 for rec in v {
                     rec.encode(w, &mut st);
                 }
@@ -189,7 +185,7 @@ impl<T: Record> List<T> {
                 {
                     return Err(r.corrupt(format!("inline list of {count} records")));
                 }
-                let mut st = T::start(&[])?;
+                let mut st = T::start();
                 let v = decode_records::<T>(r, count as usize, &mut st)?;
                 if r.pos() - at > INLINE_MAX_BYTES {
                     return Err(r.corrupt("inline list longer than 16 KiB"));
@@ -259,16 +255,15 @@ impl<T: Record> Page<T> {
         }
     }
 
-    /// Encodes a leaf page whose first record has key `first_key`.
-    pub fn encode(&self, first_key: &[u8]) -> Vec<u8> {
+    /// Encodes the page.
+    pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         match self {
             Page::Leaf(v) => {
                 w.varint(v.len() as u64);
-                if let Ok(mut st) = T::start(first_key) {
-                    for rec in v {
-                        rec.encode(&mut w, &mut st);
-                    }
+                let mut st = T::start();
+                for rec in v {
+                    rec.encode(&mut w, &mut st);
                 }
             }
             Page::Index(children) => {
@@ -284,11 +279,11 @@ impl<T: Record> Page<T> {
     }
 
     /// Decodes a page of the kind the parent expects: a leaf at depth 1, an
-    /// index page above. `first_key` is the key the parent gave for it.
+    /// index page above.
     ///
     /// # Errors
     /// [`Error::Corrupt`] naming `object`.
-    pub fn decode(bytes: &[u8], leaf: bool, first_key: &[u8], object: &str) -> Result<Page<T>> {
+    pub fn decode(bytes: &[u8], leaf: bool, object: &str) -> Result<Page<T>> {
         if bytes.len() > MAX_BLOB {
             return Err(Error::corrupt(object, 0, "page larger than a blob may be"));
         }
@@ -298,7 +293,7 @@ impl<T: Record> Page<T> {
             if n == 0 {
                 return Err(r.corrupt("empty leaf page"));
             }
-            let mut st = T::start(first_key)?;
+            let mut st = T::start();
             Page::Leaf(decode_records::<T>(&mut r, n, &mut st)?)
         } else {
             let n = r.vcount(1 + 1 + BLOB_REF_SIZE)?;

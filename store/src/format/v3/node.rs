@@ -2,7 +2,7 @@
 //! system keeps), extents and signature page references.
 
 use super::{BlobKind, BlobRef, List, Record};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::format::{Reader, Writer};
 use crate::id::PackId;
 
@@ -94,9 +94,7 @@ impl Record for Entry {
     const MIN_SIZE: usize = 19;
     type State = ();
 
-    fn start(_: &[u8]) -> Result<()> {
-        Ok(())
-    }
+    fn start() {}
 
     fn encode(&self, w: &mut Writer, _: &mut ()) {
         w.vbytes(&self.name);
@@ -259,20 +257,8 @@ impl Record for Extent {
     /// The end of the previous extent.
     type State = u64;
 
-    fn start(first_key: &[u8]) -> Result<u64> {
-        match first_key.len() {
-            0 => Ok(0),
-            8 => {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(first_key);
-                Ok(u64::from_be_bytes(b))
-            }
-            n => Err(Error::corrupt(
-                "extent list",
-                0,
-                format!("key of {n} bytes"),
-            )),
-        }
+    fn start() -> u64 {
+        0
     }
 
     fn encode(&self, w: &mut Writer, end: &mut u64) {
@@ -328,9 +314,7 @@ impl Record for SigRef {
     const MIN_SIZE: usize = 1;
     type State = ();
 
-    fn start(_: &[u8]) -> Result<()> {
-        Ok(())
-    }
+    fn start() {}
 
     fn encode(&self, w: &mut Writer, _: &mut ()) {
         match self {
