@@ -17,16 +17,15 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use rayon::prelude::*;
 
 use crate::backend::Key;
 use crate::delta::signature::{FileHasher, ZeroBlock};
-use crate::delta::{diff_chunk, Chunk, DeltaStats, Op, SigView};
+use crate::delta::{DeltaStats, Op, SigView};
 use crate::error::{Error, IoContext, Result};
 use crate::format::config::Config;
 use crate::format::map::{MapBody, PageRef};
@@ -37,7 +36,8 @@ use crate::format::snapshot::{
 };
 use crate::id::{MapId, SnapshotId};
 use crate::map::{FileMap, MapBuilder, Piece};
-use crate::pack::{compress_frames, FrameMeta, PackWriter};
+use crate::pack::PackWriter;
+use crate::pipeline::{data_ranges, Buffers, ChunkCtx, ChunkOut, Feed, FileFeed, StreamFeed};
 use crate::repo::{Repo, SigWriter};
 
 /// Reports progress of long work. All methods default to doing nothing.
@@ -230,10 +230,11 @@ fn run(
     let previous = repo.snapshots()?;
 
     let mut w = Writer::new(repo)?;
-    let mut nodes = Vec::new();
-    let mut files = Vec::new();
-    let mut source_paths = Vec::new();
-    let mut bytes_read = 0;
+    let mut out = Collected::default();
+    // Files of at most one chunk, read, diffed and compressed by the pool
+    // several at a time (one file alone would keep one core busy).
+    let mut group: Vec<SmallJob> = Vec::new();
+    let group_max = rayon::current_num_threads() * 4;
     for (origin, name) in sources {
         let prev = previous
             .iter()
@@ -255,7 +256,6 @@ fn run(
                 .unwrap_or(0),
             Origin::Stream(_) => 0,
         };
-        progress.start(&display, total);
         let unchanged = match &origin {
             Origin::Path { md, .. } => {
                 md.is_file()
@@ -278,10 +278,29 @@ fn run(
             }
             _ => None,
         };
+        let small = match &origin {
+            Origin::Path { md, .. } => !reuse && md.is_file() && md.len() <= w.chunk_size(opts),
+            Origin::Stream(_) => false,
+        };
+        if small {
+            if let Origin::Path { path, md } = origin {
+                group.push(SmallJob {
+                    path,
+                    md,
+                    name,
+                    prev: prev_loaded,
+                });
+            }
+            if group.len() >= group_max {
+                w.small_files(&mut group, opts, progress, &mut out)?;
+            }
+            continue;
+        }
+        w.small_files(&mut group, opts, progress, &mut out)?;
+        progress.start(&display, total);
         let prev_ref = prev_loaded.as_ref().map(|(m, s)| (m, s));
-        let (version, report, meta) = match (origin, prev) {
+        match (origin, prev) {
             (Origin::Path { path, md }, Some(f)) if reuse => {
-                source_paths.push(path.display().to_string());
                 progress.advance(md.len());
                 let report = FileReport {
                     name: display,
@@ -294,34 +313,29 @@ fn run(
                     damaged_sig_pages: 0,
                     changed_while_read: None,
                 };
-                (f, report, node_meta(&md))
+                out.push(name, f, report, node_meta(&md), &path);
             }
             (Origin::Path { path, md }, _) => {
                 let (v, r) = w.file(Input::Path(&path), &display, prev_ref, opts, progress)?;
-                source_paths.push(path.display().to_string());
-                (v, r, node_meta(&md))
+                out.push(name, v, r, node_meta(&md), &path);
             }
             (Origin::Stream(reader), _) => {
                 let (v, r) = w.file(Input::Stream(reader), &display, prev_ref, opts, progress)?;
-                source_paths.push("-".to_string());
                 // SAFETY: getuid/getgid cannot fail and touch no memory.
                 let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
                 let mtime = opts.time_ns.unwrap_or_else(crate::time::now_ns);
-                (v, r, (libc::S_IFREG | 0o600, uid, gid, mtime))
+                let meta = (libc::S_IFREG | 0o600, uid, gid, mtime);
+                out.push(name, v, r, meta, Path::new("-"));
             }
-        };
-        bytes_read += report.bytes_read;
-        nodes.push(Node {
-            parent: ROOT,
-            name,
-            mode: meta.0,
-            uid: meta.1,
-            gid: meta.2,
-            mtime_ns: meta.3,
-            kind: NodeKind::File(version),
-        });
-        files.push(report);
+        }
     }
+    w.small_files(&mut group, opts, progress, &mut out)?;
+    let Collected {
+        nodes,
+        files,
+        paths: source_paths,
+        bytes_read,
+    } = out;
     let mut added = w.finish()?;
     let mut snap = Snapshot {
         id: SnapshotId::random(),
@@ -348,6 +362,118 @@ fn run(
         files,
         lock_taken_over: lock.took_over.clone(),
     })
+}
+
+/// Reads, diffs and compresses one small file (on a pool thread).
+fn read_small(j: &SmallJob, ctx: &ChunkCtx<'_>, opts: &BackupOptions) -> Result<SmallRead> {
+    let path = &j.path;
+    let file = File::open(path)
+        .map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", path.display(), e)))?;
+    let before = file.metadata().at(path)?;
+    let size = before.len();
+    let data = data_ranges(&file, size);
+    let feed = FileFeed {
+        file: &file,
+        path,
+        size,
+        data: &data,
+    };
+    let chunk = if size > 0 {
+        Some(feed.chunk(ctx, 0, size)?)
+    } else {
+        None
+    };
+    let changed = changed_while_read(&file, path, &before, size, opts)?;
+    Ok(SmallRead {
+        size,
+        chunk,
+        source: (before.dev(), before.ino(), ctime_ns(&before)),
+        changed,
+    })
+}
+
+/// What changed in a source while it was read (size, mtime or ctime), if
+/// anything; an error unless the options accept it.
+///
+/// # Errors
+/// [`Error::SourceChanged`]; [`Error::Io`] when it cannot be stat'ed again.
+fn changed_while_read(
+    file: &File,
+    path: &Path,
+    before: &std::fs::Metadata,
+    size: u64,
+    opts: &BackupOptions,
+) -> Result<Option<String>> {
+    let after = file.metadata().at(path)?;
+    let after_size = source_size(file, &after).at(path)?;
+    let what = if after_size != size {
+        Some(format!("size {} -> {}", size, after_size))
+    } else if is_block_device(before) {
+        // A device node's times say nothing about its contents.
+        None
+    } else if mtime_ns_of(&after) != mtime_ns_of(before) {
+        Some("modification time changed".to_string())
+    } else if ctime_ns(&after) != ctime_ns(before) {
+        Some("change time changed".to_string())
+    } else {
+        None
+    };
+    match what {
+        Some(detail) if !opts.accept_changed => Err(Error::SourceChanged {
+            path: path.into(),
+            detail,
+        }),
+        w => Ok(w),
+    }
+}
+
+/// The snapshot's nodes and reports, in the order of the sources.
+#[derive(Default)]
+struct Collected {
+    nodes: Vec<Node>,
+    files: Vec<FileReport>,
+    paths: Vec<String>,
+    bytes_read: u64,
+}
+
+impl Collected {
+    fn push(
+        &mut self,
+        name: Vec<u8>,
+        version: FileVersion,
+        report: FileReport,
+        meta: (u32, u32, u32, i64),
+        source: &Path,
+    ) {
+        self.bytes_read += report.bytes_read;
+        self.paths.push(source.display().to_string());
+        self.nodes.push(Node {
+            parent: ROOT,
+            name,
+            mode: meta.0,
+            uid: meta.1,
+            gid: meta.2,
+            mtime_ns: meta.3,
+            kind: NodeKind::File(version),
+        });
+        self.files.push(report);
+    }
+}
+
+/// A file of at most one chunk, waiting for its group.
+struct SmallJob {
+    path: PathBuf,
+    md: std::fs::Metadata,
+    name: Vec<u8>,
+    prev: Option<(FileMap, SigView)>,
+}
+
+/// A small file after the parallel stage.
+struct SmallRead {
+    size: u64,
+    chunk: Option<ChunkOut>,
+    source: (u64, u64, i64),
+    changed: Option<String>,
 }
 
 /// Mode, uid, gid and mtime of a source's node. A block device is stored as
@@ -393,319 +519,6 @@ fn ctime_ns(md: &std::fs::Metadata) -> i64 {
     md.ctime() * 1_000_000_000 + md.ctime_nsec()
 }
 
-/// One chunk after the parallel stage.
-struct ChunkOut {
-    len: u64,
-    ops: Vec<Op>,
-    entries: Vec<[u8; ENTRY_SIZE]>,
-    digests: Vec<[u8; 32]>,
-    /// Compressed frames, back to back.
-    compressed: Vec<u8>,
-    frames: Vec<FrameMeta>,
-    stats: DeltaStats,
-    read: u64,
-}
-
-/// Reused chunk-sized buffers, so the hot loop allocates (and page-faults)
-/// nothing after the first batch.
-#[derive(Default)]
-pub(crate) struct Buffers(Mutex<Vec<Vec<u8>>>);
-
-impl Buffers {
-    /// A buffer of `len` bytes whose contents are unspecified (a reused
-    /// buffer keeps old bytes): callers write every byte they later read.
-    pub(crate) fn take(&self, len: usize) -> Vec<u8> {
-        let mut b = self
-            .0
-            .lock()
-            .ok()
-            .and_then(|mut v| v.pop())
-            .unwrap_or_default();
-        if b.len() >= len {
-            b.truncate(len);
-        } else {
-            b.resize(len, 0);
-        }
-        b
-    }
-
-    pub(crate) fn give(&self, b: Vec<u8>) {
-        if let Ok(mut v) = self.0.lock() {
-            v.push(b);
-        }
-    }
-}
-
-/// What every chunk of one file is diffed and compressed with.
-struct ChunkCtx<'a> {
-    cfg: &'a Config,
-    prev: Option<&'a SigView>,
-    buffers: &'a Buffers,
-    chunk_size: u64,
-}
-
-impl ChunkCtx<'_> {
-    /// Diffs one chunk, `data[pre..pre + len]` at file offset `off`, with
-    /// context on both sides, and gathers its literal bytes (runs on a pool
-    /// thread). `data` is not needed after this: the caller may reuse it
-    /// before [`Gathered::compress`].
-    #[allow(clippy::too_many_arguments)]
-    fn gather(
-        &self,
-        data: &[u8],
-        pre: usize,
-        off: u64,
-        len: u64,
-        holes: &[bool],
-        file_size: u64,
-        read: u64,
-    ) -> Gathered {
-        let d = diff_chunk(
-            &Chunk {
-                data,
-                start: pre,
-                len: len as usize,
-                offset: off,
-                file_size,
-                holes,
-            },
-            self.cfg.block_size,
-            self.prev,
-        );
-        let mut lit = self.buffers.take(0);
-        let mut ops = Vec::with_capacity(d.ops.len());
-        for op in d.ops {
-            match op {
-                Op::Literal { len, at } => {
-                    let o = lit.len();
-                    lit.extend_from_slice(&data[pre + at..pre + at + len as usize]);
-                    ops.push(Op::Literal { len, at: o });
-                }
-                o => ops.push(o),
-            }
-        }
-        Gathered {
-            len,
-            ops,
-            lit,
-            entries: d.entries,
-            digests: d.digests,
-            stats: d.stats,
-            read,
-        }
-    }
-}
-
-/// A diffed chunk whose literal bytes wait to be compressed.
-struct Gathered {
-    len: u64,
-    ops: Vec<Op>,
-    lit: Vec<u8>,
-    entries: Vec<[u8; ENTRY_SIZE]>,
-    digests: Vec<[u8; 32]>,
-    stats: DeltaStats,
-    read: u64,
-}
-
-impl Gathered {
-    /// Compresses the literals into frames.
-    fn compress(self, ctx: &ChunkCtx<'_>) -> Result<ChunkOut> {
-        let mut compressed = ctx.buffers.take(0);
-        let mut frames = Vec::new();
-        compress_frames(
-            &self.lit,
-            ctx.cfg.frame_size as usize,
-            ctx.cfg.zstd_level,
-            &mut compressed,
-            &mut frames,
-        )?;
-        ctx.buffers.give(self.lit);
-        Ok(ChunkOut {
-            len: self.len,
-            ops: self.ops,
-            entries: self.entries,
-            digests: self.digests,
-            compressed,
-            frames,
-            stats: self.stats,
-            read: self.read,
-        })
-    }
-}
-
-/// Where one file's chunks come from.
-enum Feed<'a> {
-    /// A file or block device of known size, read at any offset by the pool.
-    File(FileFeed<'a>),
-    /// A stream of unknown length, read in order by one thread.
-    Stream(StreamFeed<'a>),
-}
-
-impl Feed<'_> {
-    /// Reads, diffs and compresses the next batch of up to `batch` chunks
-    /// from chunk `c0` on; also says whether they are the file's last.
-    fn batch(
-        &mut self,
-        ctx: &ChunkCtx<'_>,
-        c0: u64,
-        batch: u64,
-    ) -> Result<(Vec<Result<ChunkOut>>, bool)> {
-        match self {
-            Feed::File(f) => {
-                let cs = ctx.chunk_size;
-                let nchunks = f.size.div_ceil(cs);
-                let c1 = (c0 + batch).min(nchunks);
-                let f = &*f;
-                let outs = (c0..c1)
-                    .into_par_iter()
-                    .map(|c| {
-                        let off = c * cs;
-                        f.chunk(ctx, off, (f.size - off).min(cs))
-                    })
-                    .collect();
-                Ok((outs, c1 >= nchunks))
-            }
-            Feed::Stream(s) => s.batch(ctx, c0, batch),
-        }
-    }
-}
-
-/// A file read at any offset; its holes are never read.
-struct FileFeed<'a> {
-    file: &'a File,
-    path: &'a Path,
-    size: u64,
-    data: &'a [(u64, u64)],
-}
-
-impl FileFeed<'_> {
-    /// Reads one chunk and its context, then diffs and compresses it.
-    fn chunk(&self, ctx: &ChunkCtx<'_>, off: u64, len: u64) -> Result<ChunkOut> {
-        let bs = ctx.cfg.block_size as u64;
-        let end = off + len;
-        // A block's worth of context on each side, for matches across borders.
-        let lo = off.saturating_sub(bs - 1);
-        let hi = (end + bs - 1).min(self.size);
-        let pre = (off - lo) as usize;
-        let mut buf = ctx.buffers.take((hi - lo) as usize);
-        let nb = len.div_ceil(bs) as usize;
-        let mut holes = vec![true; nb];
-        let mut read = 0u64;
-        let first = self.data.partition_point(|&(_, e)| e <= lo);
-        // Holes read as zeros: fill the gaps between data ranges.
-        let mut filled = lo;
-        for &(ds, de) in &self.data[first..] {
-            if ds >= hi {
-                break;
-            }
-            let s = ds.max(lo);
-            let e = de.min(hi);
-            buf[(filled - lo) as usize..(s - lo) as usize].fill(0);
-            filled = e;
-            let dst = &mut buf[(s - lo) as usize..(e - lo) as usize];
-            self.file
-                .read_exact_at(dst, s)
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::UnexpectedEof => Error::SourceChanged {
-                        path: self.path.into(),
-                        detail: "file shrank while it was read".into(),
-                    },
-                    _ => Error::io(self.path, e),
-                })?;
-            // Mark the chunk's own blocks that hold data.
-            let (s, e) = (s.max(off), e.min(end));
-            if e > s {
-                read += e - s;
-                let b0 = ((s - off) / bs) as usize;
-                let b1 = ((e - off).div_ceil(bs)) as usize;
-                holes[b0..b1].fill(false);
-            }
-        }
-        buf[(filled - lo) as usize..].fill(0);
-        let g = ctx.gather(&buf, pre, off, len, &holes, self.size, read);
-        // The chunk's buffer goes back before compressing: one fewer chunk
-        // buffer per thread at a time.
-        ctx.buffers.give(buf);
-        g.compress(ctx)
-    }
-}
-
-/// A stream read in order into a window that holds the current batch of
-/// chunks and a block of context on each side.
-struct StreamFeed<'a> {
-    reader: &'a mut (dyn Read + Send),
-    buf: Vec<u8>,
-    /// Stream offset of `buf[0]`.
-    start: u64,
-    /// Bytes of `buf` that hold data.
-    filled: usize,
-    eof: bool,
-}
-
-impl<'a> StreamFeed<'a> {
-    fn new(reader: &'a mut (dyn Read + Send)) -> Self {
-        StreamFeed {
-            reader,
-            buf: Vec::new(),
-            start: 0,
-            filled: 0,
-            eof: false,
-        }
-    }
-
-    fn batch(
-        &mut self,
-        ctx: &ChunkCtx<'_>,
-        c0: u64,
-        batch: u64,
-    ) -> Result<(Vec<Result<ChunkOut>>, bool)> {
-        let bs = ctx.cfg.block_size as u64;
-        let cs = ctx.chunk_size;
-        // Keep the block of context before the batch; drop the rest.
-        let keep = (c0 * cs).saturating_sub(bs - 1).max(self.start);
-        let drop = (keep - self.start) as usize;
-        self.buf.copy_within(drop..self.filled, 0);
-        self.filled -= drop;
-        self.start = keep;
-        // Read up to a block past the batch: data there means more chunks.
-        let want = ((c0 + batch) * cs + bs - 1 - self.start) as usize;
-        if self.buf.len() < want {
-            self.buf.resize(want, 0);
-        }
-        while !self.eof && self.filled < want {
-            match self.reader.read(&mut self.buf[self.filled..want]) {
-                Ok(0) => self.eof = true,
-                Ok(n) => self.filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io("standard input", e)),
-            }
-        }
-        let end = self.start + self.filled as u64;
-        let (c1, size, last) = if self.eof {
-            let n = end.div_ceil(cs);
-            let c1 = (c0 + batch).min(n);
-            (c1, end, c1 >= n)
-        } else {
-            (c0 + batch, u64::MAX, false)
-        };
-        let (buf, start) = (&self.buf[..self.filled], self.start);
-        let outs = (c0..c1)
-            .into_par_iter()
-            .map(|c| {
-                let off = c * cs;
-                let len = cs.min(end - off);
-                let lo = off.saturating_sub(bs - 1);
-                let hi = (off + len + bs - 1).min(end);
-                let holes = vec![false; len.div_ceil(bs) as usize];
-                let data = &buf[(lo - start) as usize..(hi - start) as usize];
-                ctx.gather(data, (off - lo) as usize, off, len, &holes, size, len)
-                    .compress(ctx)
-            })
-            .collect();
-        Ok((outs, last))
-    }
-}
-
 /// The sequential state of one file's backup.
 struct FileState<'a> {
     builder: MapBuilder,
@@ -715,6 +528,20 @@ struct FileState<'a> {
     read: u64,
     compressed: u64,
     pos: u64,
+}
+
+impl<'a> FileState<'a> {
+    fn new(cfg: &Config, prev: Option<(&'a FileMap, &'a SigView)>) -> Self {
+        FileState {
+            builder: MapBuilder::default(),
+            pager: Pager::new(cfg.page_entries, prev, ZeroBlock::new(cfg.block_size)),
+            hasher: FileHasher::new(cfg.block_size),
+            stats: DeltaStats::default(),
+            read: 0,
+            compressed: 0,
+            pos: 0,
+        }
+    }
 }
 
 /// The files a backup writes, shared by all its source files.
@@ -803,28 +630,7 @@ impl<'r> Writer<'r> {
                         st.pos
                     )));
                 }
-                let after = file.metadata().at(path)?;
-                let after_size = source_size(&file, &after).at(path)?;
-                let what = if after_size != size {
-                    Some(format!("size {} -> {}", size, after_size))
-                } else if is_block_device(&before) {
-                    // A device node's times say nothing about its contents.
-                    None
-                } else if mtime_ns_of(&after) != mtime_ns_of(&before) {
-                    Some("modification time changed".to_string())
-                } else if ctime_ns(&after) != ctime_ns(&before) {
-                    Some("change time changed".to_string())
-                } else {
-                    None
-                };
-                if let Some(detail) = &what {
-                    if !opts.accept_changed {
-                        return Err(Error::SourceChanged {
-                            path: path.into(),
-                            detail: detail.clone(),
-                        });
-                    }
-                }
+                let what = changed_while_read(&file, path, &before, size, opts)?;
                 let source = (before.dev(), before.ino(), ctime_ns(&before));
                 (size, st, source, what)
             }
@@ -840,6 +646,19 @@ impl<'r> Writer<'r> {
                 (st.pos, st, (0, 0, 0), None)
             }
         };
+        self.finish_version(name, size, st, source, what, prev)
+    }
+
+    /// Writes a stored file's map; returns its version and report.
+    fn finish_version(
+        &mut self,
+        name: &str,
+        size: u64,
+        st: FileState<'_>,
+        source: (u64, u64, i64),
+        what: Option<String>,
+        prev: Option<(&FileMap, &SigView)>,
+    ) -> Result<(FileVersion, FileReport)> {
         let cfg = self.repo.config();
         let body = MapBody {
             file_size: size,
@@ -877,6 +696,73 @@ impl<'r> Writer<'r> {
         Ok((version, report))
     }
 
+    /// Reads, diffs and compresses a group of small files on the pool, then
+    /// stores them in order; empties `group`.
+    ///
+    /// # Errors
+    /// As [`Writer::file`] for any of them.
+    fn small_files(
+        &mut self,
+        group: &mut Vec<SmallJob>,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+        out: &mut Collected,
+    ) -> Result<()> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let cfg = self.repo.config().clone();
+        let buffers = std::mem::take(&mut self.buffers);
+        let chunk_size = self.chunk_size(opts);
+        let reads: Vec<Result<SmallRead>> = group
+            .par_iter()
+            .map(|j| {
+                let ctx = ChunkCtx {
+                    cfg: &cfg,
+                    prev: j.prev.as_ref().map(|(_, s)| s),
+                    buffers: &buffers,
+                    chunk_size,
+                };
+                read_small(j, &ctx, opts)
+            })
+            .collect();
+        self.buffers = buffers;
+        for (j, r) in group.drain(..).zip(reads) {
+            let r = r?;
+            let display = String::from_utf8_lossy(&j.name).into_owned();
+            progress.start(&display, r.size);
+            let prev = j.prev.as_ref().map(|(m, s)| (m, s));
+            let mut st = FileState::new(&cfg, prev);
+            if let Some(c) = &r.chunk {
+                self.store_chunk(c, prev, &mut st)?;
+                progress.advance(c.len);
+            }
+            if let Some(c) = r.chunk {
+                self.buffers.give(c.compressed);
+            }
+            if let Some(page) = st.pager.flush() {
+                let pr = self.store_page(&page, &mut st.pager)?;
+                st.pager.refs.push(pr);
+            }
+            if st.pos != r.size {
+                return Err(Error::Internal(format!(
+                    "map covers {} of {} bytes",
+                    st.pos, r.size
+                )));
+            }
+            let (v, report) =
+                self.finish_version(&display, r.size, st, r.source, r.changed, prev)?;
+            out.push(j.name, v, report, node_meta(&j.md), &j.path);
+        }
+        Ok(())
+    }
+
+    /// Bytes per chunk diffed by one task (whole blocks).
+    fn chunk_size(&self, opts: &BackupOptions) -> u64 {
+        let bs = self.repo.config().block_size as usize;
+        (opts.chunk_size.div_ceil(bs).max(1) * bs) as u64
+    }
+
     /// Stores every chunk `feed` gives: while the pool reads and diffs batch
     /// k+1, this thread appends batch k.
     fn store<'p>(
@@ -896,15 +782,7 @@ impl<'r> Writer<'r> {
             chunk_size: (opts.chunk_size.div_ceil(bs).max(1) * bs) as u64,
         };
         let batch = (rayon::current_num_threads() * 2).max(2) as u64;
-        let mut st = FileState {
-            builder: MapBuilder::default(),
-            pager: Pager::new(cfg.page_entries, prev, ZeroBlock::new(cfg.block_size)),
-            hasher: FileHasher::new(cfg.block_size),
-            stats: DeltaStats::default(),
-            read: 0,
-            compressed: 0,
-            pos: 0,
-        };
+        let mut st = FileState::new(&cfg, prev);
         let mut pending: Vec<Result<ChunkOut>> = Vec::new();
         let mut c0 = 0;
         let mut last = false;
@@ -1088,37 +966,4 @@ impl<'a> Pager<'a> {
         }
         (sig.page(i)? == page).then_some(r)
     }
-}
-
-/// The data ranges of a file (SEEK_DATA/SEEK_HOLE); the whole file when the
-/// file system cannot tell.
-fn data_ranges(file: &File, size: u64) -> Vec<(u64, u64)> {
-    use std::os::unix::io::AsRawFd;
-    let fd = file.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on a valid fd has no memory effects.
-        let d = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if d < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            return vec![(0, size)];
-        }
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        if h < 0 {
-            return vec![(0, size)];
-        }
-        let (d, h) = (d as u64, (h as u64).min(size));
-        if h > d {
-            out.push((d, h));
-        }
-        if h <= pos as u64 {
-            break;
-        }
-        pos = h as i64;
-    }
-    out
 }

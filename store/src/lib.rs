@@ -12,6 +12,7 @@ pub mod gc;
 pub mod id;
 pub mod inspect;
 pub mod map;
+pub(crate) mod pipeline;
 // Format 3's metadata store: tested here, written by the format 3 backup
 // that lands next (issue 10); until then only its tests use it.
 #[allow(dead_code)]

@@ -205,7 +205,7 @@ fn write_verified(
     // leaves 32 bytes per block behind, so a large batch costs little memory
     // and keeps both threads busy when data and holes alternate.
     let batch = 64u64;
-    let buffers = crate::backup::Buffers::default();
+    let buffers = crate::pipeline::Buffers::default();
     let mut c0 = 0;
     while c0 < nchunks {
         let c1 = (c0 + batch).min(nchunks);
