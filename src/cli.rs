@@ -1,11 +1,12 @@
-//! The command line, as clap types. Nothing here reaches the store: main.rs
-//! turns these into the store's options.
+//! The command line, as clap types: one options struct per command, which
+//! main.rs hands whole to that command's module in cmd/. Nothing here reaches
+//! the store: the modules turn these into the store's options.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -44,62 +45,17 @@ pub struct Cli {
 pub enum Command {
     /// Create an empty repository.
     #[command(after_help = "Example: dsync init /backup/vms")]
-    Init {
-        /// Where to create it (a missing or empty directory).
-        repo: PathBuf,
-        /// Most uncompressed bytes per compressed frame: smaller frames make
-        /// random reads (the mount) faster, larger ones compress better.
-        #[arg(long, default_value = "32K", value_parser = parse_size)]
-        frame_size: u64,
-        /// zstd level for new data (-7..=22).
-        #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
-        zstd_level: i32,
-    },
+    Init(InitArgs),
     /// Back up files as one new snapshot (creates REPO if missing).
     #[command(
         after_help = "Examples:\n  dsync backup /backup/vms ~/vms/disk.qcow2\n  \
 dsync backup /backup/vms /dev/vg/disk-snap --name disk.raw\n  \
 qemu-img convert -O raw disk.qcow2 /dev/stdout | dsync backup /backup/vms --stdin --name disk.raw"
     )]
-    Backup {
-        repo: PathBuf,
-        /// Files or block devices to back up; each is stored under its base name.
-        #[arg(required_unless_present = "stdin")]
-        paths: Vec<PathBuf>,
-        /// Read one file from standard input (a pipe of unknown length),
-        /// stored under --name and diffed against its previous version.
-        #[arg(long, requires = "name", conflicts_with = "paths")]
-        stdin: bool,
-        /// With --stdin: fail, storing nothing, unless the stream is exactly
-        /// this long (e.g. `$(blockdev --getsize64 DEV)`): a producer that
-        /// dies early otherwise leaves a short snapshot.
-        #[arg(long, requires = "stdin", value_parser = parse_size)]
-        expect_size: Option<u64>,
-        /// Read files even when size, mtime and inode say they are unchanged.
-        #[arg(long)]
-        checksum: bool,
-        /// Store a file that changes while it is read (flagged, with a
-        /// warning) instead of failing. Prefer backing up a VM or LVM snapshot.
-        #[arg(long)]
-        accept_changed: bool,
-        /// Store the (single) source under this name, e.g. for a block device.
-        #[arg(long)]
-        name: Option<String>,
-        /// The snapshot's time instead of now: local YYYY-MM-DDTHH:MM:SS or @UNIX_SECONDS.
-        #[arg(long, value_parser = parse_time)]
-        time: Option<i64>,
-        /// Print the summary as one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Backup(BackupArgs),
     /// List snapshots, oldest first.
     #[command(after_help = "Example: dsync list /backup/vms --json")]
-    List {
-        repo: PathBuf,
-        /// One JSON object per snapshot, one per line.
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
     /// Restore a snapshot (or one file of it) to DEST.
     #[command(
         after_help = "SNAPSHOT is an id or unique id prefix, a local time YYYY-MM-DDTHH:MM:SS, \
@@ -107,22 +63,7 @@ a day YYYY-MM-DD (the last snapshot of that day), or `latest`.\n\n\
 Examples:\n  dsync restore /backup/vms 2024-05-01 --to /tmp/old            # every file, into /tmp/old/\n  \
 dsync restore /backup/vms latest --to /tmp/disk.qcow2 disk.qcow2  # one file"
     )]
-    Restore {
-        repo: PathBuf,
-        snapshot: String,
-        /// Destination: a directory for the whole snapshot, a file (or a
-        /// directory to put it in) with PATH.
-        #[arg(long)]
-        to: PathBuf,
-        /// One file of the snapshot, by its name there.
-        path: Option<String>,
-        /// Overwrite an existing destination.
-        #[arg(long)]
-        force: bool,
-        /// Print what was restored as one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Restore(RestoreArgs),
     /// Mount every snapshot as a read-only file tree (FUSE).
     #[command(
         after_help = "The tree: one directory per snapshot named by its local time, a link per day \
@@ -132,30 +73,10 @@ Examples:\n  dsync mount /backup/vms /mnt/history --daemon\n  \
 qemu-img convert /mnt/history/2024-05-01/disk.qcow2 -O raw /tmp/old.raw\n  \
 qemu-system-x86_64 -snapshot -drive file=/mnt/history/latest/disk.qcow2"
     )]
-    Mount {
-        repo: PathBuf,
-        mountpoint: PathBuf,
-        /// Let other users read the mount.
-        #[arg(long)]
-        allow_other: bool,
-        /// Memory for decompressed frames, e.g. 256M, 1G.
-        #[arg(long, default_value = "256M", value_parser = parse_size)]
-        cache_size: u64,
-        /// Return once the mount is ready, leaving it served in the background.
-        #[arg(long)]
-        daemon: bool,
-    },
+    Mount(MountArgs),
     /// Remove snapshots (only their manifests; `prune` reclaims the data).
     #[command(after_help = "Example: dsync forget /backup/vms 2024-05-01 3f2a9c")]
-    Forget {
-        repo: PathBuf,
-        /// Snapshots: ids or unique prefixes, times, days, or latest.
-        #[arg(required = true)]
-        snapshots: Vec<String>,
-        /// Print the forgotten ids as one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Forget(ForgetArgs),
     /// Apply a retention policy, then reclaim the space no snapshot uses.
     #[command(
         after_help = "The newest snapshot of each of the last N hours/days/weeks/months/years \
@@ -163,61 +84,21 @@ that have snapshots is kept, plus the last N (restic's and borg's meaning); a sn
 any rule keeps it. Without --keep-* options nothing is forgotten and only unused data is reclaimed.\n\n\
 Example: dsync prune /backup/vms --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run"
     )]
-    Prune {
-        repo: PathBuf,
-        #[arg(long, default_value_t = 0)]
-        keep_last: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_hourly: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_daily: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_weekly: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_monthly: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_yearly: u32,
-        /// Rewrite packs whose live fraction is below this (0 never repacks).
-        #[arg(long, default_value_t = 0.5)]
-        repack_below: f64,
-        /// Show what would be forgotten and freed; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Print the result as one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Prune(PruneArgs),
     /// Which byte ranges of each file differ between two snapshots (from the
     /// extent maps alone: no data is read).
     #[command(after_help = "Example: dsync diff /backup/vms 2024-05-01 latest disk.qcow2 --json")]
-    Diff {
-        repo: PathBuf,
-        a: String,
-        b: String,
-        /// Only this file.
-        path: Option<String>,
-        /// One JSON object per file, one per line.
-        #[arg(long)]
-        json: bool,
-    },
+    Diff(DiffArgs),
     /// Bytes stored, and per snapshot the bytes only it uses (what forgetting
     /// it and `prune --repack-below 1` would free).
     #[command(after_help = "Example: dsync du /backup/vms")]
-    Du {
-        repo: PathBuf,
-        /// Print the report as one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Du(DuArgs),
     /// Write shell completions to standard output, or man pages into a directory.
     #[command(
         after_help = "Examples:\n  dsync generate completions bash > /etc/bash_completion.d/dsync\n  \
 dsync generate man /usr/local/share/man/man1"
     )]
-    Generate {
-        #[command(subcommand)]
-        what: Generate,
-    },
+    Generate(GenerateArgs),
     /// Import every version of an rdiff-backup repository, oldest first, each
     /// as a snapshot with its original time (uses rdiff-backup to restore).
     #[command(
@@ -226,39 +107,220 @@ dsync generate man /usr/local/share/man/man1"
 repository are imported (subdirectories come with stage 2).\n\n\
 Example: dsync import-rdiff-backup /backup/rdiff-vms /backup/vms"
     )]
-    ImportRdiffBackup { rdiff_repo: PathBuf, repo: PathBuf },
+    ImportRdiffBackup(ImportRdiffBackupArgs),
     /// Tell whether a writer holds the repository's lock, and which.
     #[command(
         after_help = "The lock is released by the kernel when its holder exits, however it exits \
 (even kill -9), so there is never a stale lock to remove on a local file system: if a writer \
 holds it, stop that process.\n\nExample: dsync unlock /backup/vms"
     )]
-    Unlock { repo: PathBuf },
+    Unlock(UnlockArgs),
     /// Check that everything the snapshots reference is there and sound.
     #[command(
         after_help = "Exits 3 when anything is damaged, naming each damaged object, the snapshots \
 and files it affects and their unreadable byte ranges.\n\nExample: dsync check /backup/vms --read-data"
     )]
-    Check {
-        repo: PathBuf,
-        /// Also read every frame and every version's bytes (checks all hashes).
-        #[arg(long)]
-        read_data: bool,
-        /// Read only a part: `K/N` (part K of N, by id: 1/7 .. 7/7 on
-        /// successive days read everything) or `P%` (about P percent).
-        #[arg(long, value_parser = parse_subset)]
-        read_data_subset: Option<(u64, u64)>,
-        /// Print the report as one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(CheckArgs),
     /// Write one file of a snapshot to standard output.
     #[command(after_help = "Example: dsync cat /backup/vms latest disk.raw | sha256sum")]
-    Cat {
-        repo: PathBuf,
-        snapshot: String,
-        path: String,
-    },
+    Cat(CatArgs),
+}
+
+/// The options of `dsync init` (its help: [`Command::Init`]).
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Where to create it (a missing or empty directory).
+    pub repo: PathBuf,
+    /// Most uncompressed bytes per compressed frame: smaller frames make
+    /// random reads (the mount) faster, larger ones compress better.
+    #[arg(long, default_value = "32K", value_parser = parse_size)]
+    pub frame_size: u64,
+    /// zstd level for new data (-7..=22).
+    #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
+    pub zstd_level: i32,
+}
+
+/// The options of `dsync backup` (its help: [`Command::Backup`]).
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    pub repo: PathBuf,
+    /// Files or block devices to back up; each is stored under its base name.
+    #[arg(required_unless_present = "stdin")]
+    pub paths: Vec<PathBuf>,
+    /// Read one file from standard input (a pipe of unknown length),
+    /// stored under --name and diffed against its previous version.
+    #[arg(long, requires = "name", conflicts_with = "paths")]
+    pub stdin: bool,
+    /// With --stdin: fail, storing nothing, unless the stream is exactly
+    /// this long (e.g. `$(blockdev --getsize64 DEV)`): a producer that
+    /// dies early otherwise leaves a short snapshot.
+    #[arg(long, requires = "stdin", value_parser = parse_size)]
+    pub expect_size: Option<u64>,
+    /// Read files even when size, mtime and inode say they are unchanged.
+    #[arg(long)]
+    pub checksum: bool,
+    /// Store a file that changes while it is read (flagged, with a
+    /// warning) instead of failing. Prefer backing up a VM or LVM snapshot.
+    #[arg(long)]
+    pub accept_changed: bool,
+    /// Store the (single) source under this name, e.g. for a block device.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The snapshot's time instead of now: local YYYY-MM-DDTHH:MM:SS or @UNIX_SECONDS.
+    #[arg(long, value_parser = parse_time)]
+    pub time: Option<i64>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync list` (its help: [`Command::List`]).
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    pub repo: PathBuf,
+    /// One JSON object per snapshot, one per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync restore` (its help: [`Command::Restore`]).
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    pub repo: PathBuf,
+    pub snapshot: String,
+    /// Destination: a directory for the whole snapshot, a file (or a
+    /// directory to put it in) with PATH.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// One file of the snapshot, by its name there.
+    pub path: Option<String>,
+    /// Overwrite an existing destination.
+    #[arg(long)]
+    pub force: bool,
+    /// Print what was restored as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync mount` (its help: [`Command::Mount`]).
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    pub repo: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Let other users read the mount.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Memory for decompressed frames, e.g. 256M, 1G.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Return once the mount is ready, leaving it served in the background.
+    #[arg(long)]
+    pub daemon: bool,
+}
+
+/// The options of `dsync forget` (its help: [`Command::Forget`]).
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    pub repo: PathBuf,
+    /// Snapshots: ids or unique prefixes, times, days, or latest.
+    #[arg(required = true)]
+    pub snapshots: Vec<String>,
+    /// Print the forgotten ids as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync prune` (its help: [`Command::Prune`]).
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    pub repo: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_hourly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_yearly: u32,
+    /// Rewrite packs whose live fraction is below this (0 never repacks).
+    #[arg(long, default_value_t = 0.5)]
+    pub repack_below: f64,
+    /// Show what would be forgotten and freed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync diff` (its help: [`Command::Diff`]).
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    pub repo: PathBuf,
+    pub a: String,
+    pub b: String,
+    /// Only this file.
+    pub path: Option<String>,
+    /// One JSON object per file, one per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync du` (its help: [`Command::Du`]).
+#[derive(Args, Debug)]
+pub struct DuArgs {
+    pub repo: PathBuf,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync generate` (its help: [`Command::Generate`]).
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    pub what: Generate,
+}
+
+/// The options of `dsync import-rdiff-backup` (its help: [`Command::ImportRdiffBackup`]).
+#[derive(Args, Debug)]
+pub struct ImportRdiffBackupArgs {
+    pub rdiff_repo: PathBuf,
+    pub repo: PathBuf,
+}
+
+/// The options of `dsync unlock` (its help: [`Command::Unlock`]).
+#[derive(Args, Debug)]
+pub struct UnlockArgs {
+    pub repo: PathBuf,
+}
+
+/// The options of `dsync check` (its help: [`Command::Check`]).
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    pub repo: PathBuf,
+    /// Also read every frame and every version's bytes (checks all hashes).
+    #[arg(long)]
+    pub read_data: bool,
+    /// Read only a part: `K/N` (part K of N, by id: 1/7 .. 7/7 on
+    /// successive days read everything) or `P%` (about P percent).
+    #[arg(long, value_parser = parse_subset)]
+    pub read_data_subset: Option<(u64, u64)>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync cat` (its help: [`Command::Cat`]).
+#[derive(Args, Debug)]
+pub struct CatArgs {
+    pub repo: PathBuf,
+    pub snapshot: String,
+    pub path: String,
 }
 
 /// Puts the repository of `-r REPO` / `--repo REPO` (before the command) or

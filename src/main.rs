@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Command::Mount { daemon: true, .. } = &cli.command {
+    if let Command::Mount(cli::MountArgs { daemon: true, .. }) = &cli.command {
         // Fork before any thread exists; the parent returns once the child's
         // mount is ready (or failed).
         return daemonize(cli);
@@ -115,11 +115,11 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Init {
+        Command::Init(cli::InitArgs {
             repo,
             frame_size,
             zstd_level,
-        } => {
+        }) => {
             let cfg = dsync_store::format::config::Config {
                 frame_size: u32::try_from(frame_size).unwrap_or(u32::MAX),
                 zstd_level,
@@ -135,7 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 writeln!(out, "created repository {}", repo.display())?;
             }
         }
-        Command::Backup {
+        Command::Backup(cli::BackupArgs {
             repo,
             paths,
             stdin,
@@ -145,7 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             time,
             json,
-        } => {
+        }) => {
             let r = Repo::open_or_init(&repo)?;
             let bar = Bar::new(cli.quiet || json);
             let opts = BackupOptions {
@@ -227,7 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
             }
         }
-        Command::List { repo, json } => {
+        Command::List(cli::ListArgs { repo, json }) => {
             let r = Repo::open(&repo)?;
             let snaps = r.snapshots()?;
             if !json {
@@ -259,14 +259,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Restore {
+        Command::Restore(cli::RestoreArgs {
             repo,
             snapshot,
             to,
             path,
             force,
             json,
-        } => {
+        }) => {
             let r = Repo::open(&repo)?;
             let s = r.resolve(&snapshot)?;
             let bar = Bar::new(cli.quiet || json);
@@ -290,20 +290,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Mount {
+        Command::Mount(cli::MountArgs {
             repo,
             mountpoint,
             allow_other,
             cache_size,
             daemon: _,
-        } => {
+        }) => {
             mount(&repo, &mountpoint, allow_other, cache_size, || {})?;
         }
-        Command::Forget {
+        Command::Forget(cli::ForgetArgs {
             repo,
             snapshots,
             json,
-        } => {
+        }) => {
             let r = Repo::open(&repo)?;
             let mut ids = Vec::new();
             for spec in &snapshots {
@@ -324,7 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
             }
         }
-        Command::Prune {
+        Command::Prune(cli::PruneArgs {
             repo,
             keep_last,
             keep_hourly,
@@ -335,7 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             repack_below,
             dry_run,
             json,
-        } => {
+        }) => {
             let r = Repo::open(&repo)?;
             let policy = dsync_store::prune::KeepPolicy {
                 last: keep_last,
@@ -394,13 +394,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
             }
         }
-        Command::Diff {
+        Command::Diff(cli::DiffArgs {
             repo,
             a,
             b,
             path,
             json,
-        } => {
+        }) => {
             let r = Repo::open(&repo)?;
             let (sa, sb) = (r.resolve(&a)?, r.resolve(&b)?);
             let files = |s: &dsync_store::Snapshot| -> Vec<(String, dsync_store::FileVersion)> {
@@ -465,7 +465,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Du { repo, json } => {
+        Command::Du(cli::DuArgs { repo, json }) => {
             let r = Repo::open(&repo)?;
             let rep = dsync_store::inspect::du(&r)?;
             if json {
@@ -493,7 +493,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 writeln!(out, "repository: {}", human(rep.total_bytes))?;
             }
         }
-        Command::Generate { what } => {
+        Command::Generate(cli::GenerateArgs { what }) => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();
             match what {
@@ -514,13 +514,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::ImportRdiffBackup { rdiff_repo, repo } => {
+        Command::ImportRdiffBackup(cli::ImportRdiffBackupArgs { rdiff_repo, repo }) => {
             let n = import::import(&rdiff_repo, &repo, cli.quiet)?;
             if !cli.quiet {
                 writeln!(out, "imported {n} versions from {}", rdiff_repo.display())?;
             }
         }
-        Command::Unlock { repo } => {
+        Command::Unlock(cli::UnlockArgs { repo }) => {
             let r = Repo::open(&repo)?;
             match r.lock_holder()? {
                 None => {
@@ -539,12 +539,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Check {
+        Command::Check(cli::CheckArgs {
             repo,
             read_data,
             read_data_subset,
             json,
-        } => {
+        }) => {
             let read_data = read_data || read_data_subset.is_some();
             let r = Repo::open(&repo)?;
             let bar = Bar::new(cli.quiet || json);
@@ -625,11 +625,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             printed?;
         }
-        Command::Cat {
+        Command::Cat(cli::CatArgs {
             repo,
             snapshot,
             path,
-        } => {
+        }) => {
             let r = Repo::open(&repo)?;
             let s = r.resolve(&snapshot)?;
             dsync_store::cat(&r, &s, &path, &mut out).with_context(|| format!("cat {path}"))?;
@@ -662,13 +662,13 @@ fn mount(
 /// through a pipe when the mount is ready, and the parent exits 0 then. If the
 /// child fails first, its error is already on stderr and the parent exits 1.
 fn daemonize(cli: Cli) -> ExitCode {
-    let Command::Mount {
+    let Command::Mount(cli::MountArgs {
         repo,
         mountpoint,
         allow_other,
         cache_size,
         ..
-    } = cli.command
+    }) = cli.command
     else {
         return ExitCode::FAILURE;
     };
