@@ -1,34 +1,21 @@
 //! The `dsync` binary: parses the command line, calls the store, prints, and
-//! maps errors to exit codes.
-//!
-//! Nothing here prints with `println!` or `eprintln!`: both panic when the
-//! stream is closed (`dsync list --json | head -1`). Standard output is
-//! written through a lock with `writeln!`, whose error travels up to `main`,
-//! which takes a broken pipe for success; diagnostics go through [`diag!`],
-//! which ignores a failed write to standard error, there being nowhere left
-//! to report it.
-
-/// `eprintln!` that cannot panic: a line to standard error, dropped if
-/// standard error is closed.
-macro_rules! diag {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        let _ = writeln!(std::io::stderr(), $($arg)*);
-    }};
-}
+//! maps errors to exit codes. output.rs says how it prints (never a panic on
+//! a closed stream).
 
 mod cli;
+mod cmd;
 mod import;
+mod output;
 mod progress;
 
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
-use dsync_store::{BackupOptions, Error, Repo};
+use dsync_store::{Error, Repo};
 
 use cli::{Cli, Command};
+use output::{diag, human};
 use progress::Bar;
 
 /// A reader holds every pack of the version it reads open (so that a prune
@@ -115,181 +102,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Init(cli::InitArgs {
-            repo,
-            frame_size,
-            zstd_level,
-        }) => {
-            let cfg = dsync_store::format::config::Config {
-                frame_size: u32::try_from(frame_size).unwrap_or(u32::MAX),
-                zstd_level,
-                ..Default::default()
-            };
-            let bytes = cfg.encode();
-            // Check the parameters as a reader would, before creating anything.
-            dsync_store::format::config::Config::decode(&bytes, "config").map_err(|_| {
-                anyhow::anyhow!("frame size must be 4K..4M and the zstd level -7..22")
-            })?;
-            Repo::init(&repo, cfg)?;
-            if !cli.quiet {
-                writeln!(out, "created repository {}", repo.display())?;
-            }
-        }
-        Command::Backup(cli::BackupArgs {
-            repo,
-            paths,
-            stdin,
-            expect_size,
-            checksum,
-            accept_changed,
-            name,
-            time,
-            json,
-        }) => {
-            let r = Repo::open_or_init(&repo)?;
-            let bar = Bar::new(cli.quiet || json);
-            let opts = BackupOptions {
-                checksum,
-                accept_changed,
-                name,
-                time_ns: time,
-                expect_size,
-                ..Default::default()
-            };
-            let rep = if stdin {
-                // A pipe's default 64 KiB buffer costs a context switch per
-                // 64 KiB; 1 MiB (the usual pipe-max-size) halves the time a
-                // 2 GiB stream takes. Not a pipe, or not allowed: no matter.
-                // SAFETY: fcntl on fd 0 with an integer argument.
-                unsafe { libc::fcntl(0, libc::F_SETPIPE_SZ, 1 << 20) };
-                let mut input = std::io::stdin();
-                dsync_store::backup_stream(&r, &mut input, &opts, &bar)
-            } else {
-                dsync_store::backup(&r, &paths, &opts, &bar)
-            };
-            bar.done();
-            let rep = rep?;
-            if let Some(w) = &rep.lock_taken_over {
-                diag!("dsync: warning: took over the lock of a writer that died ({w}); what it wrote is garbage for prune");
-            }
-            for f in &rep.files {
-                if let Some(what) = &f.changed_while_read {
-                    diag!("dsync: warning: {} changed while it was read ({what}); stored as read and flagged", f.name);
-                }
-            }
-            let s = &rep.snapshot;
-            if json {
-                let files: Vec<_> = rep
-                    .files
-                    .iter()
-                    .map(|f| {
-                        serde_json::json!({
-                            "name": f.name, "size": f.size, "reused": f.reused,
-                            "bytes_read": f.bytes_read, "literal_bytes": f.stats.literal,
-                            "aligned_match_bytes": f.stats.aligned, "shifted_match_bytes": f.stats.shifted,
-                            "hole_bytes": f.stats.hole, "border_literal_bytes": f.stats.border_literal,
-                            "compressed_bytes": f.bytes_compressed,
-                            "changed_while_read": f.changed_while_read.is_some(),
-                        })
-                    })
-                    .collect();
-                let v = serde_json::json!({
-                    "snapshot": s.id.to_string(), "time": dsync_store::time::local(s.time_ns),
-                    "bytes_read": s.stats.bytes_read, "bytes_added": s.stats.bytes_added,
-                    "seconds": s.stats.duration_ns as f64 / 1e9, "files": files,
-                });
-                writeln!(out, "{v}")?;
-            } else if !cli.quiet {
-                for f in &rep.files {
-                    if f.reused {
-                        writeln!(out, "{}: unchanged (size, mtime, inode), not read", f.name)?;
-                    } else {
-                        writeln!(
-                            out,
-                            "{}: {} read, {} new ({} compressed), {} unchanged, {} moved, {} holes",
-                            f.name,
-                            human(f.bytes_read),
-                            human(f.stats.literal),
-                            human(f.bytes_compressed),
-                            human(f.stats.aligned),
-                            human(f.stats.shifted),
-                            human(f.stats.hole)
-                        )?;
-                    }
-                }
-                writeln!(
-                    out,
-                    "snapshot {} saved: {} read, repository grew by {} in {:.2} s",
-                    &s.id.to_string()[..8],
-                    human(s.stats.bytes_read),
-                    human(s.stats.bytes_added),
-                    s.stats.duration_ns as f64 / 1e9
-                )?;
-            }
-        }
-        Command::List(cli::ListArgs { repo, json }) => {
-            let r = Repo::open(&repo)?;
-            let snaps = r.snapshots()?;
-            if !json {
-                writeln!(
-                    out,
-                    "{:<16}  {:<19}  {:>5}  {:>10}  {:>10}",
-                    "ID", "TIME", "FILES", "SIZE", "ADDED"
-                )?;
-            }
-            for s in snaps {
-                let (files, size) = s.totals();
-                if json {
-                    let v = serde_json::json!({
-                        "id": s.id.to_string(), "time": dsync_store::time::local(s.time_ns),
-                        "time_unix_ns": s.time_ns, "host": s.host, "paths": s.paths,
-                        "files": files, "size": size, "bytes_added": s.stats.bytes_added,
-                    });
-                    writeln!(out, "{v}")?;
-                } else {
-                    writeln!(
-                        out,
-                        "{:<16}  {:<19}  {:>5}  {:>10}  {:>10}",
-                        s.id.to_string(),
-                        dsync_store::time::local(s.time_ns),
-                        files,
-                        human(size),
-                        human(s.stats.bytes_added)
-                    )?;
-                }
-            }
-        }
-        Command::Restore(cli::RestoreArgs {
-            repo,
-            snapshot,
-            to,
-            path,
-            force,
-            json,
-        }) => {
-            let r = Repo::open(&repo)?;
-            let s = r.resolve(&snapshot)?;
-            let bar = Bar::new(cli.quiet || json);
-            let rep = dsync_store::restore(&r, &s, path.as_deref(), &to, force, &bar);
-            bar.done();
-            let rep = rep?;
-            if json {
-                let files: Vec<_> = rep
-                    .files
-                    .iter()
-                    .map(|(p, n)| serde_json::json!({"path": p.display().to_string(), "size": n, "verified": true}))
-                    .collect();
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"snapshot": s.id.to_string(), "bytes": rep.bytes, "files": files})
-                )?;
-            } else if !cli.quiet {
-                for (p, n) in &rep.files {
-                    writeln!(out, "restored {} ({}), verified", p.display(), human(*n))?;
-                }
-            }
-        }
+        Command::Init(o) => cmd::init::run(o, cli.quiet, &mut out)?,
+        Command::Backup(o) => cmd::backup::run(o, cli.quiet, &mut out)?,
+        Command::List(o) => cmd::list::run(o, &mut out)?,
+        Command::Restore(o) => cmd::restore::run(o, cli.quiet, &mut out)?,
         Command::Mount(cli::MountArgs {
             repo,
             mountpoint,
@@ -465,80 +281,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Du(cli::DuArgs { repo, json }) => {
-            let r = Repo::open(&repo)?;
-            let rep = dsync_store::inspect::du(&r)?;
-            if json {
-                let snaps: Vec<_> = rep
-                    .snapshots
-                    .iter()
-                    .map(|(id, t, u)| serde_json::json!({"id": id.to_string(), "time": dsync_store::time::local(*t), "unique_bytes": u}))
-                    .collect();
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"total_bytes": rep.total_bytes, "snapshots": snaps})
-                )?;
-            } else {
-                writeln!(out, "{:<16}  {:<19}  {:>12}", "ID", "TIME", "UNIQUE")?;
-                for (id, t, u) in &rep.snapshots {
-                    writeln!(
-                        out,
-                        "{:<16}  {:<19}  {:>12}",
-                        id.to_string(),
-                        dsync_store::time::local(*t),
-                        human(*u)
-                    )?;
-                }
-                writeln!(out, "repository: {}", human(rep.total_bytes))?;
-            }
-        }
-        Command::Generate(cli::GenerateArgs { what }) => {
-            use clap::CommandFactory;
-            let mut cmd = Cli::command();
-            match what {
-                cli::Generate::Completions { shell } => {
-                    // clap_complete panics when a write fails: let it write
-                    // to memory, and write that here.
-                    let mut buf = Vec::new();
-                    clap_complete::generate(shell, &mut cmd, "dsync", &mut buf);
-                    out.write_all(&buf)?;
-                }
-                cli::Generate::Man { dir } => {
-                    std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
-                    clap_mangen::generate_to(cmd, &dir)
-                        .with_context(|| format!("writing man pages to {}", dir.display()))?;
-                    if !cli.quiet {
-                        writeln!(out, "man pages written to {}", dir.display())?;
-                    }
-                }
-            }
-        }
+        Command::Du(o) => cmd::du::run(o, &mut out)?,
+        Command::Generate(o) => cmd::generate::run(o, cli.quiet, &mut out)?,
         Command::ImportRdiffBackup(cli::ImportRdiffBackupArgs { rdiff_repo, repo }) => {
             let n = import::import(&rdiff_repo, &repo, cli.quiet)?;
             if !cli.quiet {
                 writeln!(out, "imported {n} versions from {}", rdiff_repo.display())?;
             }
         }
-        Command::Unlock(cli::UnlockArgs { repo }) => {
-            let r = Repo::open(&repo)?;
-            match r.lock_holder()? {
-                None => {
-                    if !cli.quiet {
-                        writeln!(out, "{} is not locked", repo.display())?;
-                    }
-                }
-                Some(holder) => {
-                    return Err(Error::Locked {
-                        path: repo.clone(),
-                        holder: format!(
-                            "{holder}; it is released when that process exits: stop it"
-                        ),
-                    }
-                    .into())
-                }
-            }
-        }
+        Command::Unlock(o) => cmd::unlock::run(o, cli.quiet, &mut out)?,
         Command::Check(cli::CheckArgs {
             repo,
             read_data,
@@ -625,15 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             printed?;
         }
-        Command::Cat(cli::CatArgs {
-            repo,
-            snapshot,
-            path,
-        }) => {
-            let r = Repo::open(&repo)?;
-            let s = r.resolve(&snapshot)?;
-            dsync_store::cat(&r, &s, &path, &mut out).with_context(|| format!("cat {path}"))?;
-        }
+        Command::Cat(o) => cmd::restore::cat(o, &mut out)?,
     }
     // Stdout is line-buffered: what is left must fail here, not silently at exit.
     out.flush()?;
@@ -726,20 +469,5 @@ fn daemonize(cli: Cli) -> ExitCode {
             diag!("dsync: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
     }
 }

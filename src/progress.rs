@@ -1,9 +1,20 @@
 //! Progress bars on a terminal (indicatif); nothing when stderr is not a
-//! terminal or with --quiet.
+//! terminal, with --quiet or with --json.
 
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::output::Style;
+
+/// Runs `work` with a bar (for text output on a terminal) and clears the
+/// bar when `work` returns, before the caller prints its report or error.
+pub fn with_bar<T>(style: Style, work: impl FnOnce(&Bar) -> T) -> T {
+    let bar = Bar::new(style != Style::Text);
+    let result = work(&bar);
+    bar.done();
+    result
+}
 
 pub struct Bar {
     bar: Option<ProgressBar>,
