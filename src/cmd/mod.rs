@@ -5,9 +5,12 @@
 //! it: `cat` in restore.rs, `forget` in prune.rs.
 
 pub mod backup;
+pub mod check;
+pub mod diff;
 pub mod du;
 pub mod generate;
 pub mod init;
 pub mod list;
+pub mod prune;
 pub mod restore;
 pub mod unlock;
