@@ -1,10 +1,10 @@
-//! The `dsync` binary: parses the command line, calls the store, prints, and
-//! maps errors to exit codes. output.rs says how it prints (never a panic on
-//! a closed stream).
+//! The `dsync` binary, kept thin (ripgrep's shape): parses the command line
+//! (cli.rs), hands each command to its module in cmd/, and maps errors to
+//! the documented exit codes, a closed pipe counting as success. output.rs
+//! says how the commands print (never a panic on a closed stream).
 
 mod cli;
 mod cmd;
-mod import;
 mod output;
 mod progress;
 
@@ -45,29 +45,57 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Command::Mount(cli::MountArgs { daemon: true, .. }) = &cli.command {
+    let command = match cli.command {
         // Fork before any thread exists; the parent returns once the child's
         // mount is ready (or failed).
-        return daemonize(cli);
-    }
-    match run(cli) {
+        Command::Mount(o) if o.daemon => return cmd::mount::daemonize(o),
+        command => command,
+    };
+    match run(command, cli.quiet) {
         Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`dsync cat ... | head`) is not a failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            // A closed pipe (`dsync cat ... | head`) is not a failure.
-            let broken_pipe = e.chain().any(|c| {
-                let io = match c.downcast_ref::<Error>() {
-                    Some(Error::Io { source, .. }) => Some(source),
-                    _ => c.downcast_ref::<std::io::Error>(),
-                };
-                io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            });
-            if broken_pipe {
-                return ExitCode::SUCCESS;
-            }
             diag!("dsync: {e:#}");
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// Hands the command to its module; standard output is locked once here
+/// and flushed at the end.
+fn run(command: Command, quiet: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Init(o) => cmd::init::run(o, quiet, &mut out)?,
+        Command::Backup(o) => cmd::backup::run(o, quiet, &mut out)?,
+        Command::List(o) => cmd::list::run(o, &mut out)?,
+        Command::Restore(o) => cmd::restore::run(o, quiet, &mut out)?,
+        Command::Cat(o) => cmd::restore::cat(o, &mut out)?,
+        Command::Mount(o) => cmd::mount::run(o)?,
+        Command::Forget(o) => cmd::prune::forget(o, quiet, &mut out)?,
+        Command::Prune(o) => cmd::prune::run(o, quiet, &mut out)?,
+        Command::Diff(o) => cmd::diff::run(o, quiet, &mut out)?,
+        Command::Du(o) => cmd::du::run(o, &mut out)?,
+        Command::Generate(o) => cmd::generate::run(o, quiet, &mut out)?,
+        Command::ImportRdiffBackup(o) => cmd::import::run(o, quiet, &mut out)?,
+        Command::Unlock(o) => cmd::unlock::run(o, quiet, &mut out)?,
+        Command::Check(o) => cmd::check::run(o, quiet, &mut out)?,
+    }
+    // Stdout is line-buffered: what is left must fail here, not silently at exit.
+    out.flush()?;
+    Ok(())
+}
+
+/// Whether `e` is, somewhere in its chain, a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let io = match c.downcast_ref::<Error>() {
+            Some(Error::Io { source, .. }) => Some(source),
+            _ => c.downcast_ref::<std::io::Error>(),
+        };
+        io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Exit codes, documented in README.md and `dsync --help`.
@@ -79,130 +107,5 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(Error::Corrupt { .. }) => 3,
         Some(Error::Locked { .. }) => 4,
         _ => 1,
-    }
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    match cli.command {
-        Command::Init(o) => cmd::init::run(o, cli.quiet, &mut out)?,
-        Command::Backup(o) => cmd::backup::run(o, cli.quiet, &mut out)?,
-        Command::List(o) => cmd::list::run(o, &mut out)?,
-        Command::Restore(o) => cmd::restore::run(o, cli.quiet, &mut out)?,
-        Command::Mount(cli::MountArgs {
-            repo,
-            mountpoint,
-            allow_other,
-            cache_size,
-            daemon: _,
-        }) => {
-            mount(&repo, &mountpoint, allow_other, cache_size, || {})?;
-        }
-        Command::Forget(o) => cmd::prune::forget(o, cli.quiet, &mut out)?,
-        Command::Prune(o) => cmd::prune::run(o, cli.quiet, &mut out)?,
-        Command::Diff(o) => cmd::diff::run(o, cli.quiet, &mut out)?,
-        Command::Du(o) => cmd::du::run(o, &mut out)?,
-        Command::Generate(o) => cmd::generate::run(o, cli.quiet, &mut out)?,
-        Command::ImportRdiffBackup(cli::ImportRdiffBackupArgs { rdiff_repo, repo }) => {
-            let n = import::import(&rdiff_repo, &repo, cli.quiet)?;
-            if !cli.quiet {
-                writeln!(out, "imported {n} versions from {}", rdiff_repo.display())?;
-            }
-        }
-        Command::Unlock(o) => cmd::unlock::run(o, cli.quiet, &mut out)?,
-        Command::Check(o) => cmd::check::run(o, cli.quiet, &mut out)?,
-        Command::Cat(o) => cmd::restore::cat(o, &mut out)?,
-    }
-    // Stdout is line-buffered: what is left must fail here, not silently at exit.
-    out.flush()?;
-    Ok(())
-}
-
-fn mount(
-    repo: &std::path::Path,
-    mountpoint: &std::path::Path,
-    allow_other: bool,
-    cache_size: u64,
-    ready: impl FnOnce(),
-) -> anyhow::Result<()> {
-    let opts = dsync_fuse::MountOptions {
-        allow_other,
-        cache_bytes: usize::try_from(cache_size).unwrap_or(usize::MAX),
-        ..Default::default()
-    };
-    dsync_fuse::mount(repo, mountpoint, &opts, ready).map_err(|e| {
-        // Repository errors come wrapped in io::Error: show them as they are.
-        anyhow::anyhow!("{e}")
-    })
-}
-
-/// `dsync mount --daemon`: the child mounts and serves; it tells the parent
-/// through a pipe when the mount is ready, and the parent exits 0 then. If the
-/// child fails first, its error is already on stderr and the parent exits 1.
-fn daemonize(cli: Cli) -> ExitCode {
-    let Command::Mount(cli::MountArgs {
-        repo,
-        mountpoint,
-        allow_other,
-        cache_size,
-        ..
-    }) = cli.command
-    else {
-        return ExitCode::FAILURE;
-    };
-    let mut fds = [0i32; 2];
-    // SAFETY: fds is a valid two-element array.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        diag!(
-            "dsync: cannot create a pipe: {}",
-            std::io::Error::last_os_error()
-        );
-        return ExitCode::FAILURE;
-    }
-    // SAFETY: no other thread exists yet in this process.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        diag!("dsync: cannot fork: {}", std::io::Error::last_os_error());
-        return ExitCode::FAILURE;
-    }
-    if pid > 0 {
-        // SAFETY: closing our copy of the write end; reading one byte.
-        unsafe { libc::close(fds[1]) };
-        let mut b = [0u8; 1];
-        let n = unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
-        if n == 1 {
-            return ExitCode::SUCCESS;
-        }
-        let mut status = 0;
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        return ExitCode::FAILURE;
-    }
-    // Child.
-    unsafe {
-        libc::close(fds[0]);
-        libc::setsid();
-    }
-    let ready = || {
-        // Detach from the terminal (log lines go to syslog from now on), then
-        // tell the parent.
-        dsync_fuse::log_to_syslog();
-        unsafe {
-            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-            if null >= 0 {
-                libc::dup2(null, 0);
-                libc::dup2(null, 1);
-                libc::dup2(null, 2);
-                libc::close(null);
-            }
-            libc::write(fds[1], [1u8].as_ptr().cast(), 1);
-            libc::close(fds[1]);
-        }
-    };
-    match mount(&repo, &mountpoint, allow_other, cache_size, ready) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            diag!("dsync: {e:#}");
-            ExitCode::FAILURE
-        }
     }
 }

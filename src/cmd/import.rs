@@ -11,9 +11,22 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use dsync_store::{BackupOptions, Repo};
 
+use crate::cli::ImportRdiffBackupArgs;
+use crate::output::Style;
+use crate::progress;
+
+/// Imports every version, printing a line for each and then the count.
+pub fn run(o: ImportRdiffBackupArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let n = import(&o.rdiff_repo, &o.repo, quiet, out)?;
+    if !quiet {
+        writeln!(out, "imported {n} versions from {}", o.rdiff_repo.display())?;
+    }
+    Ok(())
+}
+
 /// Imports `rdiff` into `repo` (created if missing); returns the number of
 /// versions imported.
-pub fn import(rdiff: &Path, repo: &Path, quiet: bool) -> anyhow::Result<usize> {
+fn import(rdiff: &Path, repo: &Path, quiet: bool, out: &mut dyn Write) -> anyhow::Result<usize> {
     if !rdiff.join("rdiff-backup-data").is_dir() {
         bail!(
             "{} is not an rdiff-backup repository (no rdiff-backup-data)",
@@ -49,7 +62,7 @@ pub fn import(rdiff: &Path, repo: &Path, quiet: bool) -> anyhow::Result<usize> {
     // file system has room for them) rather than in a small /tmp.
     let scratch = r.scratch_dir().unwrap_or_else(std::env::temp_dir);
     let work = scratch.join(format!("import-{}", std::process::id()));
-    let result = import_versions(&r, rdiff, &times, &work, quiet);
+    let result = import_versions(&r, rdiff, &times, &work, quiet, out);
     let _ = std::fs::remove_dir_all(&work);
     result.map(|()| times.len())
 }
@@ -60,6 +73,7 @@ fn import_versions(
     times: &[i64],
     work: &Path,
     quiet: bool,
+    out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     // A reader that closes standard output (`| head -1`) must not stop the
     // import half-way: stop printing, import the rest, then report the
@@ -101,13 +115,12 @@ fn import_versions(
             time_ns: Some(t * 1_000_000_000),
             ..Default::default()
         };
-        let bar = crate::progress::Bar::new(quiet);
-        let rep = dsync_store::backup(r, &files, &opts, &bar);
-        bar.done();
-        let rep = rep?;
+        let rep = progress::with_bar(Style::new(false, quiet), |bar| {
+            dsync_store::backup(r, &files, &opts, bar)
+        })?;
         if !quiet && printed.is_ok() {
             printed = writeln!(
-                std::io::stdout(),
+                out,
                 "{}/{}: {} -> snapshot {} ({} files, repository grew by {} bytes)",
                 k + 1,
                 times.len(),
