@@ -42,10 +42,7 @@ fn import(rdiff: &Path, repo: &Path, quiet: bool, out: &mut dyn Write) -> anyhow
         bail!(
             "rdiff-backup could not list {}: {}",
             rdiff.display(),
-            String::from_utf8_lossy(&list.stderr)
-                .lines()
-                .last()
-                .unwrap_or("")
+            last_line(&list.stderr)
         );
     }
     let mut times: Vec<i64> = String::from_utf8_lossy(&list.stdout)
@@ -80,39 +77,11 @@ fn import_versions(
     // failed write (a broken pipe is success for main).
     let mut printed = Ok(());
     for (k, t) in times.iter().enumerate() {
-        let _ = std::fs::remove_dir_all(work);
-        let o = Command::new("rdiff-backup")
-            .args(["--force", "-r", &t.to_string()])
-            .arg(rdiff)
-            .arg(work)
-            .output()
-            .context("cannot run rdiff-backup")?;
-        if !o.status.success() {
-            bail!(
-                "rdiff-backup could not restore the version of {}: {}",
-                dsync_store::time::local(t * 1_000_000_000),
-                String::from_utf8_lossy(&o.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            );
-        }
-        let mut files: Vec<PathBuf> = std::fs::read_dir(work)
-            .with_context(|| format!("{}", work.display()))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .map(|e| e.path())
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            bail!(
-                "the version of {} holds no files",
-                dsync_store::time::local(t * 1_000_000_000)
-            );
-        }
+        let time_ns = t * 1_000_000_000;
+        let files = restore_version(rdiff, *t, work)?;
         let opts = BackupOptions {
             checksum: true,
-            time_ns: Some(t * 1_000_000_000),
+            time_ns: Some(time_ns),
             ..Default::default()
         };
         let rep = progress::with_bar(Style::new(false, quiet), |bar| {
@@ -124,7 +93,7 @@ fn import_versions(
                 "{}/{}: {} -> snapshot {} ({} files, repository grew by {} bytes)",
                 k + 1,
                 times.len(),
-                dsync_store::time::local(t * 1_000_000_000),
+                dsync_store::time::local(time_ns),
                 &rep.snapshot.id.to_string()[..8],
                 rep.files.len(),
                 rep.snapshot.stats.bytes_added
@@ -132,4 +101,46 @@ fn import_versions(
         }
     }
     Ok(printed?)
+}
+
+/// Has rdiff-backup restore the version of Unix time `t` into `work`
+/// (emptied first); returns the files it holds, sorted.
+fn restore_version(rdiff: &Path, t: i64, work: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let _ = std::fs::remove_dir_all(work);
+    let o = Command::new("rdiff-backup")
+        .args(["--force", "-r", &t.to_string()])
+        .arg(rdiff)
+        .arg(work)
+        .output()
+        .context("cannot run rdiff-backup")?;
+    if !o.status.success() {
+        bail!(
+            "rdiff-backup could not restore the version of {}: {}",
+            dsync_store::time::local(t * 1_000_000_000),
+            last_line(&o.stderr)
+        );
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(work)
+        .with_context(|| format!("{}", work.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "the version of {} holds no files",
+            dsync_store::time::local(t * 1_000_000_000)
+        );
+    }
+    Ok(files)
+}
+
+/// The last line of what rdiff-backup wrote to standard error: its error.
+fn last_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string()
 }
