@@ -121,3 +121,28 @@ fn summary(rep: &CheckReport, read_data: bool) -> String {
         rep.snapshots, rep.versions, rep.packs
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_problem_names_the_file_and_ranges_it_reaches() {
+        let mut p = Problem {
+            object: "pack 00000000000000aa".into(),
+            detail: "missing".into(),
+            snapshot: None,
+            file: None,
+            ranges: vec![],
+        };
+        assert_eq!(problem_line(&p), "damaged: pack 00000000000000aa: missing");
+        p.snapshot = Some("00000000000000bb".into());
+        p.file = Some("disk.img".into());
+        p.ranges = vec![(0, 4096), (8192, 12288)];
+        assert_eq!(
+            problem_line(&p),
+            "damaged: pack 00000000000000aa: missing \
+             [snapshot 00000000000000bb file disk.img bytes 0-4096,8192-12288]"
+        );
+    }
+}

@@ -139,3 +139,34 @@ fn print(d: &FileDiff, style: Style, out: &mut dyn Write) -> std::io::Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn printed(d: &FileDiff, style: Style) -> String {
+        let mut out = Vec::new();
+        print(d, style, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn text_lists_the_first_ranges_and_json_all() {
+        let ranges: Vec<(u64, u64)> = (0..52).map(|k| (k * 8192, k * 8192 + 4096)).collect();
+        let d = FileDiff {
+            name: "disk.img".into(),
+            status: "changed",
+            bytes: 52 * 4096,
+            ranges,
+        };
+        let text = printed(&d, Style::Text);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + RANGES_SHOWN + 1);
+        assert_eq!(lines[0], "disk.img: changed, 208.0 KiB differ in 52 ranges");
+        assert_eq!(lines[1], "  0-4096 (4.0 KiB)");
+        assert_eq!(lines[51], "  ... 2 more (--json lists all)");
+        assert_eq!(printed(&d, Style::Quiet), format!("{}\n", lines[0]));
+        let v: serde_json::Value = serde_json::from_str(&printed(&d, Style::Json)).unwrap();
+        assert_eq!(v["ranges"].as_array().unwrap().len(), 52);
+    }
+}
