@@ -104,7 +104,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         return 3;
     }
     match e.downcast_ref::<Error>() {
-        Some(Error::Corrupt { .. }) => 3,
+        Some(e) if e.is_damage() => 3,
         Some(Error::Locked { .. }) => 4,
         _ => 1,
     }
