@@ -351,7 +351,9 @@ fn many_small_files_in_one_snapshot() {
             _ => pseudo(500 + (i * 97) % 20_000, i as u64),
         })
         .collect();
-    let paths: Vec<std::path::PathBuf> = (0..n).map(|i| dir.path().join(format!("f{i:03}"))).collect();
+    let paths: Vec<std::path::PathBuf> = (0..n)
+        .map(|i| dir.path().join(format!("f{i:03}")))
+        .collect();
     for (p, c) in paths.iter().zip(&contents) {
         std::fs::write(p, c).unwrap();
     }
@@ -368,7 +370,11 @@ fn many_small_files_in_one_snapshot() {
     }
     let r2 = backup(&repo, &paths, &opts, &NoProgress).unwrap();
     for (i, f) in r2.files.iter().enumerate() {
-        assert_eq!(f.name, format!("f{i:03}"), "reports keep the sources' order");
+        assert_eq!(
+            f.name,
+            format!("f{i:03}"),
+            "reports keep the sources' order"
+        );
         let changed = i % 3 == 1 && contents[i].len() > 600;
         assert_eq!(f.reused, !changed, "file {i}");
         if changed && contents[i].len() > 2 * 512 {

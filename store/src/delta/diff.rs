@@ -10,7 +10,12 @@
 //!    and the whole-file hash's inputs, so the signature costs no extra pass.
 //! 2. Aligned match: a block whose hash equals the old signature's entry at the
 //!    same index is unchanged. On a VM image that is nearly every block, and it
-//!    costs no rolling search and no second hash.
+//!    costs no rolling search and no second hash. A block that is not there
+//!    is looked up by its weak checksum among all old blocks, and confirmed
+//!    with the hash step 1 already computed: a block that moved by whole
+//!    blocks (a qcow2 file's clusters, shifted by 64 KiB when one is
+//!    allocated before them; a file system that moved a file) is found
+//!    without rolling and without a second hash.
 //! 3. The remaining runs of changed blocks are searched byte by byte with the
 //!    rolling checksum, so that data shifted by an insert or delete is still
 //!    found at any offset; a candidate is confirmed with BLAKE2b. After a match
@@ -104,7 +109,10 @@ pub struct Chunk<'a> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
     Hole,
+    /// Equal to the old block at the same index.
     Match(u64),
+    /// Equal to another old block.
+    Moved(u64),
     Dirty,
 }
 
@@ -165,11 +173,30 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
             }
             let g = first_block + b as u64;
             let len = (data.len() - b * bs).min(bs) as u64;
+            let strong = &out.digests[b][..STRONG_SIZE];
             if let Some(e) = o.entry(g) {
-                if o.block_len(g) == len && e[4..] == out.digests[b][..STRONG_SIZE] {
+                if o.block_len(g) == len && e[4..] == *strong {
                     *st = State::Match(g);
+                    continue;
                 }
             }
+            // Elsewhere in the old version (whole blocks only: the table
+            // holds no short last block and no zero block).
+            if len != bs as u64 {
+                continue;
+            }
+            let table = o.table();
+            let w = super::signature::entry_weak(&out.entries[b]);
+            if !table.may_contain(w) {
+                continue;
+            }
+            table.candidates(o, w, |j| {
+                let found = o.entry(j).is_some_and(|e| e[4..] == *strong);
+                if found {
+                    *st = State::Moved(j);
+                }
+                found
+            });
         }
     }
 
@@ -204,6 +231,18 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
                     },
                 );
                 out.stats.aligned += len;
+                b += 1;
+            }
+            State::Moved(g) => {
+                let len = bs as u64;
+                push(
+                    &mut out.ops,
+                    Op::Copy {
+                        len,
+                        from: g * bs as u64,
+                    },
+                );
+                out.stats.shifted += len;
                 b += 1;
             }
             State::Dirty => {

@@ -196,6 +196,21 @@ mod tests {
     }
 
     #[test]
+    fn clusters_moved_by_whole_blocks_cost_no_rolling_search() {
+        // A qcow2 file allocates a cluster before others: everything after
+        // it moves by 64 KiB. The moved blocks are found by their hashes
+        // from the signature pass, with no strong hash of the rolling search.
+        let old = pseudo(4 << 20, 5);
+        let mut new = old[..1 << 20].to_vec();
+        new.extend_from_slice(&pseudo(64 << 10, 6));
+        new.extend_from_slice(&old[1 << 20..]);
+        let d = roundtrip(&old, &new, 4096, 1 << 20);
+        assert_eq!(d.stats.literal, 64 << 10, "{:?}", d.stats);
+        assert!(d.stats.strong_checks < 8, "{:?}", d.stats);
+        assert_eq!(d.stats.shifted, 3 << 20, "{:?}", d.stats);
+    }
+
+    #[test]
     fn zeros_become_holes() {
         let old = pseudo(1 << 20, 4);
         let mut new = old.clone();
