@@ -138,6 +138,12 @@ pub struct InitArgs {
     /// zstd level for new data (-7..=22).
     #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
     pub zstd_level: i32,
+    /// Repository format: 2 (the default) or 3, which keeps the metadata of
+    /// many files together in a few objects (store/FORMAT.md, "Format 3";
+    /// in progress: backup, list, restore, cat, mount, check, prune and du
+    /// read and write it; a format 3 repository is refused by dsync 0.2).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=3))]
+    pub format: u32,
 }
 
 /// The options of `dsync backup` (its help: [`Command::Backup`]).

@@ -14,6 +14,7 @@ pub fn run(o: InitArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()> 
     let cfg = Config {
         frame_size: u32::try_from(o.frame_size).unwrap_or(u32::MAX),
         zstd_level: o.zstd_level,
+        format: o.format,
         ..Default::default()
     };
     // Check the parameters as a reader would, before creating anything.

@@ -34,8 +34,12 @@ use crate::format::snapshot::{
     FileVersion, Node, NodeKind, Snapshot, SnapshotStats, FLAG_CHANGED_WHILE_READ,
     FLAG_HASH_SIZE_LAST, ROOT,
 };
+use crate::format::v3::node::{Entry, FileData, SigRef};
+use crate::format::v3::record::SnapshotRecord;
+use crate::format::v3::{BlobKind, List};
 use crate::id::{MapId, SnapshotId};
 use crate::map::{FileMap, MapBuilder, Piece};
+use crate::meta::MetaWriter;
 use crate::pack::PackWriter;
 use crate::pipeline::{data_ranges, Buffers, ChunkCtx, ChunkOut, Feed, FileFeed, StreamFeed};
 use crate::repo::{Repo, SigWriter};
@@ -272,8 +276,9 @@ fn run(
         let reuse = unchanged && !opts.checksum;
         let prev_loaded = match &prev {
             Some(f) if !reuse => {
-                let map = repo.load_map(f.map)?;
-                let sig = repo.sig_view(&map)?;
+                let map = repo.load_version(f)?;
+                let sig = repo.version_sig(f, &map)?;
+                w.know_signature(f)?;
                 Some((map, sig))
             }
             _ => None,
@@ -336,6 +341,10 @@ fn run(
         paths: source_paths,
         bytes_read,
     } = out;
+    let root = match &mut w.meta {
+        Some(meta) => Some(crate::tree3::write_root(repo, meta, &nodes)?),
+        None => None,
+    };
     let mut added = w.finish()?;
     let mut snap = Snapshot {
         id: SnapshotId::random(),
@@ -348,6 +357,7 @@ fn run(
             duration_ns: 0,
         },
         nodes,
+        format: if root.is_some() { 3 } else { 2 },
     };
     // The manifest's own size counts in bytes_added; it does not change the
     // encoded length by more than a varint would, and our ints are fixed width.
@@ -355,7 +365,10 @@ fn run(
     added += probe;
     snap.stats.bytes_added = added;
     snap.stats.duration_ns = started.elapsed().as_nanos() as u64;
-    let bytes = snap.encode();
+    let bytes = match root {
+        Some(root) => record_of(&snap, root).encode(),
+        None => snap.encode(),
+    };
     repo.backend().commit(&Key::snapshot(snap.id), &bytes)?;
     Ok(BackupReport {
         snapshot: snap,
@@ -424,6 +437,29 @@ fn changed_while_read(
             detail,
         }),
         w => Ok(w),
+    }
+}
+
+/// The format 3 record of a snapshot whose tree is `root`.
+fn record_of(s: &Snapshot, root: List<Entry>) -> SnapshotRecord {
+    let files = s
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.kind, NodeKind::File(_)))
+        .count() as u64;
+    SnapshotRecord {
+        id: s.id,
+        time_ns: s.time_ns,
+        host: s.host.clone(),
+        paths: s.paths.clone(),
+        bytes_read: s.stats.bytes_read,
+        bytes_added: s.stats.bytes_added,
+        duration_ns: s.stats.duration_ns,
+        files,
+        dirs: s.nodes.len() as u64 - files,
+        errors: 0,
+        flags: 0,
+        root,
     }
 }
 
@@ -549,6 +585,8 @@ struct Writer<'r> {
     repo: &'r Repo,
     pack: Option<PackWriter>,
     sig: Option<SigWriter>,
+    /// Format 3: metadata blobs (signature pages, lists) go here.
+    meta: Option<MetaWriter>,
     added: u64,
     buffers: Buffers,
 }
@@ -561,10 +599,12 @@ enum Input<'a> {
 
 impl<'r> Writer<'r> {
     fn new(repo: &'r Repo) -> Result<Self> {
+        let format3 = repo.config().format >= crate::format::config::FORMAT_3;
         Ok(Writer {
             repo,
             pack: None,
             sig: None,
+            meta: format3.then(MetaWriter::new),
             added: 0,
             buffers: Buffers::default(),
         })
@@ -659,28 +699,51 @@ impl<'r> Writer<'r> {
         what: Option<String>,
         prev: Option<(&FileMap, &SigView)>,
     ) -> Result<(FileVersion, FileReport)> {
-        let cfg = self.repo.config();
-        let body = MapBody {
-            file_size: size,
-            block_size: cfg.block_size,
-            page_entries: cfg.page_entries,
-            extents: st.builder.extents,
-            pages: st.pager.refs,
+        let cfg = self.repo.config().clone();
+        let hash = st.hasher.finish(size);
+        let (map_id, data) = match &mut self.meta {
+            Some(meta) => {
+                let sigs = if size < crate::tree3::SIG_MIN_SIZE {
+                    Vec::new()
+                } else {
+                    st.pager.sig_refs
+                };
+                let d = FileData {
+                    size,
+                    hash,
+                    block_size: cfg.block_size,
+                    page_entries: cfg.page_entries,
+                    extents: crate::tree3::write_extents(self.repo, meta, &st.builder.extents)?,
+                    sigs: crate::tree3::write_sigs(self.repo, meta, &sigs)?,
+                };
+                (MapId(0), Some(std::sync::Arc::new(d)))
+            }
+            None => {
+                let body = MapBody {
+                    file_size: size,
+                    block_size: cfg.block_size,
+                    page_entries: cfg.page_entries,
+                    extents: st.builder.extents,
+                    pages: st.pager.refs,
+                };
+                let map_id = MapId::random();
+                self.added += self.repo.put_map(map_id, &body)?;
+                (map_id, None)
+            }
         };
-        let map_id = MapId::random();
-        self.added += self.repo.put_map(map_id, &body)?;
         let mut flags = FLAG_HASH_SIZE_LAST;
         if what.is_some() {
             flags |= FLAG_CHANGED_WHILE_READ;
         }
         let version = FileVersion {
             size,
-            hash: st.hasher.finish(size),
+            hash,
             map: map_id,
             dev: source.0,
             ino: source.1,
             ctime_ns: source.2,
             flags,
+            data,
         };
         let report = FileReport {
             name: name.to_string(),
@@ -733,6 +796,7 @@ impl<'r> Writer<'r> {
             progress.start(&display, r.size);
             let prev = j.prev.as_ref().map(|(m, s)| (m, s));
             let mut st = FileState::new(&cfg, prev);
+            st.pager.no_sig = r.size < crate::tree3::SIG_MIN_SIZE;
             if let Some(c) = &r.chunk {
                 self.store_chunk(c, prev, &mut st)?;
                 progress.advance(c.len);
@@ -741,8 +805,7 @@ impl<'r> Writer<'r> {
                 self.buffers.give(c.compressed);
             }
             if let Some(page) = st.pager.flush() {
-                let pr = self.store_page(&page, &mut st.pager)?;
-                st.pager.refs.push(pr);
+                self.store_page(&page, &mut st.pager)?;
             }
             if st.pos != r.size {
                 return Err(Error::Internal(format!(
@@ -753,6 +816,20 @@ impl<'r> Writer<'r> {
             let (v, report) =
                 self.finish_version(&display, r.size, st, r.source, r.changed, prev)?;
             out.push(j.name, v, report, node_meta(&j.md), &j.path);
+        }
+        Ok(())
+    }
+
+    /// Format 3: the previous version's signature pages are stored blobs,
+    /// so pages that did not change are referenced, not written again.
+    fn know_signature(&mut self, f: &FileVersion) -> Result<()> {
+        let (Some(meta), Some(d)) = (&mut self.meta, &f.data) else {
+            return Ok(());
+        };
+        for r in crate::tree3::read_list(self.repo, &d.sigs)? {
+            if let SigRef::Blob(b) = r {
+                meta.know(b);
+            }
         }
         Ok(())
     }
@@ -783,6 +860,12 @@ impl<'r> Writer<'r> {
         };
         let batch = (rayon::current_num_threads() * 2).max(2) as u64;
         let mut st = FileState::new(&cfg, prev);
+        if let Feed::File(f) = feed {
+            st.pager.no_sig = f.size < crate::tree3::SIG_MIN_SIZE;
+        }
+        if let Feed::File(f) = feed {
+            st.pager.no_sig = f.size < crate::tree3::SIG_MIN_SIZE;
+        }
         let mut pending: Vec<Result<ChunkOut>> = Vec::new();
         let mut c0 = 0;
         let mut last = false;
@@ -816,8 +899,7 @@ impl<'r> Writer<'r> {
         self.buffers = buffers;
         result?;
         if let Some(page) = st.pager.flush() {
-            let r = self.store_page(&page, &mut st.pager)?;
-            st.pager.refs.push(r);
+            self.store_page(&page, &mut st.pager)?;
         }
         Ok(st)
     }
@@ -865,8 +947,7 @@ impl<'r> Writer<'r> {
         }
         for e in &out.entries {
             if let Some(page) = st.pager.push(e) {
-                let r = self.store_page(&page, &mut st.pager)?;
-                st.pager.refs.push(r);
+                self.store_page(&page, &mut st.pager)?;
             }
         }
         st.hasher.update(&out.digests);
@@ -875,7 +956,27 @@ impl<'r> Writer<'r> {
         Ok(())
     }
 
-    fn store_page(&mut self, page: &[u8], pager: &mut Pager<'_>) -> Result<PageRef> {
+    /// Stores a full (or last) signature page and records its reference.
+    fn store_page(&mut self, page: &[u8], pager: &mut Pager<'_>) -> Result<()> {
+        if let Some(meta) = &mut self.meta {
+            if pager.no_sig {
+                return Ok(());
+            }
+            // Format 3: a page the previous version had is a known blob.
+            let r = if page == &pager.zero_page[..page.len()] {
+                SigRef::Zero
+            } else {
+                SigRef::Blob(meta.put(self.repo.backend(), BlobKind::SigPage, page)?)
+            };
+            pager.sig_refs.push(r);
+            return Ok(());
+        }
+        let r = self.page_ref(page, pager)?;
+        pager.refs.push(r);
+        Ok(())
+    }
+
+    fn page_ref(&mut self, page: &[u8], pager: &mut Pager<'_>) -> Result<PageRef> {
         if let Some(r) = pager.shared(page) {
             return Ok(r);
         }
@@ -908,6 +1009,9 @@ impl<'r> Writer<'r> {
         if let Some(s) = self.sig.take() {
             self.added += s.finish()?;
         }
+        if let Some(m) = &mut self.meta {
+            self.added += m.finish()?;
+        }
         self.repo.backend().sync()?;
         Ok(self.added)
     }
@@ -920,6 +1024,10 @@ struct Pager<'a> {
     cur: Vec<u8>,
     index: usize,
     refs: Vec<PageRef>,
+    /// Format 3's references, in place of `refs`.
+    sig_refs: Vec<SigRef>,
+    /// Format 3: the file is too small to get a signature; write no pages.
+    no_sig: bool,
     prev: Option<(&'a FileMap, &'a SigView)>,
     zero_page: Vec<u8>,
 }
@@ -931,6 +1039,8 @@ impl<'a> Pager<'a> {
             cur: Vec::with_capacity(page_entries as usize * ENTRY_SIZE),
             index: 0,
             refs: Vec::new(),
+            sig_refs: Vec::new(),
+            no_sig: false,
             prev,
             zero_page: zero.entry.repeat(page_entries as usize),
         }

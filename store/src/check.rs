@@ -99,7 +99,7 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
             Ok(s) => {
                 for n in &s.nodes {
                     if let NodeKind::File(f) = &n.kind {
-                        let u = versions.entry(f.map).or_insert_with(|| Use {
+                        let u = versions.entry(f.key()).or_insert_with(|| Use {
                             file: f.clone(),
                             name: String::from_utf8_lossy(&n.name).into_owned(),
                             snapshots: Vec::new(),
@@ -128,19 +128,21 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
     for (map_id, u) in &versions {
         let snap = Some(u.snapshots.join(","));
         let file = Some(u.name.clone());
-        let map = match repo.load_map(*map_id) {
+        let map_name = match u.file.data {
+            Some(_) => format!("the extent list of {}", u.name),
+            None => format!("maps/{map_id}.map"),
+        };
+        let map = match repo.load_version(&u.file) {
             Ok(m) => m,
             Err(e) => {
                 let all = vec![(0, u.file.size)];
-                report
-                    .problems
-                    .push(problem(&e, format!("maps/{map_id}.map"), snap, file, all));
+                report.problems.push(problem(&e, map_name, snap, file, all));
                 continue;
             }
         };
         if map.size() != u.file.size {
             report.problems.push(Problem {
-                object: format!("maps/{map_id}.map"),
+                object: map_name.clone(),
                 detail: format!(
                     "map is for {} bytes, the manifest says {}",
                     map.size(),
@@ -151,12 +153,12 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
                 ranges: vec![(0, u.file.size)],
             });
         }
-        match repo.sig_view(&map) {
+        match repo.version_sig(&u.file, &map) {
             Ok(sig) => {
                 for i in 0..map.body.pages.len() {
                     if sig.page(i).is_none() {
                         report.problems.push(Problem {
-                            object: format!("signature page {i} of maps/{map_id}.map"),
+                            object: format!("signature page {i} of {map_name}"),
                             detail: "signature page fails its checksum (the next backup stores those blocks anew)".into(),
                             snapshot: snap.clone(),
                             file: file.clone(),
@@ -167,7 +169,7 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
             }
             Err(e) => report.problems.push(problem(
                 &e,
-                format!("signature of maps/{map_id}.map"),
+                format!("signature of {map_name}"),
                 snap.clone(),
                 file.clone(),
                 vec![],
@@ -268,7 +270,10 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
             Ok(()) => report.bytes_verified += u.file.size,
             Err(e) => report.problems.push(problem(
                 &e,
-                format!("maps/{map_id}.map"),
+                match u.file.data {
+                    Some(_) => format!("the extent list of {}", u.name),
+                    None => format!("maps/{map_id}.map"),
+                },
                 Some(u.snapshots.join(",")),
                 Some(u.name.clone()),
                 vec![(0, u.file.size)],

@@ -30,8 +30,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::backend::{Key, Kind};
 use crate::error::{Error, Result};
 use crate::format::map::{Extent, MapBody};
-use crate::format::snapshot::{NodeKind, Snapshot};
-use crate::id::{MapId, PackId, SigId, SnapshotId};
+use crate::format::snapshot::{Node, NodeKind, Snapshot};
+use crate::format::v3::BlobRef;
+use crate::id::{MapId, MetaId, PackId, SigId, SnapshotId};
+use crate::meta::MetaWriter;
 use crate::pack::{compress_frames, FrameMeta, PackWriter};
 use crate::repo::Repo;
 
@@ -50,6 +52,9 @@ pub struct GcReport {
     /// size). What a gc that repacked everything would free.
     pub unused_bytes: u64,
 }
+
+/// A format 3 file node (its index in the snapshot's nodes) and its extents.
+type FileExtents = (usize, Vec<Extent>);
 
 /// A pack to repack: its live ranges are copied, the rest goes.
 #[derive(Clone, Debug)]
@@ -72,6 +77,9 @@ pub struct GcPlan {
     pub repack: Vec<Repack>,
     /// The kept snapshots' maps (what a repack rewrites).
     live_maps: BTreeMap<MapId, MapBody>,
+    /// Format 3: per kept snapshot, its file nodes' extents (what a repack
+    /// rewrites: the snapshot's record then gets new lists).
+    live3: Vec<(SnapshotId, Vec<FileExtents>)>,
     /// The figures the plan expects (`bytes_freed` an estimate).
     pub expected: GcReport,
 }
@@ -91,7 +99,33 @@ pub fn plan(repo: &Repo, forget: &[SnapshotId], repack_below: f64) -> Result<GcP
         .filter(|s| !forget.contains(&s.id))
         .collect();
     let mut live_maps: BTreeMap<MapId, MapBody> = BTreeMap::new();
+    let mut live3 = Vec::new();
+    let mut live_blobs: HashSet<(MetaId, u32)> = HashSet::new();
+    let mut live: HashMap<PackId, Vec<(u64, u64)>> = HashMap::new();
     for s in &kept {
+        if s.format >= 3 {
+            let record = repo.load_record(s.id)?;
+            let mut blob = |b: BlobRef| {
+                live_blobs.insert((b.meta, b.frame));
+            };
+            crate::tree3::list_pages(repo, &record.root, &mut blob)?;
+            let mut files = Vec::new();
+            for (i, n) in s.nodes.iter().enumerate() {
+                if let NodeKind::File(f) = &n.kind {
+                    let Some(d) = &f.data else { continue };
+                    crate::tree3::blobs_of_file(repo, d, &mut blob)?;
+                    let m = crate::tree3::file_map(repo, d)?;
+                    for e in &m.body.extents {
+                        live.entry(e.pack)
+                            .or_default()
+                            .push((e.offset, e.offset + e.len));
+                    }
+                    files.push((i, m.body.extents));
+                }
+            }
+            live3.push((s.id, files));
+            continue;
+        }
         for n in &s.nodes {
             if let NodeKind::File(f) = &n.kind {
                 if let std::collections::btree_map::Entry::Vacant(v) = live_maps.entry(f.map) {
@@ -101,7 +135,6 @@ pub fn plan(repo: &Repo, forget: &[SnapshotId], repack_below: f64) -> Result<GcP
         }
     }
     // Live ranges per pack, merged.
-    let mut live: HashMap<PackId, Vec<(u64, u64)>> = HashMap::new();
     let mut live_sigs: HashSet<SigId> = HashSet::new();
     for m in live_maps.values() {
         for e in &m.extents {
@@ -169,16 +202,33 @@ pub fn plan(repo: &Repo, forget: &[SnapshotId], repack_below: f64) -> Result<GcP
             dead(Key::sig(id), n, &mut expected);
         }
     }
+    // A meta pack none of whose blobs is live goes whole. (One with some
+    // live blobs stays; rewriting meta packs comes with format 3's repack.)
+    let live_meta: HashSet<MetaId> = live_blobs.iter().map(|(m, _)| *m).collect();
+    for (name, n) in repo.sizes(Kind::Meta)? {
+        if let Some(id) = MetaId::parse(&name).filter(|id| !live_meta.contains(id)) {
+            dead(Key::meta(id), n, &mut expected);
+        }
+    }
     expected.packs_repacked = repack.len();
     expected.bytes_freed += p.expected.bytes_freed;
     expected.manifests_rewritten = kept
         .iter()
         .filter(|s| names_repacked_pack(s, &live_maps, &repack))
-        .count();
+        .count()
+        + live3
+            .iter()
+            .filter(|(_, files)| {
+                files
+                    .iter()
+                    .any(|(_, ex)| ex.iter().any(|e| repack.iter().any(|r| r.pack == e.pack)))
+            })
+            .count();
     p.expected = expected;
     p.repack = repack;
     p.kept = kept;
     p.live_maps = live_maps;
+    p.live3 = live3;
     Ok(p)
 }
 
@@ -289,27 +339,52 @@ fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<
             continue;
         }
         let mut body = m.clone();
-        for e in body.extents.iter_mut() {
-            if let Some(ranges) = moved.get(&e.pack) {
-                let i = ranges.partition_point(|r| r.1 <= e.offset);
-                let (a, _, to) = ranges
-                    .get(i)
-                    .copied()
-                    .ok_or_else(|| Error::Internal("extent outside the live ranges".into()))?;
-                *e = Extent {
-                    logical: e.logical,
-                    len: e.len,
-                    pack: new_pack,
-                    offset: to + (e.offset - a),
-                };
-            }
-        }
+        relocate(&mut body.extents, &moved, new_pack)?;
         let new_id = MapId::random();
         repo.put_map(new_id, &body)?;
         renamed.insert(*id, new_id);
     }
-    // The new pack and maps are durable before any manifest names them.
+    // Format 3: new extent lists, then new root lists, for the records.
+    let mut meta = MetaWriter::new();
+    let mut records = Vec::new();
+    for (id, files) in &plan.live3 {
+        if !files
+            .iter()
+            .any(|(_, ex)| ex.iter().any(|e| moved.contains_key(&e.pack)))
+        {
+            continue;
+        }
+        let Some(s) = plan.kept.iter().find(|s| s.id == *id) else {
+            continue;
+        };
+        let mut s2 = s.clone();
+        for (i, ex) in files {
+            let mut ex = ex.clone();
+            relocate(&mut ex, &moved, new_pack)?;
+            if let Some(Node {
+                kind: NodeKind::File(f),
+                ..
+            }) = s2.nodes.get_mut(*i)
+            {
+                if let Some(d) = &f.data {
+                    let mut d2 = (**d).clone();
+                    d2.extents = crate::tree3::write_extents(repo, &mut meta, &ex)?;
+                    f.data = Some(std::sync::Arc::new(d2));
+                }
+            }
+        }
+        let root = crate::tree3::write_root(repo, &mut meta, &s2.nodes)?;
+        let mut record = repo.load_record(*id)?;
+        record.root = root;
+        records.push(record);
+    }
+    meta.finish()?;
+    // The new pack, maps and lists are durable before any manifest names
+    // them.
     backend.sync()?;
+    for r in &records {
+        backend.replace(&Key::snapshot(r.id), &r.encode())?;
+    }
 
     // Replace the manifests that name rewritten maps (same id, atomically).
     let mut rewritten = 0;
@@ -337,7 +412,31 @@ fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<
         .chain(plan.repack.iter().map(|r| Key::pack(r.pack)))
         .collect();
     backend.remove(&old)?;
-    Ok(rewritten)
+    Ok(rewritten + records.len())
+}
+
+/// Points extents into repacked packs at their bytes' new place.
+fn relocate(
+    extents: &mut [Extent],
+    moved: &HashMap<PackId, Vec<(u64, u64, u64)>>,
+    new_pack: PackId,
+) -> Result<()> {
+    for e in extents.iter_mut() {
+        if let Some(ranges) = moved.get(&e.pack) {
+            let i = ranges.partition_point(|r| r.1 <= e.offset);
+            let (a, _, to) = ranges
+                .get(i)
+                .copied()
+                .ok_or_else(|| Error::Internal("extent outside the live ranges".into()))?;
+            *e = Extent {
+                logical: e.logical,
+                len: e.len,
+                pack: new_pack,
+                offset: to + (e.offset - a),
+            };
+        }
+    }
+    Ok(())
 }
 
 /// Plans and (unless `dry_run`) executes a gc that forgets nothing, under

@@ -79,10 +79,10 @@ pub fn du(repo: &Repo) -> Result<DuReport> {
     for (i, s) in snaps.iter().enumerate() {
         for n in &s.nodes {
             if let NodeKind::File(f) = &n.kind {
-                if let std::collections::hash_map::Entry::Vacant(v) = maps.entry(f.map) {
-                    v.insert(repo.load_map(f.map)?);
+                if let std::collections::hash_map::Entry::Vacant(v) = maps.entry(f.key()) {
+                    v.insert(repo.load_version(f)?);
                 }
-                let u = users.entry(f.map).or_default();
+                let u = users.entry(f.key()).or_default();
                 if !u.contains(&i) {
                     u.push(i);
                 }

@@ -13,9 +13,6 @@ pub mod id;
 pub mod inspect;
 pub mod map;
 pub(crate) mod pipeline;
-// Format 3's metadata store: tested here, written by the format 3 backup
-// that lands next (issue 10); until then only its tests use it.
-#[allow(dead_code)]
 pub(crate) mod meta;
 pub mod pack;
 pub mod prune;
@@ -24,6 +21,7 @@ pub mod repo;
 pub mod restore;
 pub mod testdata;
 pub mod time;
+pub(crate) mod tree3;
 
 pub use backup::{
     backup, backup_stream, BackupOptions, BackupReport, FileReport, NoProgress, Progress,

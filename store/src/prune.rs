@@ -177,6 +177,7 @@ mod tests {
             paths: vec![],
             stats: SnapshotStats::default(),
             nodes: vec![],
+            format: 2,
         }
     }
 

@@ -52,7 +52,7 @@ impl VersionReader {
     /// [`Error::Io`], [`Error::Corrupt`] when the map cannot be loaded or does
     /// not describe a file of the manifest's size.
     pub fn open(repo: &Repo, file: &FileVersion, what: &str) -> Result<VersionReader> {
-        let map = repo.load_map(file.map)?;
+        let map = repo.load_version(file)?;
         let mut packs = HashMap::new();
         for e in map.extents() {
             if let std::collections::hash_map::Entry::Vacant(v) = packs.entry(e.pack) {
@@ -61,7 +61,10 @@ impl VersionReader {
         }
         if map.size() != file.size {
             return Err(Error::corrupt(
-                format!("maps/{}.map", file.map),
+                match file.data {
+                    Some(_) => "extent list".to_string(),
+                    None => format!("maps/{}.map", file.map),
+                },
                 0,
                 format!(
                     "map is for {} bytes, the manifest says {} ({what})",
@@ -122,7 +125,7 @@ impl VersionReader {
             };
             match now.nodes.get(node as usize) {
                 Some(m) if m.name == n.name => match &m.kind {
-                    NodeKind::File(g) if g.map != cur.map => cur = g.clone(),
+                    NodeKind::File(g) if *g != cur => cur = g.clone(),
                     // The manifest still names what is missing: damage.
                     _ => return Err(err),
                 },

@@ -205,7 +205,15 @@ impl Repo {
 
     fn decode_snapshot(&self, id: SnapshotId, bytes: &[u8]) -> Result<Snapshot> {
         let name = Key::snapshot(id).path();
-        let s = Snapshot::decode(bytes, &name)?;
+        let version = bytes
+            .get(8..12)
+            .map_or(0, |v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+        let s = if version == crate::format::v3::record::RECORD_VERSION {
+            let r = crate::format::v3::record::SnapshotRecord::decode(bytes, &name)?;
+            crate::tree3::snapshot_of(self, &r)?
+        } else {
+            Snapshot::decode(bytes, &name)?
+        };
         if s.id != id {
             return Err(Error::corrupt(
                 name,
@@ -234,6 +242,19 @@ impl Repo {
         Ok(out)
     }
 
+    /// The format 3 record of snapshot `id` (its tree not read).
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::Corrupt`] (also for a format 2 manifest).
+    pub(crate) fn load_record(
+        &self,
+        id: SnapshotId,
+    ) -> Result<crate::format::v3::record::SnapshotRecord> {
+        let key = Key::snapshot(id);
+        let bytes = self.backend.read(&key)?;
+        crate::format::v3::record::SnapshotRecord::decode(&bytes, &key.path())
+    }
+
     /// Finds one snapshot by id, unique id prefix, local time
     /// (`YYYY-MM-DDTHH:MM:SS`), day (`YYYY-MM-DD`, the last of that day) or `latest`.
     ///
@@ -253,6 +274,33 @@ impl Repo {
         let bytes = self.backend.read(&key)?;
         let body = crate::format::map::MapBody::decode(&bytes, &key.path())?;
         Ok(FileMap { id, body })
+    }
+
+    /// The extent map of a version, format 2 (its map object) or 3 (its
+    /// entry's extent list).
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::Corrupt`].
+    pub fn load_version(&self, f: &crate::format::snapshot::FileVersion) -> Result<FileMap> {
+        match &f.data {
+            Some(d) => crate::tree3::file_map(self, d),
+            None => self.load_map(f.map),
+        }
+    }
+
+    /// The signature of a version whose map `map` is.
+    ///
+    /// # Errors
+    /// As [`Repo::sig_view`].
+    pub fn version_sig(
+        &self,
+        f: &crate::format::snapshot::FileVersion,
+        map: &FileMap,
+    ) -> Result<SigView> {
+        match &f.data {
+            Some(d) => crate::tree3::sig_view(self, d),
+            None => self.sig_view(map),
+        }
     }
 
     /// Writes a new map object (durable after [`Backend::sync`]); returns
@@ -447,6 +495,7 @@ mod tests {
             paths: vec![],
             stats: SnapshotStats::default(),
             nodes: vec![],
+            format: 2,
         }
     }
 

@@ -27,9 +27,14 @@ fn small_repo(dir: &Path) -> Repo {
     Repo::init(&dir.join("repo"), small_config()).unwrap()
 }
 
-/// A repository in memory (the store's tests run on both backends).
+/// A repository in memory, format 3 (the store's tests run on both
+/// backends and both formats: local ones are format 2).
 fn mem_repo(mem: &MemBackend) -> Repo {
-    Repo::init_on(Arc::new(mem.clone()), small_config()).unwrap()
+    let cfg = Config {
+        format: 3,
+        ..small_config()
+    };
+    Repo::init_on(Arc::new(mem.clone()), cfg).unwrap()
 }
 
 fn check_all(repo: &Repo, versions: &[Vec<u8>], dir: &Path) {
@@ -293,7 +298,8 @@ fn format_1_hashes_still_verify() {
     use dsync_store::format::snapshot::FLAG_HASH_SIZE_LAST;
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBackend::new();
-    let repo = mem_repo(&mem);
+    // Format 1 hashes exist only in format 2 manifests.
+    let repo = Repo::init_on(Arc::new(mem.clone()), small_config()).unwrap();
     let src = dir.path().join("f");
     let data = pseudo(50_000, 3);
     std::fs::write(&src, &data).unwrap();
@@ -342,8 +348,19 @@ fn format_1_hashes_still_verify() {
 /// version, never of a neighbour's.
 #[test]
 fn many_small_files_in_one_snapshot() {
+    many_small_files(2);
+    many_small_files(3);
+}
+
+/// Format 2 diffs a changed small file against its signature; format 3
+/// keeps no signature under 64 KiB and stores it whole.
+fn many_small_files(format: u32) {
     let dir = tempfile::tempdir().unwrap();
-    let repo = mem_repo(&MemBackend::new());
+    let cfg = Config {
+        format,
+        ..small_config()
+    };
+    let repo = Repo::init_on(Arc::new(MemBackend::new()), cfg).unwrap();
     let n = 300usize;
     let mut contents: Vec<Vec<u8>> = (0..n)
         .map(|i| match i % 10 {
@@ -377,7 +394,9 @@ fn many_small_files_in_one_snapshot() {
         );
         let changed = i % 3 == 1 && contents[i].len() > 600;
         assert_eq!(f.reused, !changed, "file {i}");
-        if changed && contents[i].len() > 2 * 512 {
+        if changed && format == 3 {
+            assert_eq!(f.stats.literal, contents[i].len() as u64, "file {i}");
+        } else if changed && contents[i].len() > 2 * 512 {
             assert!(f.had_previous);
             assert!(
                 f.stats.literal < contents[i].len() as u64 / 2 + 1024,

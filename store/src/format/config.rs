@@ -1,6 +1,9 @@
 //! `config`: the repository's parameters, fixed at `dsync init`.
 
-use super::{open, seal, Reader, Writer};
+use super::{Reader, Writer};
+
+/// The format version of a repository whose snapshots are format 3.
+pub const FORMAT_3: u32 = 3;
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"DSYNCCFG";
@@ -20,6 +23,10 @@ pub struct Config {
     pub zstd_level: i32,
     /// A pack is closed once it holds this many compressed bytes.
     pub pack_target: u64,
+    /// The format new snapshots are written in (2, or 3: FORMAT.md "Format
+    /// 3"); the config's envelope version, not a body field, so that a
+    /// dsync that knows only format 2 refuses a format 3 repository.
+    pub format: u32,
 }
 
 impl Default for Config {
@@ -31,6 +38,7 @@ impl Default for Config {
             frame_size: 32 * 1024,
             zstd_level: 1,
             pack_target: 64 << 20,
+            format: 2,
         }
     }
 }
@@ -44,13 +52,13 @@ impl Config {
         w.u32(self.frame_size);
         w.u32(self.zstd_level as u32);
         w.u64(self.pack_target);
-        seal(MAGIC, &w.buf, false)
+        super::seal_as(MAGIC, self.format.max(2), &w.buf, false)
     }
 
     /// # Errors
     /// [`Error::Corrupt`] when the file is damaged or a parameter is out of range.
     pub fn decode(bytes: &[u8], object: &str) -> Result<Config> {
-        let body = open(MAGIC, bytes, object)?;
+        let (version, body) = super::open_as(MAGIC, bytes, object, FORMAT_3)?;
         let mut r = Reader::new(&body, object);
         let c = Config {
             repo_id: r.u64()?,
@@ -59,6 +67,7 @@ impl Config {
             frame_size: r.u32()?,
             zstd_level: r.u32()? as i32,
             pack_target: r.u64()?,
+            format: version.max(2),
         };
         r.finish()?;
         let bad = |what: &str| Error::corrupt(object, 0, format!("{what} out of range"));

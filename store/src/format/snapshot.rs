@@ -41,6 +41,9 @@ pub struct Snapshot {
     pub stats: SnapshotStats,
     /// The tree in preorder; a node's parent comes before it.
     pub nodes: Vec<Node>,
+    /// The format it is stored in: 2 (a manifest) or 3 (a record whose
+    /// tree is in meta packs).
+    pub format: u32,
 }
 
 /// A file, directory or symlink of a snapshot.
@@ -78,6 +81,9 @@ pub struct FileVersion {
     pub ino: u64,
     pub ctime_ns: i64,
     pub flags: u32,
+    /// Format 3: the version's extents and signature, carried by its
+    /// directory entry (then `map` is unused, 0).
+    pub data: Option<std::sync::Arc<super::v3::node::FileData>>,
 }
 
 impl FileVersion {
@@ -88,6 +94,19 @@ impl FileVersion {
         } else {
             HashScheme::SizeFirst
         }
+    }
+
+    /// What names this version: its map object (format 2), or for format 3
+    /// a key made from its entry's data (its lists, size and hash), the same
+    /// for the same version in every snapshot.
+    pub fn key(&self) -> MapId {
+        let Some(d) = &self.data else { return self.map };
+        let mut w = Writer::default();
+        w.u64(d.size);
+        w.bytes(&d.hash);
+        d.extents.encode(&mut w);
+        d.sigs.encode(&mut w);
+        MapId(xxhash_rust::xxh3::xxh3_64(&w.buf) | 1)
     }
 
     /// A hasher that verifies this version's bytes against its hash.
@@ -202,6 +221,7 @@ impl Snapshot {
                     ino: r.u64()?,
                     ctime_ns: r.i64()?,
                     flags: r.u32()?,
+                    data: None,
                 }),
                 2 => NodeKind::Dir,
                 3 => NodeKind::Symlink(r_str(&mut r, MAX_TARGET)?.to_vec()),
@@ -239,6 +259,7 @@ impl Snapshot {
             paths,
             stats,
             nodes,
+            format: 2,
         })
     }
 
@@ -300,6 +321,7 @@ pub(crate) mod tests {
                         ino: 2,
                         ctime_ns: 3,
                         flags: 0,
+                        data: None,
                     }),
                 },
                 Node {
@@ -321,6 +343,7 @@ pub(crate) mod tests {
                     kind: NodeKind::Symlink(b"../x".to_vec()),
                 },
             ],
+            format: 2,
         }
     }
 
