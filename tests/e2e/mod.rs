@@ -4,6 +4,7 @@ mod check;
 mod cli;
 mod contrib;
 mod crash;
+mod format3;
 mod fixture;
 mod import;
 mod inspect;

@@ -17,7 +17,7 @@ use super::util::*;
 /// 1's pack is mostly dead and prune repacks it, rewriting day 2's map and
 /// manifest. Day 2's first 18 MiB come from its own pack: a reader of day 2
 /// reaches the repacked pack only past 18 MiB.
-fn three_days(env: &Env) -> Vec<PathBuf> {
+pub(super) fn three_days(env: &Env) -> Vec<PathBuf> {
     let img = env.path("disk.img");
     std::fs::write(&img, pseudo(24 << 20, 1)).unwrap();
     let mut out = Vec::new();
@@ -36,7 +36,7 @@ fn three_days(env: &Env) -> Vec<PathBuf> {
     out
 }
 
-fn prune_repacking(env: &Env) -> serde_json::Value {
+pub(super) fn prune_repacking(env: &Env) -> serde_json::Value {
     let out = env.ok(&[
         "prune",
         s(&env.repo()),
