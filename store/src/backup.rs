@@ -15,6 +15,7 @@
 //! and only then is the manifest renamed into `snapshots/`. A crash before the
 //! rename leaves unreferenced files and no snapshot.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -169,6 +170,7 @@ fn run(
     let lock = repo.lock()?;
     // Check every source before writing anything.
     let mut sources: Vec<(Origin<'_>, Vec<u8>)> = Vec::new();
+    let mut names: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     let count = paths.len() + usize::from(stream.is_some());
     if count == 0 {
         return Err(Error::InvalidInput(
@@ -220,7 +222,7 @@ fn run(
                 .as_encoded_bytes()
                 .to_vec(),
         };
-        if sources.iter().any(|(_, n)| *n == name) {
+        if !names.insert(name.clone()) {
             return Err(Error::InvalidInput(format!(
                 "two sources are named {:?}; each path is stored under its base name",
                 String::from_utf8_lossy(&name)
@@ -232,6 +234,7 @@ fn run(
         sources.push((Origin::Path { path, md }, name));
     }
     let previous = repo.snapshots()?;
+    let earlier = Earlier::of(&previous);
 
     let mut w = Writer::new(repo)?;
     let mut out = Collected::default();
@@ -240,16 +243,7 @@ fn run(
     let mut group: Vec<SmallJob> = Vec::new();
     let group_max = rayon::current_num_threads() * 4;
     for (origin, name) in sources {
-        let prev = previous
-            .iter()
-            .rev()
-            .find_map(|s| match s.root_node(&name) {
-                Some(Node {
-                    kind: NodeKind::File(f),
-                    ..
-                }) => Some(f.clone()),
-                _ => None,
-            });
+        let prev = earlier.file.get(&name).cloned();
         let display = String::from_utf8_lossy(&name).into_owned();
         // A block device's node says 0 bytes: ask the device. A stream's
         // size is known only at its end.
@@ -268,7 +262,7 @@ fn run(
                             && f.ino == md.ino()
                             && f.dev == md.dev()
                             && f.ctime_ns == ctime_ns(md)
-                            && mtime_ns_of(md) == f_mtime(&previous, &name)
+                            && Some(&mtime_ns_of(md)) == earlier.mtime.get(&name)
                     })
             }
             Origin::Stream(_) => false,
@@ -342,7 +336,15 @@ fn run(
         bytes_read,
     } = out;
     let root = match &mut w.meta {
-        Some(meta) => Some(crate::tree3::write_root(repo, meta, &nodes)?),
+        Some(meta) => {
+            // The newest format 3 snapshot's pages: an unchanged root list
+            // (every file reused) is the same pages again.
+            if let Some(last) = previous.iter().rev().find(|s| s.format >= 3) {
+                let record = repo.load_record(last.id)?;
+                crate::tree3::know_pages(repo, &record.root, meta)?;
+            }
+            Some(crate::tree3::write_root(repo, meta, &nodes)?)
+        }
         None => None,
     };
     let mut added = w.finish()?;
@@ -359,16 +361,17 @@ fn run(
         nodes,
         format: if root.is_some() { 3 } else { 2 },
     };
-    // The manifest's own size counts in bytes_added; it does not change the
-    // encoded length by more than a varint would, and our ints are fixed width.
-    let probe = snap.encode().len() as u64;
-    added += probe;
-    snap.stats.bytes_added = added;
-    snap.stats.duration_ns = started.elapsed().as_nanos() as u64;
-    let bytes = match root {
-        Some(root) => record_of(&snap, root).encode(),
+    // The manifest's own size counts in bytes_added: measured before the
+    // stats are filled in, it is its size within the few bytes that
+    // compressing other numbers may change.
+    let encode = |snap: &Snapshot| match &root {
+        Some(root) => record_of(snap, root.clone()).encode(),
         None => snap.encode(),
     };
+    added += encode(&snap).len() as u64;
+    snap.stats.bytes_added = added;
+    snap.stats.duration_ns = started.elapsed().as_nanos() as u64;
+    let bytes = encode(&snap);
     repo.backend().commit(&Key::snapshot(snap.id), &bytes)?;
     Ok(BackupReport {
         snapshot: snap,
@@ -523,12 +526,28 @@ fn node_meta(md: &std::fs::Metadata) -> (u32, u32, u32, i64) {
     (mode, md.uid(), md.gid(), mtime_ns_of(md))
 }
 
-fn f_mtime(previous: &[Snapshot], name: &[u8]) -> i64 {
-    previous
-        .iter()
-        .rev()
-        .find_map(|s| s.root_node(name).map(|n| n.mtime_ns))
-        .unwrap_or(i64::MIN)
+/// What earlier snapshots hold at their roots: by name, the newest file
+/// version (the delta basis) and the newest node's mtime. One pass over the
+/// snapshots, then one lookup per source.
+#[derive(Default)]
+struct Earlier {
+    file: HashMap<Vec<u8>, FileVersion>,
+    mtime: HashMap<Vec<u8>, i64>,
+}
+
+impl Earlier {
+    fn of(previous: &[Snapshot]) -> Earlier {
+        let mut e = Earlier::default();
+        for s in previous.iter().rev() {
+            for n in s.nodes.iter().filter(|n| n.parent == ROOT) {
+                e.mtime.entry(n.name.clone()).or_insert(n.mtime_ns);
+                if let NodeKind::File(f) = &n.kind {
+                    e.file.entry(n.name.clone()).or_insert_with(|| f.clone());
+                }
+            }
+        }
+        e
+    }
 }
 
 fn is_block_device(md: &std::fs::Metadata) -> bool {

@@ -334,3 +334,17 @@ pub(crate) fn write_sigs(
     }
     w.finish(meta, repo.backend())
 }
+
+/// Tells `meta` the pages of `list`, so that a new list with the same pages
+/// references them instead of writing them again (an unchanged directory
+/// costs nothing in the next snapshot).
+///
+/// # Errors
+/// As [`list_pages`].
+pub(crate) fn know_pages<T: crate::format::v3::Record>(
+    repo: &Repo,
+    list: &List<T>,
+    meta: &mut MetaWriter,
+) -> Result<()> {
+    list_pages(repo, list, &mut |r| meta.know(r))
+}

@@ -11,7 +11,12 @@ use super::util::*;
 
 fn cmp(a: &std::path::Path, b: &std::path::Path) {
     let o = Command::new("cmp").arg(a).arg(b).output().unwrap();
-    assert!(o.status.success(), "{} and {} differ", a.display(), b.display());
+    assert!(
+        o.status.success(),
+        "{} and {} differ",
+        a.display(),
+        b.display()
+    );
 }
 
 #[test]
@@ -28,7 +33,15 @@ fn a_format_3_repository_backs_up_restores_prunes_and_mounts() {
     for (d, o) in orig.iter().enumerate() {
         let to = env.path(&format!("out{d}.img"));
         let day = format!("2024-05-0{}", d + 1);
-        env.ok(&["restore", "-q", s(&env.repo()), &day, "--to", s(&to), "disk.img"]);
+        env.ok(&[
+            "restore",
+            "-q",
+            s(&env.repo()),
+            &day,
+            "--to",
+            s(&to),
+            "disk.img",
+        ]);
         cmp(&to, o);
     }
     env.ok(&["check", s(&env.repo()), "--read-data"]);
@@ -37,7 +50,15 @@ fn a_format_3_repository_backs_up_restores_prunes_and_mounts() {
     for (d, o) in orig.iter().enumerate().skip(1) {
         let to = env.path(&format!("pruned{d}.img"));
         let day = format!("2024-05-0{}", d + 1);
-        env.ok(&["restore", "-q", s(&env.repo()), &day, "--to", s(&to), "disk.img"]);
+        env.ok(&[
+            "restore",
+            "-q",
+            s(&env.repo()),
+            &day,
+            "--to",
+            s(&to),
+            "disk.img",
+        ]);
         cmp(&to, o);
     }
     if skip() {
@@ -64,6 +85,14 @@ fn small_files_have_no_signature_and_change_whole() {
     let file = &v["files"][0];
     assert_eq!(file["literal_bytes"].as_u64(), Some(30_000), "{v}");
     let to = env.path("back.txt");
-    env.ok(&["restore", "-q", s(&env.repo()), "latest", "--to", s(&to), "notes.txt"]);
+    env.ok(&[
+        "restore",
+        "-q",
+        s(&env.repo()),
+        "latest",
+        "--to",
+        s(&to),
+        "notes.txt",
+    ]);
     cmp(&to, &f);
 }
