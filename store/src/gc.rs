@@ -31,7 +31,8 @@ use crate::backend::{Key, Kind};
 use crate::error::{Error, Result};
 use crate::format::map::{Extent, MapBody};
 use crate::format::snapshot::{Node, NodeKind, Snapshot};
-use crate::format::v3::BlobRef;
+use crate::format::v3::node::SigRef;
+use crate::format::v3::{BlobKind, BlobRef};
 use crate::id::{MapId, MetaId, PackId, SigId, SnapshotId};
 use crate::meta::MetaWriter;
 use crate::pack::{compress_frames, FrameMeta, PackWriter};
@@ -56,6 +57,15 @@ pub struct GcReport {
 /// A format 3 file node (its index in the snapshot's nodes) and its extents.
 type FileExtents = (usize, Vec<Extent>);
 
+/// A kept format 3 snapshot: its files' extents, and the meta packs its
+/// blobs are in.
+#[derive(Clone, Debug)]
+struct Live3 {
+    id: SnapshotId,
+    files: Vec<FileExtents>,
+    metas: HashSet<MetaId>,
+}
+
 /// A pack to repack: its live ranges are copied, the rest goes.
 #[derive(Clone, Debug)]
 pub struct Repack {
@@ -79,7 +89,12 @@ pub struct GcPlan {
     live_maps: BTreeMap<MapId, MapBody>,
     /// Format 3: per kept snapshot, its file nodes' extents (what a repack
     /// rewrites: the snapshot's record then gets new lists).
-    live3: Vec<(SnapshotId, Vec<FileExtents>)>,
+    live3: Vec<Live3>,
+    /// Format 3: meta packs whose live blobs are copied out, the rest going.
+    pub repack_meta: Vec<MetaId>,
+    /// Format 3: every live blob outside those packs (a rewritten list
+    /// references them instead of writing them again).
+    keep_blobs: Vec<BlobRef>,
     /// The figures the plan expects (`bytes_freed` an estimate).
     pub expected: GcReport,
 }
@@ -100,13 +115,15 @@ pub fn plan(repo: &Repo, forget: &[SnapshotId], repack_below: f64) -> Result<GcP
         .collect();
     let mut live_maps: BTreeMap<MapId, MapBody> = BTreeMap::new();
     let mut live3 = Vec::new();
-    let mut live_blobs: HashSet<(MetaId, u32)> = HashSet::new();
+    let mut live_blobs: HashMap<(MetaId, u32), BlobRef> = HashMap::new();
     let mut live: HashMap<PackId, Vec<(u64, u64)>> = HashMap::new();
     for s in &kept {
         if s.format >= 3 {
             let record = repo.load_record(s.id)?;
+            let mut metas = HashSet::new();
             let mut blob = |b: BlobRef| {
-                live_blobs.insert((b.meta, b.frame));
+                metas.insert(b.meta);
+                live_blobs.insert((b.meta, b.frame), b);
             };
             crate::tree3::list_pages(repo, &record.root, &mut blob)?;
             let mut files = Vec::new();
@@ -123,7 +140,11 @@ pub fn plan(repo: &Repo, forget: &[SnapshotId], repack_below: f64) -> Result<GcP
                     files.push((i, m.body.extents));
                 }
             }
-            live3.push((s.id, files));
+            live3.push(Live3 {
+                id: s.id,
+                files,
+                metas,
+            });
             continue;
         }
         for n in &s.nodes {
@@ -202,15 +223,36 @@ pub fn plan(repo: &Repo, forget: &[SnapshotId], repack_below: f64) -> Result<GcP
             dead(Key::sig(id), n, &mut expected);
         }
     }
-    // A meta pack none of whose blobs is live goes whole. (One with some
-    // live blobs stays; rewriting meta packs comes with format 3's repack.)
-    let live_meta: HashSet<MetaId> = live_blobs.iter().map(|(m, _)| *m).collect();
+    // A meta pack none of whose blobs is live goes whole; one whose live
+    // share is under `repack_below` is repacked (its live blobs written
+    // anew by the records that name them).
+    let mut live_per_meta: HashMap<MetaId, usize> = HashMap::new();
+    for (m, _) in live_blobs.keys() {
+        *live_per_meta.entry(*m).or_default() += 1;
+    }
+    let mut repack_meta = Vec::new();
     for (name, n) in repo.sizes(Kind::Meta)? {
-        if let Some(id) = MetaId::parse(&name).filter(|id| !live_meta.contains(id)) {
+        let Some(id) = MetaId::parse(&name) else {
+            continue;
+        };
+        let Some(&live_n) = live_per_meta.get(&id) else {
             dead(Key::meta(id), n, &mut expected);
+            continue;
+        };
+        let frames = repo.cache().meta(id)?.frame_count().max(1);
+        let dead_share = (frames - live_n.min(frames)) as f64 / frames as f64;
+        expected.unused_bytes += (dead_share * n as f64) as u64;
+        if repack_below > 0.0 && (live_n as f64) < repack_below * frames as f64 {
+            expected.bytes_freed += (dead_share * n as f64) as u64;
+            repack_meta.push(id);
         }
     }
-    expected.packs_repacked = repack.len();
+    let keep_blobs = live_blobs
+        .values()
+        .filter(|b| !repack_meta.contains(&b.meta))
+        .copied()
+        .collect();
+    expected.packs_repacked = repack.len() + repack_meta.len();
     expected.bytes_freed += p.expected.bytes_freed;
     expected.manifests_rewritten = kept
         .iter()
@@ -218,18 +260,25 @@ pub fn plan(repo: &Repo, forget: &[SnapshotId], repack_below: f64) -> Result<GcP
         .count()
         + live3
             .iter()
-            .filter(|(_, files)| {
-                files
-                    .iter()
-                    .any(|(_, ex)| ex.iter().any(|e| repack.iter().any(|r| r.pack == e.pack)))
-            })
+            .filter(|l| rewrites(l, &|p| repack.iter().any(|r| r.pack == p), &repack_meta))
             .count();
     p.expected = expected;
     p.repack = repack;
     p.kept = kept;
     p.live_maps = live_maps;
     p.live3 = live3;
+    p.repack_meta = repack_meta;
+    p.keep_blobs = keep_blobs;
     Ok(p)
+}
+
+/// Whether a format 3 snapshot's record must be rewritten: an extent points
+/// into a repacked data pack, or a blob sits in a repacked meta pack.
+fn rewrites(l: &Live3, moved: &dyn Fn(PackId) -> bool, metas: &[MetaId]) -> bool {
+    l.files
+        .iter()
+        .any(|(_, ex)| ex.iter().any(|e| moved(e.pack)))
+        || l.metas.iter().any(|m| metas.contains(m))
 }
 
 fn names_repacked_pack(s: &Snapshot, maps: &BTreeMap<MapId, MapBody>, repack: &[Repack]) -> bool {
@@ -257,10 +306,10 @@ pub fn execute(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Re
     backend.remove(&forget)?;
     backend.remove(&plan.unreferenced)?;
     let mut report = GcReport {
-        packs_repacked: plan.repack.len(),
+        packs_repacked: plan.repack.len() + plan.repack_meta.len(),
         ..plan.expected.clone()
     };
-    if !plan.repack.is_empty() {
+    if !plan.repack.is_empty() || !plan.repack_meta.is_empty() {
         report.manifests_rewritten = repack(repo, plan, progress)?;
     }
     report.bytes_freed = before.saturating_sub(repo.bytes_stored()?);
@@ -273,7 +322,11 @@ pub fn execute(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Re
 fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<usize> {
     let backend = repo.backend();
     let cfg = repo.config().clone();
-    let mut w = PackWriter::create(backend)?;
+    // (A repack of meta packs alone writes no data pack.)
+    let mut w = match plan.repack.is_empty() {
+        true => None,
+        false => Some(PackWriter::create(backend)?),
+    };
     // old pack -> [(range start, range end, new offset)]
     let mut moved: HashMap<PackId, Vec<(u64, u64, u64)>> = HashMap::new();
     let mut buf = Vec::new();
@@ -314,6 +367,9 @@ fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<
                 &mut compressed,
                 &mut frames,
             )?;
+            let Some(w) = w.as_mut() else {
+                return Err(Error::Internal("no pack to repack into".into()));
+            };
             let mut new_off = None;
             for f in &frames {
                 let at = w.append(
@@ -329,8 +385,10 @@ fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<
                 .push((a, b, new_off.unwrap_or(0)));
         }
     }
-    let new_pack = w.id;
-    w.finish()?;
+    let new_pack = w.as_ref().map_or(PackId(0), |w| w.id);
+    if let Some(w) = w {
+        w.finish()?;
+    }
 
     // Rewrite the maps that point into repacked packs.
     let mut renamed: HashMap<MapId, MapId> = HashMap::new();
@@ -344,21 +402,23 @@ fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<
         repo.put_map(new_id, &body)?;
         renamed.insert(*id, new_id);
     }
-    // Format 3: new extent lists, then new root lists, for the records.
+    // Format 3: the records that name a moved extent or a blob in a
+    // repacked meta pack get new lists; a page that did not change and is
+    // not in such a pack is referenced where it is.
     let mut meta = MetaWriter::new();
+    for b in &plan.keep_blobs {
+        meta.know(*b);
+    }
     let mut records = Vec::new();
-    for (id, files) in &plan.live3 {
-        if !files
-            .iter()
-            .any(|(_, ex)| ex.iter().any(|e| moved.contains_key(&e.pack)))
-        {
+    for l in &plan.live3 {
+        if !rewrites(l, &|p| moved.contains_key(&p), &plan.repack_meta) {
             continue;
         }
-        let Some(s) = plan.kept.iter().find(|s| s.id == *id) else {
+        let Some(s) = plan.kept.iter().find(|s| s.id == l.id) else {
             continue;
         };
         let mut s2 = s.clone();
-        for (i, ex) in files {
+        for (i, ex) in &l.files {
             let mut ex = ex.clone();
             relocate(&mut ex, &moved, new_pack)?;
             if let Some(Node {
@@ -369,12 +429,13 @@ fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<
                 if let Some(d) = &f.data {
                     let mut d2 = (**d).clone();
                     d2.extents = crate::tree3::write_extents(repo, &mut meta, &ex)?;
+                    d2.sigs = rewrite_sigs(repo, &mut meta, d, &plan.repack_meta)?;
                     f.data = Some(std::sync::Arc::new(d2));
                 }
             }
         }
         let root = crate::tree3::write_root(repo, &mut meta, &s2.nodes)?;
-        let mut record = repo.load_record(*id)?;
+        let mut record = repo.load_record(l.id)?;
         record.root = root;
         records.push(record);
     }
@@ -410,9 +471,30 @@ fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<
         .keys()
         .map(|&m| Key::map(m))
         .chain(plan.repack.iter().map(|r| Key::pack(r.pack)))
+        .chain(plan.repack_meta.iter().map(|&m| Key::meta(m)))
         .collect();
     backend.remove(&old)?;
     Ok(rewritten + records.len())
+}
+
+/// A version's signature list, its pages in repacked meta packs copied to
+/// `meta`.
+fn rewrite_sigs(
+    repo: &Repo,
+    meta: &mut MetaWriter,
+    d: &crate::format::v3::node::FileData,
+    repack_meta: &[MetaId],
+) -> Result<crate::format::v3::List<SigRef>> {
+    let mut refs = crate::tree3::read_list(repo, &d.sigs)?;
+    for r in refs.iter_mut() {
+        if let SigRef::Blob(b) = r {
+            if repack_meta.contains(&b.meta) {
+                let bytes = crate::meta::read_blob(repo.cache(), b, BlobKind::SigPage)?;
+                *b = meta.put(repo.backend(), BlobKind::SigPage, &bytes)?;
+            }
+        }
+    }
+    crate::tree3::write_sigs(repo, meta, &refs)
 }
 
 /// Points extents into repacked packs at their bytes' new place.

@@ -296,3 +296,36 @@ in_both_formats!(
     a_restore_that_a_prune_interrupts_writes_the_right_bytes,
     a_check_that_a_prune_interrupts_reports_no_damage
 );
+
+/// Format 3: a meta pack most of whose blobs only forgotten snapshots used
+/// is repacked: the kept records get new lists, the pack goes.
+#[test]
+fn format_3_prune_repacks_meta_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = repo_with_days(4, dir.path(), 3);
+    let repo = open(&m);
+    let meta_bytes = |m: &MemBackend| -> u64 {
+        use dsync_store::backend::{Backend, Kind};
+        m.list(Kind::Meta).unwrap().iter().map(|(_, n)| n).sum()
+    };
+    let before = meta_bytes(&m);
+    let policy = KeepPolicy {
+        last: 1,
+        ..KeepPolicy::default()
+    };
+    let (plan, rep) = prune(&repo, &policy, 1.0, false, &NoProgress).unwrap();
+    assert!(!plan.gc.repack_meta.is_empty(), "{rep:?}");
+    assert!(meta_bytes(&m) < before, "{} -> {}", before, meta_bytes(&m));
+    assert_eq!(verify(&repo), [3]);
+    let opts = dsync_store::CheckOptions {
+        read_data: true,
+        subset: None,
+    };
+    let report = dsync_store::check(&repo, &opts, &NoProgress).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    // Nothing left to reclaim, and the next backup still diffs.
+    let (_, again) = prune(&repo, &KeepPolicy::default(), 1.0, true, &NoProgress).unwrap();
+    assert_eq!(again.unused_bytes, 0, "{again:?}");
+    back_up(&repo, dir.path(), 4).unwrap();
+    assert_eq!(verify(&repo), [3, 4]);
+}
