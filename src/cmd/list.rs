@@ -3,14 +3,16 @@
 
 use std::io::Write;
 
-use dsync_store::{Repo, Snapshot};
+use dsync_store::format::snapshot::SnapshotInfo;
+use dsync_store::Repo;
 
 use crate::cli::ListArgs;
 use crate::output::{human, snapshot_json};
 
 pub fn run(o: ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let r = Repo::open(&o.repo)?;
-    let snaps = r.snapshots()?;
+    // Listings only: a format 3 snapshot's tree is not read.
+    let snaps = r.infos()?;
     if o.json {
         for s in &snaps {
             writeln!(out, "{}", json(s))?;
@@ -21,8 +23,8 @@ pub fn run(o: ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn json(s: &Snapshot) -> serde_json::Value {
-    let (files, size) = s.totals();
+fn json(s: &SnapshotInfo) -> serde_json::Value {
+    let (files, size) = (s.files, s.size);
     snapshot_json(
         s.id,
         s.time_ns,
@@ -33,14 +35,14 @@ fn json(s: &Snapshot) -> serde_json::Value {
     )
 }
 
-fn text(snaps: &[Snapshot], out: &mut dyn Write) -> std::io::Result<()> {
+fn text(snaps: &[SnapshotInfo], out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(
         out,
         "{:<16}  {:<19}  {:>5}  {:>10}  {:>10}",
         "ID", "TIME", "FILES", "SIZE", "ADDED"
     )?;
     for s in snaps {
-        let (files, size) = s.totals();
+        let (files, size) = (s.files, s.size);
         writeln!(
             out,
             "{:<16}  {:<19}  {:>5}  {:>10}  {:>10}",

@@ -445,11 +445,7 @@ fn changed_while_read(
 
 /// The format 3 record of a snapshot whose tree is `root`.
 fn record_of(s: &Snapshot, root: List<Entry>) -> SnapshotRecord {
-    let files = s
-        .nodes
-        .iter()
-        .filter(|n| matches!(n.kind, NodeKind::File(_)))
-        .count() as u64;
+    let (files, bytes) = s.totals();
     SnapshotRecord {
         id: s.id,
         time_ns: s.time_ns,
@@ -459,6 +455,7 @@ fn record_of(s: &Snapshot, root: List<Entry>) -> SnapshotRecord {
         bytes_added: s.stats.bytes_added,
         duration_ns: s.stats.duration_ns,
         files,
+        bytes,
         dirs: s.nodes.len() as u64 - files,
         errors: 0,
         flags: 0,

@@ -9,7 +9,7 @@
 
 use crate::backend::Key;
 use crate::error::Result;
-use crate::format::snapshot::Snapshot;
+use crate::format::snapshot::Timed;
 use crate::gc::{GcPlan, GcReport};
 use crate::id::SnapshotId;
 use crate::repo::Repo;
@@ -42,9 +42,9 @@ pub struct Decision {
 }
 
 /// Applies `policy` to snapshots (any order); returns decisions newest first.
-pub fn apply(snaps: &[Snapshot], policy: &KeepPolicy) -> Vec<Decision> {
-    let mut order: Vec<&Snapshot> = snaps.iter().collect();
-    order.sort_by_key(|s| std::cmp::Reverse((s.time_ns, s.id)));
+pub fn apply<T: Timed>(snaps: &[T], policy: &KeepPolicy) -> Vec<Decision> {
+    let mut order: Vec<&T> = snaps.iter().collect();
+    order.sort_by_key(|s| std::cmp::Reverse((s.time_ns(), s.id())));
     type Bucket = fn(i64) -> (i32, u32, u32, u32);
     let rules: [(&'static str, u32, Bucket); 5] = [
         ("hourly", policy.hourly, |t| {
@@ -77,7 +77,7 @@ pub fn apply(snaps: &[Snapshot], policy: &KeepPolicy) -> Vec<Decision> {
             reasons.push("last");
         }
         for (k, (name, _, bucket)) in rules.iter().enumerate() {
-            let b = bucket(s.time_ns);
+            let b = bucket(s.time_ns());
             if left[k] > 0 && last_bucket[k] != Some(b) {
                 left[k] -= 1;
                 last_bucket[k] = Some(b);
@@ -85,8 +85,8 @@ pub fn apply(snaps: &[Snapshot], policy: &KeepPolicy) -> Vec<Decision> {
             }
         }
         out.push(Decision {
-            id: s.id,
-            time_ns: s.time_ns,
+            id: s.id(),
+            time_ns: s.time_ns(),
             reasons,
         });
     }
@@ -125,7 +125,7 @@ pub struct PrunePlan {
 pub fn plan(repo: &Repo, policy: &KeepPolicy, repack_below: f64) -> Result<PrunePlan> {
     let (mut kept, mut forgotten) = (Vec::new(), Vec::new());
     if !policy.is_empty() {
-        for d in apply(&repo.snapshots()?, policy) {
+        for d in apply(&repo.infos()?, policy) {
             if d.reasons.is_empty() {
                 forgotten.push(d);
             } else {
@@ -167,6 +167,7 @@ pub fn prune(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::snapshot::Snapshot;
     use crate::format::snapshot::SnapshotStats;
 
     fn snap(id: u64, t: &str) -> Snapshot {

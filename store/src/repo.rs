@@ -25,7 +25,7 @@ use crate::delta::SigView;
 use crate::error::{Error, Result};
 use crate::format::config::Config;
 use crate::format::sig::{self as sigfmt, ENTRY_SIZE};
-use crate::format::snapshot::Snapshot;
+use crate::format::snapshot::{Snapshot, Timed};
 use crate::format::FORMAT_VERSION;
 use crate::id::{MapId, SigId, SnapshotId};
 use crate::map::FileMap;
@@ -205,10 +205,7 @@ impl Repo {
 
     fn decode_snapshot(&self, id: SnapshotId, bytes: &[u8]) -> Result<Snapshot> {
         let name = Key::snapshot(id).path();
-        let version = bytes
-            .get(8..12)
-            .map_or(0, |v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
-        let s = if version == crate::format::v3::record::RECORD_VERSION {
+        let s = if envelope_version(bytes) == crate::format::v3::record::RECORD_VERSION {
             let r = crate::format::v3::record::SnapshotRecord::decode(bytes, &name)?;
             crate::tree3::snapshot_of(self, &r)?
         } else {
@@ -255,14 +252,44 @@ impl Repo {
         crate::format::v3::record::SnapshotRecord::decode(&bytes, &key.path())
     }
 
+    /// Every snapshot's listing, oldest first, without reading a format 3
+    /// tree.
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::Corrupt`].
+    pub fn infos(&self) -> Result<Vec<crate::format::snapshot::SnapshotInfo>> {
+        let ids = self.snapshot_ids()?;
+        let keys: Vec<Key> = ids.iter().map(|&id| Key::snapshot(id)).collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, bytes) in ids.into_iter().zip(self.backend.read_many(&keys)) {
+            let bytes = bytes?;
+            let name = Key::snapshot(id).path();
+            let info = if envelope_version(&bytes) == crate::format::v3::record::RECORD_VERSION {
+                crate::format::v3::record::SnapshotRecord::decode(&bytes, &name)?.info()
+            } else {
+                self.decode_snapshot(id, &bytes)?.info()
+            };
+            if info.id != id {
+                return Err(Error::corrupt(
+                    name,
+                    24,
+                    "manifest id differs from its file name",
+                ));
+            }
+            out.push(info);
+        }
+        out.sort_by_key(|s| (s.time_ns, s.id));
+        Ok(out)
+    }
+
     /// Finds one snapshot by id, unique id prefix, local time
     /// (`YYYY-MM-DDTHH:MM:SS`), day (`YYYY-MM-DD`, the last of that day) or `latest`.
     ///
     /// # Errors
     /// [`Error::NoSuchSnapshot`], [`Error::AmbiguousSnapshot`].
     pub fn resolve(&self, spec: &str) -> Result<Snapshot> {
-        let all = self.snapshots()?;
-        resolve_in(all, spec)
+        let found = resolve_in(self.infos()?, spec)?;
+        self.load_snapshot(found.id)
     }
 
     /// Loads a map object.
@@ -382,7 +409,14 @@ impl Repo {
     }
 }
 
-pub(crate) fn resolve_in(all: Vec<Snapshot>, spec: &str) -> Result<Snapshot> {
+/// The version an envelope's header says (0 when too short to say).
+fn envelope_version(bytes: &[u8]) -> u32 {
+    bytes
+        .get(8..12)
+        .map_or(0, |v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]))
+}
+
+pub(crate) fn resolve_in<T: Timed>(all: Vec<T>, spec: &str) -> Result<T> {
     let none = || Error::NoSuchSnapshot {
         spec: spec.to_string(),
     };
@@ -394,7 +428,7 @@ pub(crate) fn resolve_in(all: Vec<Snapshot>, spec: &str) -> Result<Snapshot> {
         return all
             .into_iter()
             .rev()
-            .find(|s| crate::time::local(s.time_ns).starts_with(spec))
+            .find(|s| crate::time::local(s.time_ns()).starts_with(spec))
             .ok_or_else(none);
     }
     let norm = spec.replace(' ', "T");
@@ -402,16 +436,16 @@ pub(crate) fn resolve_in(all: Vec<Snapshot>, spec: &str) -> Result<Snapshot> {
         return all
             .into_iter()
             .rev()
-            .find(|s| crate::time::local(s.time_ns) == norm)
+            .find(|s| crate::time::local(s.time_ns()) == norm)
             .ok_or_else(none);
     }
     let lower = spec.to_ascii_lowercase();
     if lower.is_empty() || !lower.bytes().all(|c| c.is_ascii_hexdigit()) {
         return Err(none());
     }
-    let mut m: Vec<Snapshot> = all
+    let mut m: Vec<T> = all
         .into_iter()
-        .filter(|s| s.id.to_string().starts_with(&lower))
+        .filter(|s| s.id().to_string().starts_with(&lower))
         .collect();
     match m.len() {
         0 => Err(none()),

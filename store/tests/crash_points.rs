@@ -329,3 +329,24 @@ fn format_3_prune_repacks_meta_packs() {
     back_up(&repo, dir.path(), 4).unwrap();
     assert_eq!(verify(&repo), [3, 4]);
 }
+
+/// Format 3: listing snapshots and resolving their names read the records
+/// only, never a page of their trees.
+#[test]
+fn format_3_listing_reads_no_tree() {
+    use dsync_store::backend::{Backend, Key, Kind};
+    let dir = tempfile::tempdir().unwrap();
+    let m = repo_with_days(3, dir.path(), 3);
+    let metas: Vec<Key> = m
+        .list(Kind::Meta)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| Key::new(Kind::Meta, n))
+        .collect();
+    m.remove(&metas).unwrap();
+    let repo = open(&m);
+    let infos = repo.infos().unwrap();
+    assert_eq!(infos.len(), 3);
+    assert!(infos.iter().all(|i| i.files == 1 && i.size == 96 << 10));
+    assert!(repo.snapshots().is_err(), "the trees are gone");
+}

@@ -46,6 +46,45 @@ pub struct Snapshot {
     pub format: u32,
 }
 
+/// What listing a snapshot shows, without its tree (a format 3 record is
+/// read without reading a page).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: SnapshotId,
+    pub time_ns: i64,
+    pub host: String,
+    pub paths: Vec<String>,
+    pub stats: SnapshotStats,
+    /// Regular files, and the sum of their sizes.
+    pub files: u64,
+    pub size: u64,
+    pub format: u32,
+}
+
+/// A snapshot's name and time: what retention and snapshot names need.
+pub trait Timed {
+    fn id(&self) -> SnapshotId;
+    fn time_ns(&self) -> i64;
+}
+
+impl Timed for Snapshot {
+    fn id(&self) -> SnapshotId {
+        self.id
+    }
+    fn time_ns(&self) -> i64 {
+        self.time_ns
+    }
+}
+
+impl Timed for SnapshotInfo {
+    fn id(&self) -> SnapshotId {
+        self.id
+    }
+    fn time_ns(&self) -> i64 {
+        self.time_ns
+    }
+}
+
 /// A file, directory or symlink of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Node {
@@ -268,6 +307,21 @@ impl Snapshot {
         self.nodes
             .iter()
             .find(|n| n.parent == ROOT && n.name == name)
+    }
+
+    /// What listing it shows.
+    pub fn info(&self) -> SnapshotInfo {
+        let (files, size) = self.totals();
+        SnapshotInfo {
+            id: self.id,
+            time_ns: self.time_ns,
+            host: self.host.clone(),
+            paths: self.paths.clone(),
+            stats: self.stats.clone(),
+            files,
+            size,
+            format: self.format,
+        }
     }
 
     /// Number of regular files and their total size.

@@ -10,6 +10,26 @@ use crate::id::SnapshotId;
 
 /// The envelope version of a format 3 snapshot record.
 pub const RECORD_VERSION: u32 = 3;
+impl SnapshotRecord {
+    /// What listing the snapshot shows.
+    pub fn info(&self) -> crate::format::snapshot::SnapshotInfo {
+        crate::format::snapshot::SnapshotInfo {
+            id: self.id,
+            time_ns: self.time_ns,
+            host: self.host.clone(),
+            paths: self.paths.clone(),
+            stats: crate::format::snapshot::SnapshotStats {
+                bytes_read: self.bytes_read,
+                bytes_added: self.bytes_added,
+                duration_ns: self.duration_ns,
+            },
+            files: self.files,
+            size: self.bytes,
+            format: RECORD_VERSION,
+        }
+    }
+}
+
 /// Snapshot flag: some node carries an error.
 pub const SNAPSHOT_INCOMPLETE: u32 = 1;
 
@@ -24,6 +44,8 @@ pub struct SnapshotRecord {
     pub bytes_added: u64,
     pub duration_ns: u64,
     pub files: u64,
+    /// The sum of the files' sizes.
+    pub bytes: u64,
     pub dirs: u64,
     pub errors: u64,
     pub flags: u32,
@@ -46,6 +68,7 @@ impl SnapshotRecord {
             self.bytes_added,
             self.duration_ns,
             self.files,
+            self.bytes,
             self.dirs,
             self.errors,
         ] {
@@ -89,7 +112,7 @@ impl SnapshotRecord {
                     .map_err(|_| r.corrupt("path is not UTF-8"))?,
             );
         }
-        let mut v = [0u64; 6];
+        let mut v = [0u64; 7];
         for x in v.iter_mut() {
             *x = r.u64()?;
         }
@@ -108,8 +131,9 @@ impl SnapshotRecord {
             bytes_added: v[1],
             duration_ns: v[2],
             files: v[3],
-            dirs: v[4],
-            errors: v[5],
+            bytes: v[4],
+            dirs: v[5],
+            errors: v[6],
             flags,
             root,
         })

@@ -208,7 +208,7 @@ proptest! {
     fn records_round_trip(
         root in prop_oneof![sorted_entries().prop_map(List::Inline), list(sorted_entries())],
         t in any::<i64>(),
-        stats in any::<[u64; 6]>(),
+        stats in any::<[u64; 7]>(),
         flags in 0u32..2,
     ) {
         let s = SnapshotRecord {
@@ -220,8 +220,9 @@ proptest! {
             bytes_added: stats[1],
             duration_ns: stats[2],
             files: stats[3],
-            dirs: stats[4],
-            errors: stats[5],
+            bytes: stats[4],
+            dirs: stats[5],
+            errors: stats[6],
             flags,
             root,
         };
