@@ -336,7 +336,25 @@ fn format_3_prune_repacks_meta_packs() {
 fn format_3_listing_reads_no_tree() {
     use dsync_store::backend::{Backend, Key, Kind};
     let dir = tempfile::tempdir().unwrap();
-    let m = repo_with_days(3, dir.path(), 3);
+    let m = MemBackend::new();
+    let repo = Repo::init_on(Arc::new(m.clone()), config(3)).unwrap();
+    // Enough files that the root list is paged.
+    let paths: Vec<std::path::PathBuf> = (0..600)
+        .map(|i| {
+            let p = dir
+                .path()
+                .join(format!("a-file-with-a-long-name-{i:05}.txt"));
+            std::fs::write(&p, pseudo(100 + i, i as u64)).unwrap();
+            p
+        })
+        .collect();
+    for d in 0..2i64 {
+        let opts = BackupOptions {
+            time_ns: Some(1_700_000_000_000_000_000 + d),
+            ..Default::default()
+        };
+        backup(&repo, &paths, &opts, &NoProgress).unwrap();
+    }
     let metas: Vec<Key> = m
         .list(Kind::Meta)
         .unwrap()
@@ -346,7 +364,7 @@ fn format_3_listing_reads_no_tree() {
     m.remove(&metas).unwrap();
     let repo = open(&m);
     let infos = repo.infos().unwrap();
-    assert_eq!(infos.len(), 3);
-    assert!(infos.iter().all(|i| i.files == 1 && i.size == 96 << 10));
+    assert_eq!(infos.len(), 2);
+    assert!(infos.iter().all(|i| i.files == 600));
     assert!(repo.snapshots().is_err(), "the trees are gone");
 }
