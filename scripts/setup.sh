@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Installs what dsync's build, tests, demo and benchmarks need on a fresh
 # Debian machine with a Rust toolchain. Safe to run again: it installs only
-# what is missing.
+# what is missing. With --bench it also installs the peers that
+# scripts/bench-backup measures dsync against (borg, restic) and bc.
 set -euo pipefail
 
 pkgs=(e2fsprogs qemu-utils fuse3 python3 time rdiff-backup)
+if [ "${1:-}" = --bench ]; then
+  pkgs+=(borgbackup restic bc)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
