@@ -290,9 +290,21 @@ pub(crate) fn write_root(
         entries.push(entry_of(n)?);
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
+    write_list(repo, meta, entries)
+}
+
+/// Writes records, in key order, as a list.
+///
+/// # Errors
+/// [`Error::Io`].
+pub(crate) fn write_list<T: crate::format::v3::Record>(
+    repo: &Repo,
+    meta: &mut MetaWriter,
+    records: impl IntoIterator<Item = T>,
+) -> Result<List<T>> {
     let mut w = ListWriter::new();
-    for e in entries {
-        w.push(e, meta, repo.backend())?;
+    for r in records {
+        w.push(r, meta, repo.backend())?;
     }
     w.finish(meta, repo.backend())
 }
@@ -306,17 +318,13 @@ pub(crate) fn write_extents(
     meta: &mut MetaWriter,
     extents: &[MapExtent],
 ) -> Result<List<Extent>> {
-    let mut w = ListWriter::new();
-    for e in extents {
-        let x = Extent {
-            logical: e.logical,
-            len: e.len,
-            pack: e.pack,
-            offset: e.offset,
-        };
-        w.push(x, meta, repo.backend())?;
-    }
-    w.finish(meta, repo.backend())
+    let records = extents.iter().map(|e| Extent {
+        logical: e.logical,
+        len: e.len,
+        pack: e.pack,
+        offset: e.offset,
+    });
+    write_list(repo, meta, records)
 }
 
 /// Writes a version's signature page references as a list.
@@ -328,11 +336,7 @@ pub(crate) fn write_sigs(
     meta: &mut MetaWriter,
     refs: &[SigRef],
 ) -> Result<List<SigRef>> {
-    let mut w = ListWriter::new();
-    for r in refs {
-        w.push(*r, meta, repo.backend())?;
-    }
-    w.finish(meta, repo.backend())
+    write_list(repo, meta, refs.iter().copied())
 }
 
 /// Tells `meta` the pages of `list`, so that a new list with the same pages

@@ -30,37 +30,21 @@ fn a_format_3_repository_backs_up_restores_prunes_and_mounts() {
         assert_eq!(n, 0, "{d}/ holds {n} objects");
     }
     assert!(std::fs::read_dir(env.repo().join("meta")).unwrap().count() > 0);
-    for (d, o) in orig.iter().enumerate() {
-        let to = env.path(&format!("out{d}.img"));
-        let day = format!("2024-05-0{}", d + 1);
-        env.ok(&[
-            "restore",
-            "-q",
-            s(&env.repo()),
-            &day,
-            "--to",
-            s(&to),
-            "disk.img",
-        ]);
-        cmp(&to, o);
-    }
+    // Day d + 1 restores as the original of day d.
+    let repo = env.repo();
+    let restore_days = |from: usize, tag: &str| {
+        for (d, o) in orig.iter().enumerate().skip(from) {
+            let to = env.path(&format!("{tag}{d}.img"));
+            let day = format!("2024-05-0{}", d + 1);
+            env.ok(&["restore", "-q", s(&repo), &day, "--to", s(&to), "disk.img"]);
+            cmp(&to, o);
+        }
+    };
+    restore_days(0, "out");
     env.ok(&["check", s(&env.repo()), "--read-data"]);
     prune_repacking(&env);
     env.ok(&["check", s(&env.repo()), "--read-data"]);
-    for (d, o) in orig.iter().enumerate().skip(1) {
-        let to = env.path(&format!("pruned{d}.img"));
-        let day = format!("2024-05-0{}", d + 1);
-        env.ok(&[
-            "restore",
-            "-q",
-            s(&env.repo()),
-            &day,
-            "--to",
-            s(&to),
-            "disk.img",
-        ]);
-        cmp(&to, o);
-    }
+    restore_days(1, "pruned");
     if skip() {
         return;
     }

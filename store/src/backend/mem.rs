@@ -76,6 +76,27 @@ impl MemBackend {
         }
     }
 
+    /// Creates `key` if absent (one mutating call): what put and commit
+    /// share; `durable` says whether a crash keeps it.
+    fn insert_new(&self, key: &Key, bytes: &[u8], durable: bool) -> Result<()> {
+        let mut st = self.state()?;
+        self.write_call(&mut st, key)?;
+        if st.objects.contains_key(key) {
+            return Err(Error::io(
+                key.path(),
+                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+            ));
+        }
+        st.objects.insert(
+            key.clone(),
+            Stored {
+                bytes: Arc::new(bytes.to_vec()),
+                durable,
+            },
+        );
+        Ok(())
+    }
+
     /// Lets `n` more mutating calls succeed and fails all later ones.
     pub fn fail_after(&self, n: u64) {
         if let Ok(mut st) = self.state() {
@@ -260,22 +281,7 @@ impl Backend for MemBackend {
     }
 
     fn put(&self, key: &Key, bytes: &[u8]) -> Result<()> {
-        let mut st = self.state()?;
-        self.write_call(&mut st, key)?;
-        if st.objects.contains_key(key) {
-            return Err(Error::io(
-                key.path(),
-                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-            ));
-        }
-        st.objects.insert(
-            key.clone(),
-            Stored {
-                bytes: Arc::new(bytes.to_vec()),
-                durable: false,
-            },
-        );
-        Ok(())
+        self.insert_new(key, bytes, false)
     }
 
     fn sync(&self) -> Result<()> {
@@ -288,22 +294,7 @@ impl Backend for MemBackend {
     }
 
     fn commit(&self, key: &Key, bytes: &[u8]) -> Result<()> {
-        let mut st = self.state()?;
-        self.write_call(&mut st, key)?;
-        if st.objects.contains_key(key) {
-            return Err(Error::io(
-                key.path(),
-                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-            ));
-        }
-        st.objects.insert(
-            key.clone(),
-            Stored {
-                bytes: Arc::new(bytes.to_vec()),
-                durable: true,
-            },
-        );
-        Ok(())
+        self.insert_new(key, bytes, true)
     }
 
     fn replace(&self, key: &Key, bytes: &[u8]) -> Result<()> {

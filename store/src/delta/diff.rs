@@ -221,7 +221,8 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
                 out.stats.hole += (end - start) as u64;
                 b = e;
             }
-            State::Match(g) => {
+            State::Match(g) | State::Moved(g) => {
+                // A moved block is whole; a matched one may be the short last.
                 let len = (data.len() - start).min(bs) as u64;
                 push(
                     &mut out.ops,
@@ -230,19 +231,10 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
                         from: g * bs as u64,
                     },
                 );
-                out.stats.aligned += len;
-                b += 1;
-            }
-            State::Moved(g) => {
-                let len = bs as u64;
-                push(
-                    &mut out.ops,
-                    Op::Copy {
-                        len,
-                        from: g * bs as u64,
-                    },
-                );
-                out.stats.shifted += len;
+                match state[b] {
+                    State::Match(_) => out.stats.aligned += len,
+                    _ => out.stats.shifted += len,
+                }
                 b += 1;
             }
             State::Dirty => {

@@ -43,6 +43,15 @@ fn names(n: usize) -> Vec<Vec<u8>> {
     v
 }
 
+/// `n` sorted entries with distinct names.
+fn entries(n: usize) -> Vec<Entry> {
+    names(n)
+        .iter()
+        .enumerate()
+        .map(|(i, n)| entry(n, i as u64))
+        .collect()
+}
+
 fn write<T: Record>(r: &Repo, meta: &mut MetaWriter, v: &[T]) -> List<T> {
     let mut w = ListWriter::new();
     for rec in v {
@@ -52,23 +61,14 @@ fn write<T: Record>(r: &Repo, meta: &mut MetaWriter, v: &[T]) -> List<T> {
 }
 
 fn read_all<T: Record>(r: &Repo, list: &List<T>) -> Result<Vec<T>> {
-    let mut out = Vec::new();
-    ListReader::new(r.cache()).for_each(list, &mut |rec| {
-        out.push(rec);
-        Ok(())
-    })?;
-    Ok(out)
+    crate::tree3::read_list(r, list)
 }
 
 #[test]
 fn a_small_list_stays_inline() {
     let (_, r) = repo();
     let mut meta = MetaWriter::new();
-    let v: Vec<Entry> = names(10)
-        .iter()
-        .enumerate()
-        .map(|(i, n)| entry(n, i as u64))
-        .collect();
+    let v: Vec<Entry> = entries(10);
     let list = write(&r, &mut meta, &v);
     assert!(matches!(list, List::Inline(_)));
     assert_eq!(meta.blobs_written, 0);
@@ -79,11 +79,7 @@ fn a_small_list_stays_inline() {
 fn a_big_directory_pages_and_reads_back() {
     let (_, r) = repo();
     let mut meta = MetaWriter::new();
-    let v: Vec<Entry> = names(40_000)
-        .iter()
-        .enumerate()
-        .map(|(i, n)| entry(n, i as u64))
-        .collect();
+    let v: Vec<Entry> = entries(40_000);
     let list = write(&r, &mut meta, &v);
     meta.finish().unwrap();
     let List::Paged { count, depth, .. } = list else {
@@ -182,11 +178,7 @@ fn extents_and_signature_pages_round_trip() {
 fn a_damaged_page_is_reported_never_misread() {
     let (m, r) = repo();
     let mut meta = MetaWriter::new();
-    let v: Vec<Entry> = names(20_000)
-        .iter()
-        .enumerate()
-        .map(|(i, n)| entry(n, i as u64))
-        .collect();
+    let v: Vec<Entry> = entries(20_000);
     let list = write(&r, &mut meta, &v);
     meta.finish().unwrap();
     r.backend().sync().unwrap();
