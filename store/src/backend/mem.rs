@@ -258,21 +258,8 @@ impl Backend for MemBackend {
     }
 
     fn create(&self, key: &Key) -> Result<Box<dyn ObjectWriter>> {
-        let mut st = self.state()?;
-        self.write_call(&mut st, key)?;
-        if st.objects.contains_key(key) {
-            return Err(Error::io(
-                key.path(),
-                std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-            ));
-        }
-        st.objects.insert(
-            key.clone(),
-            Stored {
-                bytes: Arc::new(Vec::new()),
-                durable: false,
-            },
-        );
+        // Visible at once, empty, as a file being written is.
+        self.insert_new(key, &[], false)?;
         Ok(Box::new(MemWriter {
             backend: self.clone(),
             key: key.clone(),
