@@ -233,8 +233,8 @@ fn run(
         let path = std::path::absolute(p).unwrap_or_else(|_| p.clone());
         sources.push((Origin::Path { path, md }, name));
     }
-    let previous = repo.snapshots()?;
-    let earlier = Earlier::of(&previous);
+    let wanted: Vec<&[u8]> = sources.iter().map(|(_, n)| n.as_slice()).collect();
+    let (earlier, newest3) = Earlier::find(repo, &wanted)?;
 
     let mut w = Writer::new(repo)?;
     let mut out = Collected::default();
@@ -339,8 +339,8 @@ fn run(
         Some(meta) => {
             // The newest format 3 snapshot's pages: an unchanged root list
             // (every file reused) is the same pages again.
-            if let Some(last) = previous.iter().rev().find(|s| s.format >= 3) {
-                let record = repo.load_record(last.id)?;
+            if let Some(id) = newest3 {
+                let record = repo.load_record(id)?;
                 crate::tree3::know_pages(repo, &record.root, meta)?;
             }
             Some(crate::tree3::write_root(repo, meta, &nodes)?)
@@ -532,10 +532,25 @@ struct Earlier {
     mtime: HashMap<Vec<u8>, i64>,
 }
 
+/// How many snapshots, newest first, a backup looks through for a source's
+/// previous version: usually the newest has them all and it stops there; a
+/// file absent from the last ones is stored without a basis.
+const EARLIER_SNAPSHOTS: usize = 16;
+
 impl Earlier {
-    fn of(previous: &[Snapshot]) -> Earlier {
+    /// Reads snapshots newest first (their listings, then each tree) until
+    /// every name in `wanted` is found or [`EARLIER_SNAPSHOTS`] were read;
+    /// also returns the newest format 3 snapshot, whose pages a format 3
+    /// backup reuses.
+    fn find(repo: &Repo, wanted: &[&[u8]]) -> Result<(Earlier, Option<SnapshotId>)> {
+        let infos = repo.infos()?;
+        let newest3 = infos.iter().rev().find(|i| i.format >= 3).map(|i| i.id);
         let mut e = Earlier::default();
-        for s in previous.iter().rev() {
+        for info in infos.iter().rev().take(EARLIER_SNAPSHOTS) {
+            if wanted.iter().all(|n| e.mtime.contains_key(*n)) {
+                break;
+            }
+            let s = repo.load_snapshot(info.id)?;
             for n in s.nodes.iter().filter(|n| n.parent == ROOT) {
                 e.mtime.entry(n.name.clone()).or_insert(n.mtime_ns);
                 if let NodeKind::File(f) = &n.kind {
@@ -543,7 +558,7 @@ impl Earlier {
                 }
             }
         }
-        e
+        Ok((e, newest3))
     }
 }
 

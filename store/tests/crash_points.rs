@@ -368,3 +368,57 @@ fn format_3_listing_reads_no_tree() {
     assert!(infos.iter().all(|i| i.files == 600));
     assert!(repo.snapshots().is_err(), "the trees are gone");
 }
+
+/// Format 3: a backup finds its sources' previous versions in the newest
+/// snapshot that has them all and reads no older tree (here an older
+/// snapshot's pages are gone, and the backup does not notice).
+#[test]
+fn format_3_backup_reads_only_the_newest_tree() {
+    use dsync_store::backend::{Backend, Key, Kind};
+    let dir = tempfile::tempdir().unwrap();
+    let m = MemBackend::new();
+    let repo = Repo::init_on(Arc::new(m.clone()), config(3)).unwrap();
+    let paths: Vec<std::path::PathBuf> = (0..600)
+        .map(|i| {
+            dir.path()
+                .join(format!("a-file-with-a-long-name-{i:05}.txt"))
+        })
+        .collect();
+    let metas = || -> std::collections::BTreeSet<String> {
+        m.list(Kind::Meta)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    };
+    let mut day1 = Default::default();
+    for d in 0..3u64 {
+        for (i, p) in paths.iter().enumerate() {
+            std::fs::write(p, pseudo(100 + i, i as u64 * 10 + d)).unwrap();
+        }
+        let opts = BackupOptions {
+            time_ns: Some(1_700_000_000_000_000_000 + d as i64),
+            ..Default::default()
+        };
+        backup(&repo, &paths, &opts, &NoProgress).unwrap();
+        if d == 0 {
+            day1 = metas();
+            continue;
+        }
+        if d == 1 {
+            // Every file changed: day 2 shares no page with day 1. Lose
+            // day 1's pages.
+            let keys: Vec<Key> = day1
+                .iter()
+                .map(|n| Key::new(Kind::Meta, n.clone()))
+                .collect();
+            m.remove(&keys).unwrap();
+        }
+    }
+    let snaps = repo.infos().unwrap();
+    assert_eq!(snaps.len(), 3);
+    let last = repo.load_snapshot(snaps[2].id).unwrap();
+    let mut got = Vec::new();
+    dsync_store::cat(&repo, &last, "a-file-with-a-long-name-00007.txt", &mut got).unwrap();
+    assert_eq!(got, pseudo(107, 72));
+}
