@@ -3,22 +3,22 @@
 //! line or of FUSE. store/FORMAT.md specifies every byte it writes.
 
 pub mod backend;
-pub mod backup;
-pub mod check;
+pub(crate) mod backup;
+pub(crate) mod check;
 pub mod delta;
 pub mod error;
 pub mod format;
 pub mod gc;
 pub mod id;
 pub mod inspect;
-pub mod map;
+pub(crate) mod map;
 pub(crate) mod meta;
 pub mod pack;
 pub(crate) mod pipeline;
 pub mod prune;
-pub mod read;
-pub mod repo;
-pub mod restore;
+pub(crate) mod read;
+pub(crate) mod repo;
+pub(crate) mod restore;
 pub mod testdata;
 pub mod time;
 pub(crate) mod tree3;
@@ -30,6 +30,7 @@ pub use check::{check, CheckOptions, CheckReport, Problem};
 pub use error::{Error, Result};
 pub use format::snapshot::{FileVersion, Node, NodeKind, Snapshot};
 pub use id::{MapId, PackId, SigId, SnapshotId};
+pub use map::FileMap;
 pub use read::VersionReader;
-pub use repo::Repo;
+pub use repo::{Repo, DEFAULT_CACHE};
 pub use restore::{cat, restore, RestoreReport};
