@@ -894,9 +894,6 @@ impl<'r> Writer<'r> {
         if let Feed::File(f) = feed {
             st.pager.no_sig = f.size < crate::tree3::SIG_MIN_SIZE;
         }
-        if let Feed::File(f) = feed {
-            st.pager.no_sig = f.size < crate::tree3::SIG_MIN_SIZE;
-        }
         let mut pending: Vec<Result<ChunkOut>> = Vec::new();
         let mut c0 = 0;
         let mut last = false;

@@ -55,19 +55,19 @@ fn a_format_3_repository_backs_up_restores_prunes_and_mounts() {
 }
 
 #[test]
-fn small_files_have_no_signature_and_change_whole() {
+fn files_under_8_kib_have_no_signature_and_change_whole() {
     let env = Env::new();
     env.ok(&["init", "--format", "3", s(&env.repo())]);
     let f = env.path("notes.txt");
-    let mut text = pseudo(30_000, 3);
+    let mut text = pseudo(6_000, 3);
     std::fs::write(&f, &text).unwrap();
     env.ok(&["backup", "-q", s(&env.repo()), s(&f)]);
-    text[10_000..10_010].copy_from_slice(b"0123456789");
+    text[3_000..3_010].copy_from_slice(b"0123456789");
     std::fs::write(&f, &text).unwrap();
     let out = env.ok(&["backup", "--json", s(&env.repo()), s(&f)]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let file = &v["files"][0];
-    assert_eq!(file["literal_bytes"].as_u64(), Some(30_000), "{v}");
+    assert_eq!(file["literal_bytes"].as_u64(), Some(6_000), "{v}");
     let to = env.path("back.txt");
     env.ok(&[
         "restore",
@@ -79,4 +79,14 @@ fn small_files_have_no_signature_and_change_whole() {
         "notes.txt",
     ]);
     cmp(&to, &f);
+    // From 8 KiB on, a file has a signature: a small change is a delta.
+    let big = env.path("big.txt");
+    let mut text = pseudo(40_000, 4);
+    std::fs::write(&big, &text).unwrap();
+    env.ok(&["backup", "-q", s(&env.repo()), s(&big)]);
+    text[20_000..20_010].copy_from_slice(b"0123456789");
+    std::fs::write(&big, &text).unwrap();
+    let out = env.ok(&["backup", "--json", s(&env.repo()), s(&big)]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["files"][0]["literal_bytes"].as_u64(), Some(4096), "{v}");
 }
