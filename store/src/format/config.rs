@@ -71,10 +71,10 @@ impl Config {
         };
         r.finish()?;
         let bad = |what: &str| Error::corrupt(object, 0, format!("{what} out of range"));
-        if !c.block_size.is_power_of_two() || !(512..=1 << 20).contains(&c.block_size) {
+        if !super::valid_block_size(c.block_size) {
             return Err(bad("block size"));
         }
-        if !(1..=65536).contains(&c.page_entries) {
+        if !super::valid_page_entries(c.page_entries) {
             return Err(bad("page entries"));
         }
         if !(4096..=super::pack::MAX_FRAME).contains(&c.frame_size) {

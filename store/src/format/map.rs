@@ -85,10 +85,10 @@ impl MapBody {
         let file_size = r.u64()?;
         let block_size = r.u32()?;
         let page_entries = r.u32()?;
-        if !block_size.is_power_of_two() || !(512..=1 << 20).contains(&block_size) {
+        if !super::valid_block_size(block_size) {
             return Err(r.corrupt(format!("block size {block_size} out of range")));
         }
-        if !(1..=65536).contains(&page_entries) {
+        if !super::valid_page_entries(page_entries) {
             return Err(r.corrupt(format!("page entries {page_entries} out of range")));
         }
         let n = r.count(EXTENT_SIZE)?;

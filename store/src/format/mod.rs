@@ -225,6 +225,17 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A signature block size every structure accepts: a power of two,
+/// 512..=1 MiB.
+pub(crate) fn valid_block_size(b: u32) -> bool {
+    b.is_power_of_two() && (512..=1 << 20).contains(&b)
+}
+
+/// A number of signature entries per page every structure accepts.
+pub(crate) fn valid_page_entries(n: u32) -> bool {
+    (1..=65536).contains(&n)
+}
+
 /// Wraps `body` in an envelope of kind `magic`.
 pub fn seal(magic: &[u8; 8], body: &[u8], compress: bool) -> Vec<u8> {
     seal_as(magic, FORMAT_VERSION, body, compress)

@@ -43,7 +43,7 @@ pub fn check_header(h: &[u8], object: &str) -> Result<u32> {
         });
     }
     let pe = r.u32()?;
-    if !(1..=65536).contains(&pe) {
+    if !super::valid_page_entries(pe) {
         return Err(Error::corrupt(object, 12, "page size out of range"));
     }
     Ok(pe)

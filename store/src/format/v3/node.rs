@@ -175,10 +175,10 @@ impl Record for Entry {
                 let hash = r.array()?;
                 let block_size = r.varint_u32()?;
                 let page_entries = r.varint_u32()?;
-                if !block_size.is_power_of_two() || !(512..=1 << 20).contains(&block_size) {
+                if !crate::format::valid_block_size(block_size) {
                     return Err(r.corrupt(format!("block size {block_size}")));
                 }
-                if !(1..=65536).contains(&page_entries) {
+                if !crate::format::valid_page_entries(page_entries) {
                     return Err(r.corrupt(format!("{page_entries} entries per page")));
                 }
                 Payload::File(FileData {
