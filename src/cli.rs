@@ -138,11 +138,10 @@ pub struct InitArgs {
     /// zstd level for new data (-7..=22).
     #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
     pub zstd_level: i32,
-    /// Repository format: 2 (the default) or 3, which keeps the metadata of
-    /// many files together in a few objects (store/FORMAT.md, "Format 3";
-    /// in progress: backup, list, restore, cat, mount, check, prune and du
-    /// read and write it; a format 3 repository is refused by dsync 0.2).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=3))]
+    /// Repository format: 3 (the default: directories, and the metadata of
+    /// many files together in a few objects; store/FORMAT.md, "Format 3")
+    /// or 2, which dsync 0.2 also reads (files only).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=3))]
     pub format: u32,
 }
 
@@ -150,7 +149,8 @@ pub struct InitArgs {
 #[derive(Args, Debug)]
 pub struct BackupArgs {
     pub repo: PathBuf,
-    /// Files or block devices to back up; each is stored under its base name.
+    /// Files, directories or block devices to back up; each is stored
+    /// under its base name (a directory with its whole tree).
     #[arg(required_unless_present = "stdin")]
     pub paths: Vec<PathBuf>,
     /// Read one file from standard input (a pipe of unknown length),
@@ -162,13 +162,47 @@ pub struct BackupArgs {
     /// dies early otherwise leaves a short snapshot.
     #[arg(long, requires = "stdin", value_parser = parse_size)]
     pub expect_size: Option<u64>,
-    /// Read files even when size, mtime and inode say they are unchanged.
+    /// Read files even when size, mtime, ctime and inode say they are
+    /// unchanged.
     #[arg(long)]
     pub checksum: bool,
-    /// Store a file that changes while it is read (flagged, with a
-    /// warning) instead of failing. Prefer backing up a VM or LVM snapshot.
+    /// A file whose inode number changed is not read again for that alone
+    /// (file systems without stable inode numbers).
     #[arg(long)]
+    pub ignore_inode: bool,
+    /// A file whose ctime changed is not read again for that alone (after a
+    /// `chown -R` or `chmod -R`).
+    #[arg(long)]
+    pub ignore_ctime: bool,
+    /// A file that changes while it is read: `flag` reads it again, then
+    /// stores it as read, flagged, and exits 5 (snapshot incomplete);
+    /// `fail` makes no snapshot (for a live image: back up a VM or LVM
+    /// snapshot instead).
+    #[arg(long, value_enum, default_value_t = OnChange::Flag)]
+    pub on_change: OnChange,
+    /// Same as `--on-change flag` (the default), kept for scripts.
+    #[arg(long, hide = true)]
     pub accept_changed: bool,
+    /// Leave out what matches PATTERN (gitignore syntax, matched against
+    /// absolute paths: `*.tmp`, `.cache/`, `/home/*/Downloads`, `!keep`).
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Patterns from FILE, one per line (`#` starts a comment).
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+    /// Leave out a directory that contains a file named NAME.
+    #[arg(long, value_name = "NAME")]
+    pub exclude_if_present: Vec<String>,
+    /// Leave out directories tagged with a CACHEDIR.TAG (signature checked).
+    #[arg(long)]
+    pub exclude_caches: bool,
+    /// Leave out files larger than SIZE (e.g. 4G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub exclude_larger_than: Option<u64>,
+    /// Stay on the file system of each source: other mounts are kept as
+    /// empty directories.
+    #[arg(short = 'x', long)]
+    pub one_file_system: bool,
     /// Store the (single) source under this name, e.g. for a block device.
     #[arg(long)]
     pub name: Option<String>,
@@ -178,6 +212,13 @@ pub struct BackupArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What backup does with a file that changes while it is read.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnChange {
+    Flag,
+    Fail,
 }
 
 /// The options of `dsync list` (its help: [`Command::List`]).
@@ -198,11 +239,15 @@ pub struct RestoreArgs {
     /// directory to put it in) with PATH.
     #[arg(long)]
     pub to: PathBuf,
-    /// One file of the snapshot, by its name there.
+    /// A file or directory of the snapshot, by its path there (`etc/hosts`).
     pub path: Option<String>,
     /// Overwrite an existing destination.
     #[arg(long)]
     pub force: bool,
+    /// Owners by the stored uid and gid (as root), not by user and group
+    /// name.
+    #[arg(long)]
+    pub numeric_ids: bool,
     /// Print what was restored as one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -103,6 +103,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     if e.downcast_ref::<cmd::check::CheckFailed>().is_some() {
         return 3;
     }
+    if e.downcast_ref::<cmd::backup::Incomplete>().is_some() {
+        return 5;
+    }
     match e.downcast_ref::<Error>() {
         Some(e) if e.is_damage() => 3,
         Some(Error::Locked { .. }) => 4,

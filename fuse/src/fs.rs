@@ -51,18 +51,26 @@ fn file_attr(a: &Attr) -> FileAttr {
         mtime: t,
         ctime: t,
         crtime: t,
-        kind: match a.kind {
-            Type::Dir => FileType::Directory,
-            Type::File => FileType::RegularFile,
-            Type::Symlink => FileType::Symlink,
-        },
+        kind: file_type(a.kind),
         perm: (a.mode & 0o7777) as u16,
         nlink: if a.kind == Type::Dir { 2 } else { 1 },
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev as u32,
         flags: 0,
         blksize: 4096,
+    }
+}
+
+fn file_type(t: Type) -> FileType {
+    match t {
+        Type::Dir => FileType::Directory,
+        Type::File => FileType::RegularFile,
+        Type::Symlink => FileType::Symlink,
+        Type::CharDevice => FileType::CharDevice,
+        Type::BlockDevice => FileType::BlockDevice,
+        Type::Fifo => FileType::NamedPipe,
+        Type::Socket => FileType::Socket,
     }
 }
 
@@ -220,16 +228,11 @@ impl Filesystem for DsyncFs {
             (b".".to_vec(), ino.0, FileType::Directory),
             (b"..".to_vec(), ino.0, FileType::Directory),
         ];
-        let all = dots
-            .into_iter()
-            .chain(entries.into_iter().map(|(name, key, t)| {
-                let kind = match t {
-                    Type::Dir => FileType::Directory,
-                    Type::File => FileType::RegularFile,
-                    Type::Symlink => FileType::Symlink,
-                };
-                (name, self.tree.ino(&key), kind)
-            }));
+        let all = dots.into_iter().chain(
+            entries
+                .into_iter()
+                .map(|(name, key, t)| (name, self.tree.ino(&key), file_type(t))),
+        );
         for (i, (name, child, kind)) in all.enumerate().skip(offset as usize) {
             if reply.add(
                 INodeNo(child),

@@ -42,6 +42,22 @@ pub enum Type {
     Dir,
     File,
     Symlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
+    Socket,
+}
+
+impl Type {
+    /// The type of a special node, from its mode.
+    fn special(mode: u32) -> Type {
+        match mode & libc::S_IFMT {
+            libc::S_IFCHR => Type::CharDevice,
+            libc::S_IFBLK => Type::BlockDevice,
+            libc::S_IFIFO => Type::Fifo,
+            _ => Type::Socket,
+        }
+    }
 }
 
 /// Attributes, independent of FUSE.
@@ -56,6 +72,8 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub mtime_ns: i64,
+    /// A device node's device number.
+    pub rdev: u64,
     /// True when it can never change (everything inside a snapshot).
     pub immutable: bool,
 }
@@ -249,6 +267,9 @@ impl Tree {
                                 NodeKind::File(_) => (Key::File(id, i), Type::File),
                                 NodeKind::Dir => (Key::Dir(id, Some(i)), Type::Dir),
                                 NodeKind::Symlink(_) => (Key::NodeLink(id, i), Type::Symlink),
+                                NodeKind::Special(_) => {
+                                    (Key::NodeLink(id, i), Type::special(n.mode))
+                                }
                             };
                             (n.name.clone(), key, t)
                         })
@@ -384,6 +405,7 @@ impl Tree {
             uid: 0,
             gid: 0,
             mtime_ns,
+            rdev: 0,
             immutable,
         };
         match key {
@@ -400,16 +422,22 @@ impl Tree {
                     uid: 0,
                     gid: 0,
                     mtime_ns: self.mount_time_ns,
+                    rdev: 0,
                     immutable: false,
                 })
             }
             Key::Dir(id, Some(node)) | Key::File(id, node) | Key::NodeLink(id, node) => {
                 let s = self.snap(id)?;
                 let n = s.nodes.get(node as usize)?;
+                let mut rdev = 0;
                 let (kind, size, stored) = match &n.kind {
                     NodeKind::File(f) => (Type::File, f.size, self.stored_bytes(ino, f.size)),
                     NodeKind::Dir => (Type::Dir, 0, 0),
                     NodeKind::Symlink(t) => (Type::Symlink, t.len() as u64, 0),
+                    NodeKind::Special(r) => {
+                        rdev = *r;
+                        (Type::special(n.mode), 0, 0)
+                    }
                 };
                 Some(Attr {
                     ino,
@@ -421,6 +449,7 @@ impl Tree {
                     uid: n.uid,
                     gid: n.gid,
                     mtime_ns: n.mtime_ns,
+                    rdev,
                     immutable: true,
                 })
             }

@@ -5,16 +5,29 @@ use std::io::Write;
 
 use dsync_store::{BackupOptions, BackupReport, Repo};
 
-use crate::cli::BackupArgs;
+use crate::cli::{BackupArgs, OnChange};
 use crate::output::{diag, human, Style};
 use crate::progress;
 
 pub fn run(o: BackupArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let style = Style::new(o.json, quiet);
     let r = Repo::open_or_init(&o.repo)?;
+    let mut excludes = dsync_store::exclude::Excludes {
+        patterns: o.exclude.clone(),
+        if_present: o.exclude_if_present.clone(),
+        caches: o.exclude_caches,
+        one_file_system: o.one_file_system,
+        larger_than: o.exclude_larger_than,
+    };
+    for f in &o.exclude_from {
+        excludes.add_file(f)?;
+    }
     let opts = BackupOptions {
         checksum: o.checksum,
-        accept_changed: o.accept_changed,
+        ignore_inode: o.ignore_inode,
+        ignore_ctime: o.ignore_ctime,
+        excludes,
+        accept_changed: o.accept_changed || o.on_change == OnChange::Flag,
         name: o.name,
         time_ns: o.time,
         expect_size: o.expect_size,
@@ -34,8 +47,43 @@ pub fn run(o: BackupArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()
         Style::Text => text(&rep, out)?,
         Style::Quiet => {}
     }
+    if rep.incomplete() {
+        return Err(Incomplete {
+            id: rep.snapshot.id.to_string(),
+            errors: rep.tree.errors,
+            changed: rep.tree.changed
+                + rep
+                    .files
+                    .iter()
+                    .filter(|f| f.changed_while_read.is_some())
+                    .count() as u64,
+        }
+        .into());
+    }
     Ok(())
 }
+
+/// The snapshot was made but lacks something (exit code 5).
+#[derive(Debug)]
+pub struct Incomplete {
+    id: String,
+    errors: u64,
+    changed: u64,
+}
+
+impl std::fmt::Display for Incomplete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "snapshot {} saved, but incomplete: {} skipped or unreadable, {} changed while read (warnings above)",
+            &self.id[..8.min(self.id.len())],
+            self.errors,
+            self.changed
+        )
+    }
+}
+
+impl std::error::Error for Incomplete {}
 
 /// A pipe's default 64 KiB buffer costs a context switch per 64 KiB; 1 MiB
 /// (the usual pipe-max-size) halves the time a 2 GiB stream takes. Not a
@@ -50,6 +98,9 @@ fn widen_stdin_pipe() {
 fn warn(rep: &BackupReport) {
     if let Some(w) = &rep.lock_taken_over {
         diag!("dsync: warning: took over the lock of a writer that died ({w}); what it wrote is garbage for prune");
+    }
+    for w in &rep.tree.warnings {
+        diag!("dsync: warning: {w}");
     }
     for f in &rep.files {
         if let Some(what) = &f.changed_while_read {
@@ -81,6 +132,12 @@ fn json(rep: &BackupReport) -> serde_json::Value {
         "snapshot": s.id.to_string(), "time": dsync_store::time::local(s.time_ns),
         "bytes_read": s.stats.bytes_read, "bytes_added": s.stats.bytes_added,
         "seconds": s.stats.duration_ns as f64 / 1e9, "files": files,
+        "tree": {
+            "files": rep.tree.files, "dirs": rep.tree.dirs, "bytes": rep.tree.bytes,
+            "files_read": rep.tree.files_read, "errors": rep.tree.errors,
+            "changed_while_read": rep.tree.changed,
+        },
+        "incomplete": rep.incomplete(),
     })
 }
 
@@ -101,6 +158,18 @@ fn text(rep: &BackupReport, out: &mut dyn Write) -> std::io::Result<()> {
                 human(f.stats.hole)
             )?;
         }
+    }
+    let t = &rep.tree;
+    if t.files + t.dirs > 0 {
+        writeln!(
+            out,
+            "{} files ({}) in {} directories: {} read, {} unchanged",
+            t.files,
+            human(t.bytes),
+            t.dirs,
+            t.files_read,
+            t.files.saturating_sub(t.files_read)
+        )?;
     }
     let s = &rep.snapshot;
     writeln!(

@@ -5,10 +5,10 @@
 use std::io::Write;
 
 use anyhow::Context;
-use dsync_store::{Repo, RestoreReport, Snapshot};
+use dsync_store::{Repo, RestoreOptions, RestoreReport, Snapshot};
 
 use crate::cli::{CatArgs, RestoreArgs};
-use crate::output::{human, Style};
+use crate::output::{diag, human, Style};
 use crate::progress;
 
 /// `dsync restore`: the snapshot (or PATH of it) to `--to`.
@@ -16,16 +16,30 @@ pub fn run(o: RestoreArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<(
     let style = Style::new(o.json, quiet);
     let r = Repo::open(&o.repo)?;
     let s = r.resolve(&o.snapshot)?;
+    let opts = RestoreOptions {
+        force: o.force,
+        numeric_ids: o.numeric_ids,
+    };
     let rep = progress::with_bar(style, |bar| {
-        dsync_store::restore(&r, &s, o.path.as_deref(), &o.to, o.force, bar)
+        dsync_store::restore_with(&r, &s, o.path.as_deref(), &o.to, &opts, bar)
     })?;
+    for w in &rep.warnings {
+        diag!("dsync: warning: {w}");
+    }
     match style {
         Style::Json => writeln!(out, "{}", json(&s, &rep))?,
-        Style::Text => {
+        Style::Text if rep.files.len() <= 20 => {
             for (p, n) in &rep.files {
                 writeln!(out, "restored {} ({}), verified", p.display(), human(*n))?;
             }
         }
+        Style::Text => writeln!(
+            out,
+            "restored {} files ({}) into {}, verified",
+            rep.files.len(),
+            human(rep.bytes),
+            o.to.display()
+        )?,
         Style::Quiet => {}
     }
     Ok(())

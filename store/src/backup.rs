@@ -24,6 +24,9 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+mod tree;
+pub use tree::TreeStats;
+
 use crate::backend::Key;
 use crate::delta::signature::{FileHasher, ZeroBlock};
 use crate::delta::{DeltaStats, Op, SigView};
@@ -62,6 +65,13 @@ impl Progress for NoProgress {}
 pub struct BackupOptions {
     /// Read every file even when size, mtime and inode are unchanged.
     pub checksum: bool,
+    /// A file whose inode number changed is still unchanged (file systems
+    /// without stable inode numbers: FUSE, some network file systems).
+    pub ignore_inode: bool,
+    /// A file whose ctime changed is still unchanged (after `chown -R`).
+    pub ignore_ctime: bool,
+    /// What a directory backup leaves out.
+    pub excludes: crate::exclude::Excludes,
     /// The snapshot's time (Unix ns); now when `None`.
     pub time_ns: Option<i64>,
     /// Bytes per chunk diffed by one task (rounded to whole blocks).
@@ -80,6 +90,9 @@ impl Default for BackupOptions {
     fn default() -> Self {
         BackupOptions {
             checksum: false,
+            ignore_inode: false,
+            ignore_ctime: false,
+            excludes: crate::exclude::Excludes::default(),
             time_ns: None,
             chunk_size: 4 << 20,
             accept_changed: false,
@@ -116,6 +129,18 @@ pub struct BackupReport {
     pub files: Vec<FileReport>,
     /// A writer that died holding the lock, as its lock record names it.
     pub lock_taken_over: Option<String>,
+    /// What the directory sources held, and what was skipped.
+    pub tree: TreeStats,
+}
+
+impl BackupReport {
+    /// The snapshot was made but lacks something: a file vanished, could not
+    /// be read, or changed while it was read.
+    pub fn incomplete(&self) -> bool {
+        self.tree.errors > 0
+            || self.tree.changed > 0
+            || self.files.iter().any(|f| f.changed_while_read.is_some())
+    }
 }
 
 /// Runs a backup of `paths` into `repo`.
@@ -157,6 +182,8 @@ enum Origin<'a> {
         md: std::fs::Metadata,
     },
     Stream(&'a mut (dyn Read + Send)),
+    /// A directory: its whole tree (format 3).
+    Dir(PathBuf),
 }
 
 fn run(
@@ -203,9 +230,17 @@ fn run(
     for p in paths {
         let md = std::fs::metadata(p)
             .map_err(|e| Error::InvalidInput(format!("cannot back up {}: {}", p.display(), e)))?;
-        if !md.is_file() && !is_block_device(&md) {
+        let format3 = repo.config().format >= crate::format::config::FORMAT_3;
+        if md.is_dir() && !format3 {
             return Err(Error::InvalidInput(format!(
-                "cannot back up {}: only regular files and block devices are supported in this version (directories come with stage 2)",
+                "cannot back up {}: directories need a format 3 repository, and {} is format 2 (make one with `dsync init`, or `dsync upgrade` this one)",
+                p.display(),
+                repo.location().display()
+            )));
+        }
+        if !md.is_file() && !md.is_dir() && !is_block_device(&md) {
+            return Err(Error::InvalidInput(format!(
+                "cannot back up {}: not a regular file, directory or block device",
                 p.display()
             )));
         }
@@ -231,7 +266,11 @@ fn run(
         File::open(p)
             .map_err(|e| Error::InvalidInput(format!("cannot read {}: {}", p.display(), e)))?;
         let path = std::path::absolute(p).unwrap_or_else(|_| p.clone());
-        sources.push((Origin::Path { path, md }, name));
+        if md.is_dir() {
+            sources.push((Origin::Dir(path), name));
+        } else {
+            sources.push((Origin::Path { path, md }, name));
+        }
     }
     let wanted: Vec<&[u8]> = sources.iter().map(|(_, n)| n.as_slice()).collect();
     let (earlier, newest3) = Earlier::find(repo, &wanted)?;
@@ -243,6 +282,16 @@ fn run(
     let mut group: Vec<SmallJob> = Vec::new();
     let group_max = rayon::current_num_threads() * 4;
     for (origin, name) in sources {
+        if let Origin::Dir(path) = &origin {
+            w.small_files(&mut group, opts, progress, &mut out)?;
+            let prev = earlier.entry.get(&name);
+            let (entry, stats) = tree::backup_dir(&mut w, path, name, prev, opts, progress)?;
+            out.paths.push(path.display().to_string());
+            out.bytes_read += stats.bytes_read;
+            out.entries.push(entry);
+            out.tree.add(stats);
+            continue;
+        }
         let prev = earlier.file.get(&name).cloned();
         let display = String::from_utf8_lossy(&name).into_owned();
         // A block device's node says 0 bytes: ask the device. A stream's
@@ -252,20 +301,21 @@ fn run(
             Origin::Path { path, md } => File::open(path)
                 .and_then(|f| source_size(&f, md))
                 .unwrap_or(0),
-            Origin::Stream(_) => 0,
+            Origin::Stream(_) | Origin::Dir(_) => 0,
         };
         let unchanged = match &origin {
             Origin::Path { md, .. } => {
                 md.is_file()
                     && prev.as_ref().is_some_and(|f| {
+                        // Not the device number: btrfs and ZFS snapshot
+                        // mounts get a new one every time.
                         f.size == md.len()
-                            && f.ino == md.ino()
-                            && f.dev == md.dev()
-                            && f.ctime_ns == ctime_ns(md)
+                            && (opts.ignore_inode || f.ino == md.ino())
+                            && (opts.ignore_ctime || f.ctime_ns == ctime_ns(md))
                             && Some(&mtime_ns_of(md)) == earlier.mtime.get(&name)
                     })
             }
-            Origin::Stream(_) => false,
+            Origin::Stream(_) | Origin::Dir(_) => false,
         };
         let reuse = unchanged && !opts.checksum;
         let prev_loaded = match &prev {
@@ -279,7 +329,7 @@ fn run(
         };
         let small = match &origin {
             Origin::Path { md, .. } => !reuse && md.is_file() && md.len() <= w.chunk_size(opts),
-            Origin::Stream(_) => false,
+            Origin::Stream(_) | Origin::Dir(_) => false,
         };
         if small {
             if let Origin::Path { path, md } = origin {
@@ -326,6 +376,7 @@ fn run(
                 let meta = (libc::S_IFREG | 0o600, uid, gid, mtime);
                 out.push(name, v, r, meta, Path::new("-"));
             }
+            (Origin::Dir(_), _) => return Err(Error::Internal("a directory as a file".into())),
         }
     }
     w.small_files(&mut group, opts, progress, &mut out)?;
@@ -334,6 +385,8 @@ fn run(
         files,
         paths: source_paths,
         bytes_read,
+        entries,
+        tree,
     } = out;
     let root = match &mut w.meta {
         Some(meta) => {
@@ -343,7 +396,7 @@ fn run(
                 let record = repo.load_record(id)?;
                 crate::tree3::know_pages(repo, &record.root, meta)?;
             }
-            Some(crate::tree3::write_root(repo, meta, &nodes)?)
+            Some(crate::tree3::write_root(repo, meta, &nodes, entries)?)
         }
         None => None,
     };
@@ -365,7 +418,7 @@ fn run(
     // stats are filled in, it is its size within the few bytes that
     // compressing other numbers may change.
     let encode = |snap: &Snapshot| match &root {
-        Some(root) => record_of(snap, root.clone()).encode(),
+        Some(root) => record_of(snap, root.clone(), &tree).encode(),
         None => snap.encode(),
     };
     added += encode(&snap).len() as u64;
@@ -377,6 +430,7 @@ fn run(
         snapshot: snap,
         files,
         lock_taken_over: lock.took_over.clone(),
+        tree,
     })
 }
 
@@ -444,8 +498,14 @@ fn changed_while_read(
 }
 
 /// The format 3 record of a snapshot whose tree is `root`.
-fn record_of(s: &Snapshot, root: List<Entry>) -> SnapshotRecord {
+fn record_of(s: &Snapshot, root: List<Entry>, tree: &TreeStats) -> SnapshotRecord {
     let (files, bytes) = s.totals();
+    let incomplete = tree.errors > 0
+        || tree.changed > 0
+        || s.nodes.iter().any(|n| match &n.kind {
+            NodeKind::File(f) => f.flags & FLAG_CHANGED_WHILE_READ != 0,
+            _ => false,
+        });
     SnapshotRecord {
         id: s.id,
         time_ns: s.time_ns,
@@ -454,11 +514,15 @@ fn record_of(s: &Snapshot, root: List<Entry>) -> SnapshotRecord {
         bytes_read: s.stats.bytes_read,
         bytes_added: s.stats.bytes_added,
         duration_ns: s.stats.duration_ns,
-        files,
-        bytes,
-        dirs: s.nodes.len() as u64 - files,
-        errors: 0,
-        flags: 0,
+        files: files + tree.files,
+        bytes: bytes + tree.bytes,
+        dirs: s.nodes.len() as u64 - files + tree.dirs,
+        errors: tree.errors,
+        flags: if incomplete {
+            crate::format::v3::record::SNAPSHOT_INCOMPLETE
+        } else {
+            0
+        },
         root,
     }
 }
@@ -470,6 +534,9 @@ struct Collected {
     files: Vec<FileReport>,
     paths: Vec<String>,
     bytes_read: u64,
+    /// Format 3: the directory sources' entries.
+    entries: Vec<Entry>,
+    tree: TreeStats,
 }
 
 impl Collected {
@@ -530,6 +597,9 @@ fn node_meta(md: &std::fs::Metadata) -> (u32, u32, u32, i64) {
 struct Earlier {
     file: HashMap<Vec<u8>, FileVersion>,
     mtime: HashMap<Vec<u8>, i64>,
+    /// Format 3: the newest root entry of each name (a directory's is the
+    /// basis of its tree's change detection).
+    entry: HashMap<Vec<u8>, Entry>,
 }
 
 /// How many snapshots, newest first, a backup looks through for a source's
@@ -549,6 +619,21 @@ impl Earlier {
         for info in infos.iter().rev().take(EARLIER_SNAPSHOTS) {
             if wanted.iter().all(|n| e.mtime.contains_key(*n)) {
                 break;
+            }
+            if info.format >= 3 {
+                // Only the root list: a tree is read lazily, directory by
+                // directory, as the walk meets it.
+                let record = repo.load_record(info.id)?;
+                for en in crate::tree3::read_list(repo, &record.root)? {
+                    e.mtime.entry(en.name.clone()).or_insert(en.mtime_ns);
+                    if let Some(n) = crate::tree3::node_of(&en, ROOT) {
+                        if let NodeKind::File(f) = n.kind {
+                            e.file.entry(en.name.clone()).or_insert(f);
+                        }
+                    }
+                    e.entry.entry(en.name.clone()).or_insert(en);
+                }
+                continue;
             }
             let s = repo.load_snapshot(info.id)?;
             for n in s.nodes.iter().filter(|n| n.parent == ROOT) {
@@ -625,6 +710,8 @@ struct Writer<'r> {
 /// A source as the writer reads it.
 enum Input<'a> {
     Path(&'a Path),
+    /// A file the tree walk opened (no-follow, relative to its directory).
+    Open(File, &'a Path),
     Stream(&'a mut (dyn Read + Send)),
 }
 
@@ -681,10 +768,17 @@ impl<'r> Writer<'r> {
         progress: &dyn Progress,
     ) -> Result<(FileVersion, FileReport)> {
         let (size, st, source, what) = match input {
-            Input::Path(path) => {
-                let file = File::open(path).map_err(|e| {
-                    Error::InvalidInput(format!("cannot read {}: {}", path.display(), e))
-                })?;
+            Input::Path(_) | Input::Open(..) => {
+                let (file, path) = match input {
+                    Input::Open(f, p) => (f, p),
+                    Input::Path(path) => (
+                        File::open(path).map_err(|e| {
+                            Error::InvalidInput(format!("cannot read {}: {}", path.display(), e))
+                        })?,
+                        path,
+                    ),
+                    Input::Stream(_) => return Err(Error::Internal("not a file".into())),
+                };
                 let before = file.metadata().at(path)?;
                 let size = source_size(&file, &before).at(path)?;
                 let data = data_ranges(&file, size);
@@ -854,7 +948,16 @@ impl<'r> Writer<'r> {
     /// Format 3: the previous version's signature pages are stored blobs,
     /// so pages that did not change are referenced, not written again.
     fn know_signature(&mut self, f: &FileVersion) -> Result<()> {
-        let (Some(meta), Some(d)) = (&mut self.meta, &f.data) else {
+        match &f.data {
+            Some(d) => self.know_data(&d.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Format 3: a previous version's signature pages, referenced again
+    /// where they did not change.
+    fn know_data(&mut self, d: &FileData) -> Result<()> {
+        let Some(meta) = &mut self.meta else {
             return Ok(());
         };
         for r in crate::tree3::read_list(self.repo, &d.sigs)? {
@@ -863,6 +966,13 @@ impl<'r> Writer<'r> {
             }
         }
         Ok(())
+    }
+
+    /// The meta pack writer (format 3 only).
+    fn meta3(&mut self) -> Result<&mut MetaWriter> {
+        self.meta
+            .as_mut()
+            .ok_or_else(|| Error::Internal("a tree in a format 2 repository".into()))
     }
 
     /// Bytes per chunk diffed by one task (whole blocks).

@@ -30,8 +30,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::backend::{Key, Kind};
 use crate::error::{Error, Result};
 use crate::format::map::{Extent, MapBody};
-use crate::format::snapshot::{Node, NodeKind, Snapshot};
-use crate::format::v3::node::SigRef;
+use crate::format::snapshot::{NodeKind, Snapshot};
+use crate::format::v3::node::{Payload, SigRef};
 use crate::format::v3::{BlobKind, BlobRef};
 use crate::id::{MapId, MetaId, PackId, SigId, SnapshotId};
 use crate::meta::MetaWriter;
@@ -127,19 +127,23 @@ pub fn plan(repo: &Repo, forget: &[SnapshotId], repack_below: f64) -> Result<GcP
             };
             crate::tree3::list_pages(repo, &record.root, &mut blob)?;
             let mut files = Vec::new();
-            for (i, n) in s.nodes.iter().enumerate() {
-                if let NodeKind::File(f) = &n.kind {
-                    let Some(d) = &f.data else { continue };
-                    crate::tree3::blobs_of_file(repo, d, &mut blob)?;
-                    let m = crate::tree3::file_map(repo, d)?;
-                    for e in &m.body.extents {
-                        live.entry(e.pack)
-                            .or_default()
-                            .push((e.offset, e.offset + e.len));
+            crate::tree3::visit(repo, &record.root, &mut |i, e| {
+                match &e.payload {
+                    Payload::Dir(l) => crate::tree3::list_pages(repo, l, &mut blob)?,
+                    Payload::File(d) => {
+                        crate::tree3::blobs_of_file(repo, d, &mut blob)?;
+                        let m = crate::tree3::file_map(repo, d)?;
+                        for e in &m.body.extents {
+                            live.entry(e.pack)
+                                .or_default()
+                                .push((e.offset, e.offset + e.len));
+                        }
+                        files.push((i, m.body.extents));
                     }
-                    files.push((i, m.body.extents));
+                    _ => {}
                 }
-            }
+                Ok(())
+            })?;
             live3.push(Live3 {
                 id: s.id,
                 files,
@@ -414,29 +418,22 @@ fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<
         if !rewrites(l, &|p| moved.contains_key(&p), &plan.repack_meta) {
             continue;
         }
-        let Some(s) = plan.kept.iter().find(|s| s.id == l.id) else {
-            continue;
-        };
-        let mut s2 = s.clone();
-        for (i, ex) in &l.files {
-            let mut ex = ex.clone();
-            relocate(&mut ex, &moved, new_pack)?;
-            if let Some(Node {
-                kind: NodeKind::File(f),
-                ..
-            }) = s2.nodes.get_mut(*i)
-            {
-                if let Some(d) = &f.data {
-                    let mut d2 = (**d).clone();
-                    d2.extents = crate::tree3::write_extents(repo, &mut meta, &ex)?;
-                    d2.sigs = rewrite_sigs(repo, &mut meta, d, &plan.repack_meta)?;
-                    f.data = Some(std::sync::Arc::new(d2));
-                }
-            }
-        }
-        let root = crate::tree3::write_root(repo, &mut meta, &s2.nodes)?;
+        let extents: HashMap<usize, &Vec<Extent>> = l.files.iter().map(|(i, e)| (*i, e)).collect();
         let mut record = repo.load_record(l.id)?;
-        record.root = root;
+        record.root = crate::tree3::rewrite(repo, &mut meta, &record.root, &mut |i, d, meta| {
+            let Some(ex) = extents.get(&i) else {
+                return Err(Error::Internal(format!(
+                    "snapshot {} changed under gc",
+                    l.id
+                )));
+            };
+            let mut ex = (*ex).clone();
+            relocate(&mut ex, &moved, new_pack)?;
+            let sigs = rewrite_sigs(repo, meta, d, &plan.repack_meta)?;
+            d.extents = crate::tree3::write_extents(repo, meta, &ex)?;
+            d.sigs = sigs;
+            Ok(())
+        })?;
         records.push(record);
     }
     meta.finish()?;

@@ -7,6 +7,7 @@ pub(crate) mod backup;
 pub(crate) mod check;
 pub mod delta;
 pub mod error;
+pub mod exclude;
 pub mod format;
 pub mod gc;
 pub mod id;
@@ -19,12 +20,13 @@ pub mod prune;
 pub(crate) mod read;
 pub(crate) mod repo;
 pub(crate) mod restore;
+pub(crate) mod source;
 pub mod testdata;
 pub mod time;
 pub(crate) mod tree3;
 
 pub use backup::{
-    backup, backup_stream, BackupOptions, BackupReport, FileReport, NoProgress, Progress,
+    backup, backup_stream, BackupOptions, BackupReport, FileReport, NoProgress, Progress, TreeStats,
 };
 pub use check::{check, CheckOptions, CheckReport, Problem};
 pub use error::{Error, Result};
@@ -33,4 +35,4 @@ pub use id::{MapId, PackId, SigId, SnapshotId};
 pub use map::FileMap;
 pub use read::VersionReader;
 pub use repo::{Repo, DEFAULT_CACHE};
-pub use restore::{cat, restore, RestoreReport};
+pub use restore::{cat, restore, restore_with, RestoreOptions, RestoreReport};

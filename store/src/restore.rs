@@ -16,6 +16,9 @@ use crate::format::snapshot::{FileVersion, Node, NodeKind, Snapshot, ROOT};
 use crate::read::VersionReader;
 use crate::repo::Repo;
 
+mod tree;
+pub use tree::RestoreOptions;
+
 const CHUNK: u64 = 4 << 20;
 
 thread_local! {
@@ -28,6 +31,9 @@ thread_local! {
 pub struct RestoreReport {
     pub files: Vec<(PathBuf, u64)>,
     pub bytes: u64,
+    /// What could not be restored as stored (a device node without root,
+    /// extended attributes the file system refuses), one line each.
+    pub warnings: Vec<String>,
 }
 
 /// The root-level file `name` of `snap`, and its node index.
@@ -64,6 +70,117 @@ pub fn restore(
     force: bool,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
+    let opts = RestoreOptions {
+        force,
+        ..RestoreOptions::default()
+    };
+    restore_with(repo, snap, path, dest, &opts, progress)
+}
+
+/// Restores `snap` as [`restore`] does, with `opts`: a format 3 snapshot's
+/// whole tree, or the file or subtree at `path` (`a/b/c`).
+///
+/// # Errors
+/// As [`restore`]; [`Error::NoSuchPath`].
+pub fn restore_with(
+    repo: &Repo,
+    snap: &Snapshot,
+    path: Option<&str>,
+    dest: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    if snap.format < 3 {
+        return restore_flat(repo, snap, path, dest, opts.force, progress);
+    }
+    let record = repo.load_record(snap.id)?;
+    let id = snap.id.to_string();
+    let Some(p) = path else {
+        refuse_nonempty(dest, opts.force)?;
+        let entries = tree::children(repo, &record.root)?;
+        return tree::restore_entries(repo, &id, entries, dest, opts, progress);
+    };
+    let e = crate::tree3::resolve(repo, &record.root, p)?.ok_or_else(|| Error::NoSuchPath {
+        path: p.to_string(),
+        snapshot: id.clone(),
+    })?;
+    match &e.payload {
+        crate::format::v3::node::Payload::File(_) => {
+            let target = if dest.is_dir() {
+                dest.join(String::from_utf8_lossy(&e.name).as_ref())
+            } else {
+                dest.to_path_buf()
+            };
+            if target.exists() && !opts.force {
+                return Err(Error::InvalidInput(format!(
+                    "{} exists; pass --force to overwrite it",
+                    target.display()
+                )));
+            }
+            let Some(node) = crate::tree3::node_of(&e, ROOT) else {
+                return Err(Error::Internal("no node".into()));
+            };
+            let NodeKind::File(f) = &node.kind else {
+                return Err(Error::Internal("not a file".into()));
+            };
+            progress.start(&String::from_utf8_lossy(&e.name), f.size);
+            let reader = VersionReader::open(repo, f, &format!("snapshot {id} file {p}"))?;
+            restore_file(repo, &reader, &target, progress)?;
+            set_meta(&target, &node)?;
+            Ok(RestoreReport {
+                files: vec![(target, f.size)],
+                bytes: f.size,
+                warnings: Vec::new(),
+            })
+        }
+        crate::format::v3::node::Payload::Dir(list) if !dest.is_dir() => {
+            let entries = tree::children(repo, list)?;
+            tree::restore_entries(repo, &id, entries, dest, opts, progress)
+        }
+        _ => tree::restore_entries(repo, &id, vec![e.clone()], dest, opts, progress),
+    }
+}
+
+/// Refuses a destination directory that exists and is not empty, unless
+/// `force`.
+fn refuse_nonempty(dest: &Path, force: bool) -> Result<()> {
+    if dest.exists()
+        && !force
+        && std::fs::read_dir(dest)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(Error::InvalidInput(format!(
+            "{} exists; restore into a new or empty directory, or pass --force",
+            dest.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Mode and mtime of a restored root-level file.
+fn set_meta(target: &Path, node: &Node) -> Result<()> {
+    let file = File::options().write(true).open(target).at(target)?;
+    let mt = libc::timespec {
+        tv_sec: node.mtime_ns.div_euclid(1_000_000_000) as libc::time_t,
+        tv_nsec: node.mtime_ns.rem_euclid(1_000_000_000) as _,
+    };
+    let times = [mt, mt];
+    // SAFETY: valid fd and a two-element timespec array.
+    unsafe { libc::futimens(std::os::unix::io::AsRawFd::as_raw_fd(&file), times.as_ptr()) };
+    let _ = std::fs::set_permissions(target, std::fs::Permissions::from_mode(node.mode & 0o7777));
+    Ok(())
+}
+
+/// Format 2: root-level files only.
+fn restore_flat(
+    repo: &Repo,
+    snap: &Snapshot,
+    path: Option<&str>,
+    dest: &Path,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
     let mut jobs = Vec::new();
     match path {
         Some(p) => {
@@ -76,17 +193,7 @@ pub fn restore(
             jobs.push((i, node, target));
         }
         None => {
-            if dest.exists()
-                && !force
-                && std::fs::read_dir(dest)
-                    .map(|mut d| d.next().is_some())
-                    .unwrap_or(true)
-            {
-                return Err(Error::InvalidInput(format!(
-                    "{} exists; restore into a new or empty directory, or pass --force",
-                    dest.display()
-                )));
-            }
+            refuse_nonempty(dest, force)?;
             std::fs::create_dir_all(dest).at(dest)?;
             for (i, n) in snap.nodes.iter().enumerate() {
                 if n.parent == ROOT && matches!(n.kind, NodeKind::File(_)) {
@@ -107,6 +214,7 @@ pub fn restore(
     let mut report = RestoreReport {
         files: Vec::new(),
         bytes: 0,
+        warnings: Vec::new(),
     };
     for (i, node, target) in jobs {
         let NodeKind::File(f) = &node.kind else {
@@ -116,16 +224,7 @@ pub fn restore(
         progress.start(&name, f.size);
         let reader = VersionReader::open_node(repo, snap, i)?;
         restore_file(repo, &reader, &target, progress)?;
-        let file = File::options().write(true).open(&target).at(&target)?;
-        let mt = libc::timespec {
-            tv_sec: node.mtime_ns.div_euclid(1_000_000_000) as libc::time_t,
-            tv_nsec: node.mtime_ns.rem_euclid(1_000_000_000) as _,
-        };
-        let times = [mt, mt];
-        // SAFETY: valid fd and a two-element timespec array.
-        unsafe { libc::futimens(std::os::unix::io::AsRawFd::as_raw_fd(&file), times.as_ptr()) };
-        let _ =
-            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(node.mode & 0o7777));
+        set_meta(&target, node)?;
         report.bytes += f.size;
         report.files.push((target, f.size));
     }

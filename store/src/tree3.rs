@@ -62,39 +62,45 @@ fn flatten(repo: &Repo, list: &List<Entry>, parent: u32, nodes: &mut Vec<Node>) 
     })?;
     for e in entries {
         let index = nodes.len() as u32;
-        let (kind, children) = match e.payload {
-            Payload::File(d) => (
-                NodeKind::File(FileVersion {
-                    size: d.size,
-                    hash: d.hash,
-                    map: MapId(0),
-                    dev: e.dev,
-                    ino: e.ino,
-                    ctime_ns: e.ctime_ns,
-                    flags: e.flags,
-                    data: Some(Arc::new(d)),
-                }),
-                None,
-            ),
-            Payload::Dir(children) => (NodeKind::Dir, Some(children)),
-            Payload::Symlink(t) => (NodeKind::Symlink(t), None),
-            // Stage 1 writes none of these; they come with directories.
-            _ => continue,
+        let Some(node) = node_of(&e, parent) else {
+            continue;
         };
-        nodes.push(Node {
-            parent,
-            name: e.name,
-            mode: e.mode,
-            uid: e.uid,
-            gid: e.gid,
-            mtime_ns: e.mtime_ns,
-            kind,
-        });
-        if let Some(c) = children {
-            flatten(repo, &c, index, nodes)?;
+        nodes.push(node);
+        if let Payload::Dir(c) = &e.payload {
+            flatten(repo, c, index, nodes)?;
         }
     }
     Ok(())
+}
+
+/// The node of an entry, under `parent` (a directory's children left
+/// aside).
+pub(crate) fn node_of(e: &Entry, parent: u32) -> Option<Node> {
+    let kind = match &e.payload {
+        Payload::File(d) => NodeKind::File(FileVersion {
+            size: d.size,
+            hash: d.hash,
+            map: MapId(0),
+            dev: e.dev,
+            ino: e.ino,
+            ctime_ns: e.ctime_ns,
+            flags: e.flags,
+            data: Some(Arc::new(d.clone())),
+        }),
+        Payload::Dir(_) => NodeKind::Dir,
+        Payload::Symlink(t) => NodeKind::Symlink(t.clone()),
+        Payload::CharDevice(r) | Payload::BlockDevice(r) => NodeKind::Special(*r),
+        Payload::Fifo | Payload::Socket => NodeKind::Special(0),
+    };
+    Some(Node {
+        parent,
+        name: e.name.clone(),
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        mtime_ns: e.mtime_ns,
+        kind,
+    })
 }
 
 /// Every record of `list`, in order.
@@ -252,6 +258,18 @@ pub(crate) fn entry_of(n: &Node) -> Result<Entry> {
         }
         NodeKind::Dir => (Payload::Dir(List::default()), 0, 0, 0, 0),
         NodeKind::Symlink(t) => (Payload::Symlink(t.clone()), 0, 0, 0, 0),
+        NodeKind::Special(r) => (
+            match n.mode & libc::S_IFMT {
+                libc::S_IFCHR => Payload::CharDevice(*r),
+                libc::S_IFBLK => Payload::BlockDevice(*r),
+                libc::S_IFIFO => Payload::Fifo,
+                _ => Payload::Socket,
+            },
+            0,
+            0,
+            0,
+            0,
+        ),
     };
     Ok(Entry {
         name: n.name.clone(),
@@ -273,17 +291,17 @@ pub(crate) fn entry_of(n: &Node) -> Result<Entry> {
     })
 }
 
-/// Writes the root list of a snapshot whose nodes are all at its root.
+/// Writes the root list of a snapshot: the root-level `nodes` (files,
+/// streams) and the `entries` of directory sources, whose trees are written.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for nested nodes (stage 1 writes none);
-/// [`Error::Io`].
+/// [`Error::Internal`] for a nested node; [`Error::Io`].
 pub(crate) fn write_root(
     repo: &Repo,
     meta: &mut MetaWriter,
     nodes: &[Node],
+    mut entries: Vec<Entry>,
 ) -> Result<List<Entry>> {
-    let mut entries = Vec::with_capacity(nodes.len());
     for n in nodes {
         if n.parent != ROOT {
             return Err(Error::Internal(
@@ -354,4 +372,95 @@ pub(crate) fn know_pages<T: crate::format::v3::Record>(
     meta: &mut MetaWriter,
 ) -> Result<()> {
     list_pages(repo, list, &mut |r| meta.know(r))
+}
+
+/// Calls `f` with every entry of the tree under `list`, depth first in name
+/// order, with its index in that order (the index of its node in
+/// [`snapshot_of`]'s flattened snapshot).
+///
+/// # Errors
+/// As [`read_list`], and what `f` returns.
+pub(crate) fn visit(
+    repo: &Repo,
+    list: &List<Entry>,
+    f: &mut dyn FnMut(usize, &Entry) -> Result<()>,
+) -> Result<()> {
+    fn go(
+        repo: &Repo,
+        list: &List<Entry>,
+        next: &mut usize,
+        f: &mut dyn FnMut(usize, &Entry) -> Result<()>,
+    ) -> Result<()> {
+        for e in read_list(repo, list)? {
+            let i = *next;
+            *next += 1;
+            f(i, &e)?;
+            if let Payload::Dir(c) = &e.payload {
+                go(repo, c, next, f)?;
+            }
+        }
+        Ok(())
+    }
+    go(repo, list, &mut 0, f)
+}
+
+/// Writes the tree under `list` again with every file's data passed
+/// through `f` (given the index [`visit`] gives it); a list whose entries
+/// come out the same is written as the same pages, which `meta` knows.
+///
+/// # Errors
+/// As [`read_list`] and [`write_list`], and what `f` returns.
+pub(crate) fn rewrite(
+    repo: &Repo,
+    meta: &mut MetaWriter,
+    list: &List<Entry>,
+    f: &mut dyn FnMut(usize, &mut FileData, &mut MetaWriter) -> Result<()>,
+) -> Result<List<Entry>> {
+    fn go(
+        repo: &Repo,
+        meta: &mut MetaWriter,
+        list: &List<Entry>,
+        next: &mut usize,
+        f: &mut dyn FnMut(usize, &mut FileData, &mut MetaWriter) -> Result<()>,
+    ) -> Result<List<Entry>> {
+        let mut out = Vec::new();
+        for mut e in read_list(repo, list)? {
+            let i = *next;
+            *next += 1;
+            match &mut e.payload {
+                Payload::File(d) => f(i, d, meta)?,
+                Payload::Dir(c) => *c = go(repo, meta, c, next, f)?,
+                _ => {}
+            }
+            out.push(e);
+        }
+        write_list(repo, meta, out)
+    }
+    go(repo, meta, list, &mut 0, f)
+}
+
+/// The entry at `path` (`a/b/c`, relative to the snapshot's root), read
+/// one list lookup per component.
+///
+/// # Errors
+/// As [`ListReader::lookup`].
+pub(crate) fn resolve(repo: &Repo, root: &List<Entry>, path: &str) -> Result<Option<Entry>> {
+    let mut list = root.clone();
+    let mut found = None;
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if let Some(Entry {
+            payload: Payload::Dir(l),
+            ..
+        }) = &found
+        {
+            list = l.clone();
+        } else if found.is_some() {
+            return Ok(None);
+        }
+        match ListReader::new(repo.cache()).lookup(&list, part.as_bytes())? {
+            Some(e) => found = Some(e),
+            None => return Ok(None),
+        }
+    }
+    Ok(found)
 }

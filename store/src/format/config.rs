@@ -38,7 +38,7 @@ impl Default for Config {
             frame_size: 32 * 1024,
             zstd_level: 1,
             pack_target: 64 << 20,
-            format: 2,
+            format: 3,
         }
     }
 }

@@ -76,7 +76,10 @@ pub struct Entry {
 /// Entry flags.
 pub const ENTRY_CHANGED_WHILE_READ: u32 = 1;
 pub const ENTRY_HASH_SIZE_LAST: u32 = 2;
-const ENTRY_FLAGS: u32 = ENTRY_CHANGED_WHILE_READ | ENTRY_HASH_SIZE_LAST;
+/// The file was modified within a timestamp tick of its reading: the next
+/// backup reads it again even if its size and times look unchanged.
+pub const ENTRY_RACY: u32 = 4;
+const ENTRY_FLAGS: u32 = ENTRY_CHANGED_WHILE_READ | ENTRY_HASH_SIZE_LAST | ENTRY_RACY;
 
 fn valid_name(n: &[u8]) -> bool {
     !n.is_empty()

@@ -1,0 +1,887 @@
+//! Backup of a whole directory tree (format 3).
+//!
+//! A walker thread goes through the tree depth first, names in byte order,
+//! by file descriptor and single name (`openat` with `O_NOFOLLOW`), and
+//! sends the writer a stream of [`Task`]s: a directory starts, a node whose
+//! entry is complete (a symlink, a device, a file unchanged since the
+//! previous snapshot), a file to read, a directory ends. The writer reads,
+//! diffs and compresses the files of a window of tasks on the pool (many
+//! small files in flight at once, across directories), then applies the
+//! tasks in order: file data into the pack, entries into their directory,
+//! and at a directory's end its entry list into the meta pack. Memory is
+//! the open directories' entries and the window, whatever the tree's size.
+//!
+//! Change detection reads nothing: a file is unchanged when its size,
+//! mtime, ctime and inode equal those of the previous snapshot's entry at
+//! the same path (never the device number: btrfs and ZFS snapshots get a
+//! new one every time); `--ignore-ctime`, `--ignore-inode` relax it and
+//! `--checksum` reads everything. A file modified less than [`RACY_NS`]
+//! before it was read could change again within the same timestamp, so its
+//! entry is flagged and the next backup reads it again (git's "racy" rule).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::{BackupOptions, FileState, Input, Progress, Writer};
+use crate::delta::signature::FileHasher;
+use crate::delta::SigView;
+use crate::error::{Error, Result};
+use crate::exclude::{Matcher, CACHEDIR_SIGNATURE};
+use crate::format::v3::node::{
+    Entry, FileData, Payload, ENTRY_CHANGED_WHILE_READ, ENTRY_HASH_SIZE_LAST, ENTRY_RACY,
+};
+use crate::format::v3::List;
+use crate::map::FileMap;
+use crate::pipeline::{data_ranges, ChunkCtx, ChunkOut, FileFeed};
+use crate::repo::Repo;
+use crate::source::{self, Owners, Stat, XattrSource};
+
+/// A file whose mtime is this close to the moment it was read is read
+/// again by the next backup: a change within the same timestamp tick would
+/// leave its size and times as they were. Two seconds covers the coarsest
+/// timestamps dsync meets (FAT's); the kernel's own tick is a few ms.
+pub(crate) const RACY_NS: i64 = 2_000_000_000;
+
+/// How often a small file that changes while it is read is read again
+/// before it is stored as read and flagged.
+const RETRIES: usize = 2;
+
+/// Files in flight on the pool at once, per thread.
+const WINDOW_FILES: usize = 32;
+/// Bytes in flight on the pool at once.
+const WINDOW_BYTES: u64 = 64 << 20;
+
+/// Tasks queued between the walker and the writer.
+const QUEUE: usize = 4096;
+
+/// What a tree backup saw: counts for the snapshot record and the
+/// warnings to show.
+#[derive(Clone, Debug, Default)]
+pub struct TreeStats {
+    pub files: u64,
+    pub dirs: u64,
+    /// The sum of the files' sizes.
+    pub bytes: u64,
+    /// Nodes kept with an error, and files that vanished.
+    pub errors: u64,
+    /// Files read (not reused); bytes read.
+    pub files_read: u64,
+    pub bytes_read: u64,
+    /// Files stored as read though they changed while read.
+    pub changed: u64,
+    /// One line each: what was skipped or kept incomplete, and why.
+    pub warnings: Vec<String>,
+}
+
+impl TreeStats {
+    pub fn add(&mut self, o: TreeStats) {
+        self.files += o.files;
+        self.dirs += o.dirs;
+        self.bytes += o.bytes;
+        self.errors += o.errors;
+        self.files_read += o.files_read;
+        self.bytes_read += o.bytes_read;
+        self.changed += o.changed;
+        self.warnings.extend(o.warnings);
+    }
+}
+
+/// What the walker sends the writer, in depth-first order.
+enum Task {
+    /// A directory's entries follow, up to its [`Task::Leave`].
+    Enter,
+    /// The directory's own entry (its list is what came since `Enter`), and
+    /// the previous snapshot's list of it, whose pages may be reused.
+    Leave(Entry, Option<List<Entry>>),
+    /// An entry that needs nothing more.
+    Done(Entry),
+    /// A regular file to read.
+    Read(Box<ReadJob>),
+    /// A hard link to a file earlier in this snapshot (same link group).
+    Link(Entry, PathBuf),
+    /// Something was left out or kept incomplete: a warning, counted as an
+    /// error (the snapshot is incomplete).
+    Skipped(String),
+    /// A warning that leaves the snapshot complete.
+    Note(String),
+    /// The walk failed as a whole (the writer stops with this error).
+    Failed(Error),
+}
+
+/// A regular file to read, diff and store.
+struct ReadJob {
+    dir: Arc<OwnedFd>,
+    name: Vec<u8>,
+    path: PathBuf,
+    /// Metadata from the walk; the payload is filled in by the writer.
+    entry: Entry,
+    size: u64,
+    /// The previous version at this path, the delta's basis.
+    prev: Option<FileData>,
+}
+
+/// Backs up the directory `path` as the entry `name` of the snapshot's
+/// root, with `prev` the previous snapshot's entry of that name.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when `path` cannot be opened or a pattern is
+/// bad; [`Error::SourceChanged`] under `--on-change fail`; [`Error::Io`]
+/// writing the repository. A node that vanishes or cannot be read is not an
+/// error: it is counted and warned about in the [`TreeStats`].
+pub(super) fn backup_dir(
+    w: &mut Writer<'_>,
+    path: &Path,
+    name: Vec<u8>,
+    prev: Option<&Entry>,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<(Entry, TreeStats)> {
+    let matcher = opts.excludes.matcher()?;
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let fd = source::open_dir(None, bytes)
+        .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", path.display())))?;
+    let st = source::stat_fd(fd.as_fd())
+        .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", path.display())))?;
+    let prev_list = match prev.map(|e| &e.payload) {
+        Some(Payload::Dir(l)) => Some(l.clone()),
+        _ => None,
+    };
+    let (tx, rx) = sync_channel(QUEUE);
+    let repo = w.repo;
+    std::thread::scope(|s| {
+        let walker = s.spawn(|| {
+            let mut wk = Walker {
+                repo,
+                opts,
+                matcher: &matcher,
+                owners: Owners::default(),
+                links: HashMap::new(),
+                root_dev: st.dev,
+                tx,
+            };
+            wk.source(fd, st, path, name, prev_list);
+        });
+        let r = Store::new(w, opts, progress).run(rx);
+        // A writer that failed drops the receiver: the walker's next send
+        // fails and it stops.
+        let _ = walker.join();
+        r
+    })
+}
+
+struct Walker<'a> {
+    repo: &'a Repo,
+    opts: &'a BackupOptions,
+    matcher: &'a Matcher,
+    owners: Owners,
+    /// (dev, ino) of files with several links → (link group, first path).
+    links: HashMap<(u64, u64), (u64, PathBuf)>,
+    root_dev: u64,
+    tx: SyncSender<Task>,
+}
+
+/// The walker stops: the writer has gone.
+struct Gone;
+
+impl Walker<'_> {
+    fn send(&self, t: Task) -> std::result::Result<(), Gone> {
+        self.tx.send(t).map_err(|_| Gone)
+    }
+
+    fn source(
+        &mut self,
+        fd: OwnedFd,
+        st: Stat,
+        path: &Path,
+        name: Vec<u8>,
+        prev: Option<List<Entry>>,
+    ) {
+        let r = (|| -> std::result::Result<(), Gone> {
+            let mut entry = self.entry(name, &st);
+            let names = match source::read_names(fd.as_fd()) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = self.send(Task::Failed(Error::InvalidInput(format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    ))));
+                    return Err(Gone);
+                }
+            };
+            entry.xattrs = self.xattrs(XattrSource::Fd(fd.as_fd()), path);
+            self.send(Task::Enter)?;
+            self.walk(Arc::new(fd), path, names, prev.as_ref())?;
+            self.send(Task::Leave(entry, prev))
+        })();
+        let _ = r;
+    }
+
+    /// An entry with `st`'s metadata and an empty payload of its kind.
+    fn entry(&mut self, name: Vec<u8>, st: &Stat) -> Entry {
+        let payload = match st.file_type() {
+            libc::S_IFDIR => Payload::Dir(List::default()),
+            libc::S_IFLNK => Payload::Symlink(Vec::new()),
+            libc::S_IFCHR => Payload::CharDevice(st.rdev),
+            libc::S_IFBLK => Payload::BlockDevice(st.rdev),
+            libc::S_IFIFO => Payload::Fifo,
+            libc::S_IFSOCK => Payload::Socket,
+            _ => Payload::File(empty_file(self.repo)),
+        };
+        Entry {
+            name,
+            mode: st.mode,
+            uid: st.uid,
+            gid: st.gid,
+            user: self.owners.user(st.uid),
+            group: self.owners.group(st.gid),
+            mtime_ns: st.mtime_ns,
+            ctime_ns: st.ctime_ns,
+            dev: st.dev,
+            ino: st.ino,
+            nlink: st.nlink,
+            link_group: 0,
+            xattrs: Vec::new(),
+            error: String::new(),
+            flags: 0,
+            payload,
+        }
+    }
+
+    /// A node's extended attributes; on failure none, with a warning.
+    fn xattrs(&self, src: XattrSource<'_>, path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+        source::xattrs(src).unwrap_or_else(|e| {
+            let _ = self.send(Task::Note(format!(
+                "{}: extended attributes not kept: {e}",
+                path.display()
+            )));
+            Vec::new()
+        })
+    }
+
+    /// Sends the tasks of a directory's entries (names as read from it).
+    fn walk(
+        &mut self,
+        dir: Arc<OwnedFd>,
+        path: &Path,
+        mut names: Vec<(Vec<u8>, u64)>,
+        prev: Option<&List<Entry>>,
+    ) -> std::result::Result<(), Gone> {
+        names.sort_unstable();
+        let prev_entries = match prev {
+            Some(l) => crate::tree3::read_list(self.repo, l).unwrap_or_else(|e| {
+                let _ = self.send(Task::Note(format!(
+                    "{}: previous snapshot's listing unreadable, every file is read again: {e}",
+                    path.display()
+                )));
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        let find = |n: &[u8]| {
+            prev_entries
+                .binary_search_by(|e| e.name.as_slice().cmp(n))
+                .ok()
+                .map(|i| &prev_entries[i])
+        };
+        for (name, _) in names {
+            let child =
+                path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name));
+            let st = match source::stat_at(dir.as_fd(), &name) {
+                Ok(st) => st,
+                Err(e) => {
+                    self.skipped(&child, &e)?;
+                    continue;
+                }
+            };
+            if self.matcher.excluded(&child, st.is_dir()) {
+                continue;
+            }
+            let mut entry = self.entry(name.clone(), &st);
+            let before = find(&name);
+            match st.file_type() {
+                libc::S_IFDIR => self.dir(&dir, &child, entry, &st, before)?,
+                libc::S_IFREG => {
+                    if self.matcher.too_large(st.size) {
+                        continue;
+                    }
+                    if st.nlink > 1 {
+                        let key = (st.dev, st.ino);
+                        let next = self.links.len() as u64 + 1;
+                        match self.links.get(&key) {
+                            Some((g, first)) => {
+                                entry.link_group = *g;
+                                let first = first.clone();
+                                self.send(Task::Link(entry, first))?;
+                                continue;
+                            }
+                            None => {
+                                self.links.insert(key, (next, child.clone()));
+                                entry.link_group = next;
+                            }
+                        }
+                    }
+                    let prev_data = match before.map(|b| &b.payload) {
+                        Some(Payload::File(d)) => Some(d),
+                        _ => None,
+                    };
+                    if let (Some(b), Some(d)) = (before, prev_data) {
+                        if self.unchanged(b, &st) {
+                            entry.xattrs = b.xattrs.clone();
+                            entry.flags = b.flags & ENTRY_HASH_SIZE_LAST;
+                            entry.payload = Payload::File(d.clone());
+                            self.send(Task::Done(entry))?;
+                            continue;
+                        }
+                    }
+                    self.send(Task::Read(Box::new(ReadJob {
+                        dir: dir.clone(),
+                        name,
+                        path: child,
+                        entry,
+                        size: st.size,
+                        prev: prev_data.cloned(),
+                    })))?;
+                }
+                libc::S_IFLNK => {
+                    match source::read_link(dir.as_fd(), &name) {
+                        Ok(t) => entry.payload = Payload::Symlink(t),
+                        Err(e) => {
+                            self.skipped(&child, &e)?;
+                            continue;
+                        }
+                    }
+                    entry.xattrs = self.xattrs(XattrSource::Path(&child), &child);
+                    self.send(Task::Done(entry))?;
+                }
+                _ => {
+                    entry.xattrs = self.xattrs(XattrSource::Path(&child), &child);
+                    self.send(Task::Done(entry))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A subdirectory: its tasks, between `Enter` and `Leave`, unless it is
+    /// excluded by a tag; an empty directory if it is on another file
+    /// system under `-x` or cannot be read.
+    fn dir(
+        &mut self,
+        parent: &Arc<OwnedFd>,
+        path: &Path,
+        mut entry: Entry,
+        st: &Stat,
+        before: Option<&Entry>,
+    ) -> std::result::Result<(), Gone> {
+        if self.matcher.rules.one_file_system && st.dev != self.root_dev {
+            return self.send(Task::Done(entry));
+        }
+        let name = entry.name.clone();
+        let opened = source::open_dir(Some(parent.as_fd()), &name)
+            .and_then(|fd| source::read_names(fd.as_fd()).map(|n| (fd, n)));
+        let (fd, names) = match opened {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.skipped(path, &e),
+            Err(e) => {
+                // Kept, empty, with its error (counted when applied).
+                entry.error = e.to_string();
+                self.send(Task::Note(format!(
+                    "{}: directory not read: {e}",
+                    path.display()
+                )))?;
+                return self.send(Task::Done(entry));
+            }
+        };
+        let tag = || {
+            let mut buf = [0u8; CACHEDIR_SIGNATURE.len()];
+            source::open_file(fd.as_fd(), b"CACHEDIR.TAG")
+                .and_then(|f| std::io::Read::read_exact(&mut &f, &mut buf))
+                .is_ok_and(|()| buf == CACHEDIR_SIGNATURE)
+        };
+        if self.matcher.tagged(&names, tag) {
+            return Ok(());
+        }
+        entry.xattrs = self.xattrs(XattrSource::Fd(fd.as_fd()), path);
+        let prev = match before.map(|b| &b.payload) {
+            Some(Payload::Dir(l)) => Some(l.clone()),
+            _ => None,
+        };
+        self.send(Task::Enter)?;
+        self.walk(Arc::new(fd), path, names, prev.as_ref())?;
+        self.send(Task::Leave(entry, prev))
+    }
+
+    fn skipped(&self, path: &Path, e: &std::io::Error) -> std::result::Result<(), Gone> {
+        let why = if e.kind() == std::io::ErrorKind::NotFound {
+            "vanished".to_string()
+        } else {
+            e.to_string()
+        };
+        self.send(Task::Skipped(format!("{}: skipped: {why}", path.display())))
+    }
+
+    /// Whether a file can take the previous snapshot's version unread.
+    fn unchanged(&self, prev: &Entry, st: &Stat) -> bool {
+        let o = self.opts;
+        !o.checksum
+            && prev.error.is_empty()
+            && prev.flags & (ENTRY_CHANGED_WHILE_READ | ENTRY_RACY) == 0
+            && prev.flags & ENTRY_HASH_SIZE_LAST != 0
+            && prev.mode & libc::S_IFMT == libc::S_IFREG
+            && matches!(&prev.payload, Payload::File(d) if d.size == st.size)
+            && prev.mtime_ns == st.mtime_ns
+            && (o.ignore_ctime || prev.ctime_ns == st.ctime_ns)
+            && (o.ignore_inode || prev.ino == st.ino)
+    }
+}
+
+/// The data of an empty file (also what a file that could not be read
+/// holds, beside its error).
+fn empty_file(repo: &Repo) -> FileData {
+    let cfg = repo.config();
+    FileData {
+        size: 0,
+        hash: FileHasher::new(cfg.block_size).finish(0),
+        block_size: cfg.block_size,
+        page_entries: cfg.page_entries,
+        extents: List::default(),
+        sigs: List::default(),
+    }
+}
+
+/// A file after the parallel stage.
+enum ReadOut {
+    Read {
+        entry: Entry,
+        size: u64,
+        chunk: Option<ChunkOut>,
+        changed: Option<String>,
+    },
+    /// Gone before it could be opened.
+    Vanished(String),
+    /// Kept with its error and no data.
+    Failed(Entry, String),
+}
+
+/// The writer's side: applies tasks in order.
+struct Store<'w, 'r> {
+    w: &'w mut Writer<'r>,
+    opts: &'w BackupOptions,
+    progress: &'w dyn Progress,
+    /// Entries of the directories being written, innermost last.
+    stack: Vec<Vec<Entry>>,
+    /// Link group → the data of its first file.
+    groups: HashMap<u64, FileData>,
+    /// Small files stored by this backup, by (hash, size): an identical
+    /// file is stored once.
+    same: lru::LruCache<([u8; 32], u64), FileData>,
+    stats: TreeStats,
+    done: Option<Entry>,
+}
+
+impl<'w, 'r> Store<'w, 'r> {
+    fn new(w: &'w mut Writer<'r>, opts: &'w BackupOptions, progress: &'w dyn Progress) -> Self {
+        Store {
+            w,
+            opts,
+            progress,
+            stack: Vec::new(),
+            groups: HashMap::new(),
+            same: lru::LruCache::new(
+                std::num::NonZeroUsize::new(1 << 16).unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
+            stats: TreeStats::default(),
+            done: None,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Task>) -> Result<(Entry, TreeStats)> {
+        let chunk = self.w.chunk_size(self.opts);
+        let max_files = rayon::current_num_threads() * WINDOW_FILES;
+        let mut window: Vec<Task> = Vec::new();
+        let (mut files, mut bytes) = (0, 0);
+        for t in rx {
+            match t {
+                Task::Read(j) if j.size > chunk => {
+                    self.flush(&mut window)?;
+                    (files, bytes) = (0, 0);
+                    self.big(*j)?;
+                }
+                Task::Read(j) => {
+                    files += 1;
+                    bytes += j.size;
+                    window.push(Task::Read(j));
+                    if files >= max_files || bytes >= WINDOW_BYTES {
+                        self.flush(&mut window)?;
+                        (files, bytes) = (0, 0);
+                    }
+                }
+                Task::Failed(e) => return Err(e),
+                t if window.is_empty() => self.apply(t, None)?,
+                t => window.push(t),
+            }
+        }
+        self.flush(&mut window)?;
+        let root = self
+            .done
+            .take()
+            .ok_or_else(|| Error::Internal("the walk ended early".into()))?;
+        Ok((root, self.stats))
+    }
+
+    /// Reads the window's files on the pool, then applies its tasks in order.
+    fn flush(&mut self, window: &mut Vec<Task>) -> Result<()> {
+        if window.is_empty() {
+            return Ok(());
+        }
+        let cfg = self.w.repo.config().clone();
+        let buffers = std::mem::take(&mut self.w.buffers);
+        let chunk_size = self.w.chunk_size(self.opts);
+        let repo = self.w.repo;
+        let opts = self.opts;
+        type Out = (ReadOut, Option<(FileMap, SigView)>);
+        let outs: Vec<Option<Result<Out>>> = window
+            .par_iter()
+            .map(|t| match t {
+                Task::Read(j) => {
+                    let prev = j.prev.as_ref().and_then(|d| basis(repo, d));
+                    let ctx = ChunkCtx {
+                        cfg: &cfg,
+                        prev: prev.as_ref().map(|(_, s)| s),
+                        buffers: &buffers,
+                        chunk_size,
+                    };
+                    let out = read_small(j, &ctx, opts);
+                    Some(out.map(|o| (o, prev)))
+                }
+                _ => None,
+            })
+            .collect();
+        self.w.buffers = buffers;
+        for (t, out) in window.drain(..).zip(outs) {
+            self.apply(t, out.transpose()?)?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, e: Entry) -> Result<()> {
+        match &e.payload {
+            Payload::File(d) => {
+                self.stats.files += 1;
+                self.stats.bytes += d.size;
+            }
+            Payload::Dir(_) => self.stats.dirs += 1,
+            _ => {}
+        }
+        if !e.error.is_empty() {
+            self.stats.errors += 1;
+        }
+        match self.stack.last_mut() {
+            Some(v) => v.push(e),
+            None => self.done = Some(e),
+        }
+        Ok(())
+    }
+
+    fn warn(&mut self, s: String) {
+        self.stats.errors += 1;
+        self.stats.warnings.push(s);
+    }
+
+    fn apply(&mut self, t: Task, out: Option<(ReadOut, Option<(FileMap, SigView)>)>) -> Result<()> {
+        match t {
+            Task::Enter => self.stack.push(Vec::new()),
+            Task::Leave(mut e, prev) => {
+                let children = self
+                    .stack
+                    .pop()
+                    .ok_or_else(|| Error::Internal("a directory ended twice".into()))?;
+                let repo = self.w.repo;
+                let meta = self.w.meta3()?;
+                if let Some(p) = &prev {
+                    crate::tree3::know_pages(repo, p, meta)?;
+                }
+                let list = crate::tree3::write_list(repo, meta, children)?;
+                e.payload = Payload::Dir(list);
+                self.push(e)?;
+            }
+            Task::Done(e) => self.push(e)?,
+            Task::Link(mut e, first) => match self.groups.get(&e.link_group) {
+                Some(d) => {
+                    e.payload = Payload::File(d.clone());
+                    e.flags = ENTRY_HASH_SIZE_LAST;
+                    self.push(e)?;
+                }
+                None => {
+                    e.error = format!("its hard link {} could not be read", first.display());
+                    self.push(e)?;
+                }
+            },
+            Task::Skipped(s) => self.warn(s),
+            Task::Note(s) => self.stats.warnings.push(s),
+            Task::Failed(e) => return Err(e),
+            Task::Read(j) => match out {
+                Some((o, prev)) => self.small(*j, o, prev)?,
+                None => return Err(Error::Internal("a file was not read".into())),
+            },
+        }
+        Ok(())
+    }
+
+    /// Stores a small file read on the pool.
+    fn small(&mut self, j: ReadJob, out: ReadOut, prev: Option<(FileMap, SigView)>) -> Result<()> {
+        let (mut entry, size, chunk, changed) = match out {
+            ReadOut::Vanished(s) => {
+                self.warn(s);
+                return Ok(());
+            }
+            ReadOut::Failed(mut e, why) => {
+                self.stats
+                    .warnings
+                    .push(format!("{}: not read: {why}", j.path.display()));
+                e.error = why;
+                return self.push(e);
+            }
+            ReadOut::Read {
+                entry,
+                size,
+                chunk,
+                changed,
+            } => (entry, size, chunk, changed),
+        };
+        let cfg = self.w.repo.config().clone();
+        self.progress.start(&j.path.display().to_string(), size);
+        self.stats.files_read += 1;
+        // An identical file stored earlier in this backup: share its data.
+        let hash = {
+            let mut h = FileHasher::new(cfg.block_size);
+            if let Some(c) = &chunk {
+                h.update(&c.digests);
+            }
+            h.finish(size)
+        };
+        if let Some(d) = self.same.get(&(hash, size)) {
+            entry.payload = Payload::File(d.clone());
+            if let Some(c) = chunk {
+                self.stats.bytes_read += c.read;
+                self.progress.advance(c.len);
+                self.w.buffers.give(c.compressed);
+            }
+            return self.finish_file(entry, changed);
+        }
+        let prev_ref = prev.as_ref().map(|(m, s)| (m, s));
+        if let Some(d) = &j.prev {
+            self.w.know_data(d)?;
+        }
+        let mut st = FileState::new(&cfg, prev_ref);
+        st.pager.no_sig = size < crate::tree3::SIG_MIN_SIZE;
+        if let Some(c) = &chunk {
+            self.w.store_chunk(c, prev_ref, &mut st)?;
+            self.progress.advance(c.len);
+        }
+        if let Some(c) = chunk {
+            self.w.buffers.give(c.compressed);
+        }
+        if let Some(page) = st.pager.flush() {
+            self.w.store_page(&page, &mut st.pager)?;
+        }
+        if st.pos != size {
+            return Err(Error::Internal(format!(
+                "map covers {} of {size} bytes",
+                st.pos
+            )));
+        }
+        self.stats.bytes_read += st.read;
+        let name = j.path.display().to_string();
+        let (v, _) = self
+            .w
+            .finish_version(&name, size, st, (0, 0, 0), None, prev_ref)?;
+        let d = v
+            .data
+            .map(|d| (*d).clone())
+            .ok_or_else(|| Error::Internal("a format 3 version without data".into()))?;
+        self.same.put((hash, size), d.clone());
+        entry.payload = Payload::File(d);
+        self.finish_file(entry, changed)
+    }
+
+    /// Flags, link group and counts of a stored file's entry.
+    fn finish_file(&mut self, mut entry: Entry, changed: Option<String>) -> Result<()> {
+        if let Some(what) = changed {
+            entry.flags |= ENTRY_CHANGED_WHILE_READ;
+            self.stats.changed += 1;
+            self.stats.warnings.push(format!(
+                "{}: changed while read ({what}), stored as read",
+                String::from_utf8_lossy(&entry.name)
+            ));
+        }
+        if entry.link_group != 0 {
+            if let Payload::File(d) = &entry.payload {
+                self.groups.insert(entry.link_group, d.clone());
+            }
+        }
+        self.push(entry)
+    }
+
+    /// Stores a file of more than one chunk, read in parallel chunks.
+    fn big(&mut self, j: ReadJob) -> Result<()> {
+        let file = match source::open_file(j.dir.as_fd(), &j.name) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.warn(format!("{}: skipped: vanished", j.path.display()));
+                return Ok(());
+            }
+            Err(e) => {
+                let mut entry = j.entry;
+                self.stats
+                    .warnings
+                    .push(format!("{}: not read: {e}", j.path.display()));
+                entry.error = e.to_string();
+                return self.push(entry);
+            }
+        };
+        let mut entry = j.entry;
+        let fresh = source::stat_fd(file.as_fd()).map_err(|e| Error::io(&j.path, e))?;
+        refresh(&mut entry, &fresh);
+        entry.xattrs = source::xattrs(XattrSource::Fd(file.as_fd())).unwrap_or_default();
+        let prev = j.prev.as_ref().and_then(|d| basis(self.w.repo, d));
+        if let Some(d) = &j.prev {
+            self.w.know_data(d)?;
+        }
+        let started = crate::time::now_ns();
+        let name = j.path.display().to_string();
+        self.progress.start(&name, fresh.size);
+        let prev_ref = prev.as_ref().map(|(m, s)| (m, s));
+        let (v, report) = self.w.file(
+            Input::Open(file, &j.path),
+            &name,
+            prev_ref,
+            self.opts,
+            self.progress,
+        )?;
+        self.stats.files_read += 1;
+        self.stats.bytes_read += report.bytes_read;
+        if entry.mtime_ns > started - RACY_NS {
+            entry.flags |= ENTRY_RACY;
+        }
+        entry.flags |= ENTRY_HASH_SIZE_LAST;
+        let d = v
+            .data
+            .map(|d| (*d).clone())
+            .ok_or_else(|| Error::Internal("a format 3 version without data".into()))?;
+        entry.payload = Payload::File(d);
+        self.finish_file(entry, report.changed_while_read)
+    }
+}
+
+/// A previous version's map and signature, to diff against; none when they
+/// cannot be read (the file is then stored whole).
+fn basis(repo: &Repo, d: &FileData) -> Option<(FileMap, SigView)> {
+    let map = crate::tree3::file_map(repo, d).ok()?;
+    let sig = crate::tree3::sig_view(repo, d).ok()?;
+    Some((map, sig))
+}
+
+/// The entry's metadata as an open file's `fstat` gives it.
+fn refresh(e: &mut Entry, st: &Stat) {
+    e.mode = st.mode;
+    e.uid = st.uid;
+    e.gid = st.gid;
+    e.mtime_ns = st.mtime_ns;
+    e.ctime_ns = st.ctime_ns;
+    e.ino = st.ino;
+    e.nlink = st.nlink;
+}
+
+/// Reads, diffs and compresses one small file (on a pool thread), again
+/// while it changes under the read, up to [`RETRIES`] times.
+fn read_small(j: &ReadJob, ctx: &ChunkCtx<'_>, opts: &BackupOptions) -> Result<ReadOut> {
+    let file = match source::open_file(j.dir.as_fd(), &j.name) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(ReadOut::Vanished(format!(
+                "{}: skipped: vanished",
+                j.path.display()
+            )))
+        }
+        Err(e) => return Ok(ReadOut::Failed(j.entry.clone(), e.to_string())),
+    };
+    let mut entry = j.entry.clone();
+    let mut attempt = 0;
+    loop {
+        let started = crate::time::now_ns();
+        let before = match source::stat_fd(file.as_fd()) {
+            Ok(s) => s,
+            Err(e) => return Ok(ReadOut::Failed(entry, e.to_string())),
+        };
+        if !before.is_file() {
+            return Ok(ReadOut::Failed(entry, "no longer a regular file".into()));
+        }
+        refresh(&mut entry, &before);
+        let size = before.size;
+        let chunk = match read_chunk(&file, &j.path, size, ctx) {
+            Ok(c) => c,
+            Err(Error::Io { source, .. }) => return Ok(ReadOut::Failed(entry, source.to_string())),
+            Err(e) => return Err(e),
+        };
+        let after = match source::stat_fd(file.as_fd()) {
+            Ok(s) => s,
+            Err(e) => return Ok(ReadOut::Failed(entry, e.to_string())),
+        };
+        let changed = if after.size != size {
+            Some(format!("size {size} -> {}", after.size))
+        } else if after.mtime_ns != before.mtime_ns {
+            Some("modification time changed".to_string())
+        } else if after.ctime_ns != before.ctime_ns {
+            Some("change time changed".to_string())
+        } else {
+            None
+        };
+        if changed.is_some() && attempt < RETRIES {
+            attempt += 1;
+            if let Some(c) = chunk {
+                ctx.buffers.give(c.compressed);
+            }
+            continue;
+        }
+        if let Some(detail) = &changed {
+            if !opts.accept_changed {
+                return Err(Error::SourceChanged {
+                    path: j.path.clone(),
+                    detail: detail.clone(),
+                });
+            }
+        }
+        entry.xattrs = source::xattrs(XattrSource::Fd(file.as_fd())).unwrap_or_default();
+        entry.flags = ENTRY_HASH_SIZE_LAST;
+        if before.mtime_ns > started - RACY_NS {
+            entry.flags |= ENTRY_RACY;
+        }
+        return Ok(ReadOut::Read {
+            entry,
+            size,
+            chunk,
+            changed,
+        });
+    }
+}
+
+fn read_chunk(file: &File, path: &Path, size: u64, ctx: &ChunkCtx<'_>) -> Result<Option<ChunkOut>> {
+    if size == 0 {
+        return Ok(None);
+    }
+    let data = data_ranges(file, size);
+    let feed = FileFeed {
+        file,
+        path,
+        size,
+        data: &data,
+    };
+    feed.chunk(ctx, 0, size).map(Some)
+}

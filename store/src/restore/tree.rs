@@ -1,0 +1,413 @@
+//! Restore of a format 3 tree: every node kind and attribute, hard links
+//! recreated, sparse files, one directory at a time (its files written in
+//! parallel), memory bounded by the depth and the widest directory.
+//!
+//! Everything under the destination is created relative to an open
+//! directory, one name at a time, with `O_NOFOLLOW`/`O_EXCL` opens and
+//! `*at` calls that do not follow a final symlink: names come from the
+//! snapshot (never `..` nor containing `/`, FORMAT.md), so neither a symlink
+//! in the snapshot nor one planted at the destination can make restore
+//! write outside it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+
+use super::{write_verified, RestoreReport};
+use crate::backup::Progress;
+use crate::error::{Error, IoContext, Result};
+use crate::format::snapshot::NodeKind;
+use crate::format::v3::node::{Entry, Payload};
+use crate::format::v3::List;
+use crate::read::VersionReader;
+use crate::repo::Repo;
+use crate::source::{self, Owners};
+
+/// How a restore treats what it writes.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Overwrite what exists at the destination.
+    pub force: bool,
+    /// Owners by stored uid/gid, not by user and group name.
+    pub numeric_ids: bool,
+}
+
+/// Restores `entries` (a snapshot's root list, or one directory entry)
+/// into the directory `dest`.
+pub(super) fn restore_entries(
+    repo: &Repo,
+    snap: &str,
+    entries: Vec<Entry>,
+    dest: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    std::fs::create_dir_all(dest).at(dest)?;
+    let fd = source::open_dir(None, dest.as_os_str().as_encoded_bytes()).at(dest)?;
+    let mut r = Restorer {
+        repo,
+        snap,
+        opts,
+        progress,
+        owners: Owners::default(),
+        root: rustix_is_root(),
+        dest: fd.try_clone().at(dest)?,
+        links: HashMap::new(),
+        report: RestoreReport {
+            files: Vec::new(),
+            bytes: 0,
+            warnings: Vec::new(),
+        },
+    };
+    r.entries(fd.as_fd(), dest, &[], entries)?;
+    Ok(r.report)
+}
+
+/// Reads a directory entry's list whole (one directory's worth).
+pub(super) fn children(repo: &Repo, list: &List<Entry>) -> Result<Vec<Entry>> {
+    crate::tree3::read_list(repo, list)
+}
+
+fn rustix_is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+struct Restorer<'a> {
+    repo: &'a Repo,
+    snap: &'a str,
+    opts: &'a RestoreOptions,
+    progress: &'a dyn Progress,
+    owners: Owners,
+    root: bool,
+    /// The destination directory, where link paths start.
+    dest: OwnedFd,
+    /// Link group → the first file's path, as names under the destination.
+    links: HashMap<u64, Vec<Vec<u8>>>,
+    report: RestoreReport,
+}
+
+impl Restorer<'_> {
+    /// Creates the nodes of one directory under `dir` (at `path`, the
+    /// names `rel` under the destination).
+    fn entries(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        path: &Path,
+        rel: &[Vec<u8>],
+        entries: Vec<Entry>,
+    ) -> Result<()> {
+        let mut files = Vec::new();
+        let mut later = Vec::new();
+        for e in entries {
+            let child =
+                path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&e.name));
+            match &e.payload {
+                Payload::File(_) if !e.error.is_empty() => self.report.warnings.push(format!(
+                    "{}: not restored: it could not be read when backed up ({})",
+                    child.display(),
+                    e.error
+                )),
+                Payload::File(_) if e.link_group != 0 && self.links.contains_key(&e.link_group) => {
+                    later.push(e)
+                }
+                Payload::File(_) => {
+                    if e.link_group != 0 {
+                        let mut p = rel.to_vec();
+                        p.push(e.name.clone());
+                        self.links.insert(e.link_group, p);
+                    }
+                    self.clear(dir, &e.name, &child, false)?;
+                    files.push((e, child));
+                }
+                Payload::Dir(list) => {
+                    let made = match rustix::fs::mkdirat(
+                        dir,
+                        e.name.as_slice(),
+                        Mode::from_raw_mode(0o700),
+                    ) {
+                        Err(rustix::io::Errno::EXIST) if self.opts.force => {
+                            self.clear(dir, &e.name, &child, true)?;
+                            Ok(())
+                        }
+                        r => r,
+                    };
+                    made.map_err(|err| Error::io(&child, err.into()))?;
+                    let fd = source::open_dir(Some(dir), &e.name).at(&child)?;
+                    let kids = children(self.repo, list)?;
+                    let mut rel2 = rel.to_vec();
+                    rel2.push(e.name.clone());
+                    self.entries(fd.as_fd(), &child, &rel2, kids)?;
+                    self.attrs(Some(fd.as_fd()), dir, &e, &child)?;
+                }
+                Payload::Symlink(target) => {
+                    self.clear(dir, &e.name, &child, false)?;
+                    rustix::fs::symlinkat(target.as_slice(), dir, e.name.as_slice())
+                        .map_err(|err| Error::io(&child, err.into()))?;
+                    self.attrs(None, dir, &e, &child)?;
+                }
+                Payload::CharDevice(rdev) | Payload::BlockDevice(rdev) => {
+                    self.special(dir, &e, &child, *rdev)?
+                }
+                Payload::Fifo | Payload::Socket => self.special(dir, &e, &child, 0)?,
+            }
+        }
+        self.files(dir, files)?;
+        for e in later {
+            let child =
+                path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&e.name));
+            self.clear(dir, &e.name, &child, false)?;
+            self.link(dir, &e, &child)?;
+        }
+        Ok(())
+    }
+
+    /// Makes room for `name` under `--force` (a directory that stays a
+    /// directory is kept; anything else is removed); without it, refuses.
+    fn clear(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        path: &Path,
+        keep_dir: bool,
+    ) -> Result<()> {
+        let st = match source::stat_at(dir, name) {
+            Ok(st) => st,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        if !self.opts.force {
+            return Err(Error::InvalidInput(format!(
+                "{} exists; pass --force to overwrite it",
+                path.display()
+            )));
+        }
+        if st.is_dir() {
+            if keep_dir {
+                return Ok(());
+            }
+            remove_tree(dir, name, path)?;
+            return Ok(());
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| Error::io(path, e.into()))
+    }
+
+    /// Writes a directory's files, several at a time, each verified.
+    fn files(&mut self, dir: BorrowedFd<'_>, files: Vec<(Entry, PathBuf)>) -> Result<()> {
+        let repo = self.repo;
+        let snap = self.snap;
+        let progress = self.progress;
+        let written: Vec<Result<(Entry, PathBuf, OwnedFd)>> = files
+            .into_par_iter()
+            .map(|(e, path)| {
+                let fd = write_file(repo, snap, dir, &e, &path, progress)?;
+                Ok((e, path, fd))
+            })
+            .collect();
+        for w in written {
+            let (e, path, fd) = w?;
+            self.attrs(Some(fd.as_fd()), dir, &e, &path)?;
+            if let Payload::File(d) = &e.payload {
+                self.report.bytes += d.size;
+                self.report.files.push((path, d.size));
+            }
+        }
+        Ok(())
+    }
+
+    /// A hard link to the group's first file.
+    fn link(&mut self, dir: BorrowedFd<'_>, e: &Entry, path: &Path) -> Result<()> {
+        let Some(first) = self.links.get(&e.link_group) else {
+            return Err(Error::Internal("a hard link before its group".into()));
+        };
+        let (name, parents) = first
+            .split_last()
+            .ok_or_else(|| Error::Internal("an empty link path".into()))?;
+        // The first file's directory, opened name by name without following
+        // a symlink (restore made them all).
+        let root = self.dest.as_fd();
+        let mut cur: Option<OwnedFd> = None;
+        for p in parents {
+            let next = {
+                let at = cur.as_ref().map_or(root, |f| f.as_fd());
+                source::open_dir(Some(at), p).at(path)?
+            };
+            cur = Some(next);
+        }
+        let from = cur.as_ref().map_or(root, |f| f.as_fd());
+        rustix::fs::linkat(
+            from,
+            name.as_slice(),
+            dir,
+            e.name.as_slice(),
+            AtFlags::empty(),
+        )
+        .map_err(|err| Error::io(path, err.into()))?;
+        if let Payload::File(d) = &e.payload {
+            self.report.files.push((path.to_path_buf(), d.size));
+        }
+        Ok(())
+    }
+
+    /// Devices, fifos and sockets (a socket as a node, not a live one).
+    fn special(&mut self, dir: BorrowedFd<'_>, e: &Entry, path: &Path, rdev: u64) -> Result<()> {
+        self.clear(dir, &e.name, path, false)?;
+        let kind = FileType::from_raw_mode(e.mode);
+        match rustix::fs::mknodat(
+            dir,
+            e.name.as_slice(),
+            kind,
+            Mode::from_raw_mode(0o600),
+            rdev,
+        ) {
+            Ok(()) => self.attrs(None, dir, e, path),
+            Err(err) => {
+                self.report.warnings.push(format!(
+                    "{}: not created: {}",
+                    path.display(),
+                    std::io::Error::from(err)
+                ));
+                Ok(())
+            }
+        }
+    }
+
+    /// Owner, mode, extended attributes and times, in that order (a chown
+    /// clears setuid bits; setting anything else moves no mtime).
+    fn attrs(
+        &mut self,
+        fd: Option<BorrowedFd<'_>>,
+        dir: BorrowedFd<'_>,
+        e: &Entry,
+        path: &Path,
+    ) -> Result<()> {
+        let is_link = matches!(e.payload, Payload::Symlink(_));
+        if self.root {
+            let uid = match self.opts.numeric_ids {
+                true => e.uid,
+                false => self.owners.uid(&e.user).unwrap_or(e.uid),
+            };
+            let gid = match self.opts.numeric_ids {
+                true => e.gid,
+                false => self.owners.gid(&e.group).unwrap_or(e.gid),
+            };
+            let (u, g) = (
+                rustix::fs::Uid::from_raw(uid),
+                rustix::fs::Gid::from_raw(gid),
+            );
+            let r = match fd {
+                Some(fd) => rustix::fs::fchown(fd, Some(u), Some(g)),
+                None => rustix::fs::chownat(
+                    dir,
+                    e.name.as_slice(),
+                    Some(u),
+                    Some(g),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                ),
+            };
+            r.map_err(|err| Error::io(path, err.into()))?;
+        }
+        if !is_link {
+            let mode = Mode::from_raw_mode(e.mode & 0o7777);
+            let r = match fd {
+                Some(fd) => rustix::fs::fchmod(fd, mode),
+                None => rustix::fs::chmodat(dir, e.name.as_slice(), mode, AtFlags::empty()),
+            };
+            r.map_err(|err| Error::io(path, err.into()))?;
+        }
+        if !e.xattrs.is_empty() {
+            let r = match fd {
+                Some(fd) => source::set_xattrs(Some(fd), path, &e.xattrs),
+                None => {
+                    // Through the directory's descriptor, never following
+                    // the node itself.
+                    let p = PathBuf::from(format!(
+                        "/proc/self/fd/{}",
+                        std::os::fd::AsRawFd::as_raw_fd(&dir)
+                    ))
+                    .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&e.name));
+                    source::set_xattrs(None, &p, &e.xattrs)
+                }
+            };
+            if let Err(err) = r {
+                self.report.warnings.push(format!(
+                    "{}: extended attributes not set: {err}",
+                    path.display()
+                ));
+            }
+        }
+        let t = Timespec {
+            tv_sec: e.mtime_ns.div_euclid(1_000_000_000),
+            tv_nsec: e.mtime_ns.rem_euclid(1_000_000_000) as _,
+        };
+        let times = Timestamps {
+            last_access: t,
+            last_modification: t,
+        };
+        let r = match fd {
+            Some(fd) => rustix::fs::futimens(fd, &times),
+            None => {
+                rustix::fs::utimensat(dir, e.name.as_slice(), &times, AtFlags::SYMLINK_NOFOLLOW)
+            }
+        };
+        r.map_err(|err| Error::io(path, err.into()))
+    }
+}
+
+/// Creates `e`'s file (it must not exist) and writes its verified bytes;
+/// a version that fails verification leaves no file.
+fn write_file(
+    repo: &Repo,
+    snap: &str,
+    dir: BorrowedFd<'_>,
+    e: &Entry,
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<OwnedFd> {
+    let Some(node) = crate::tree3::node_of(e, 0) else {
+        return Err(Error::Internal("no node".into()));
+    };
+    let NodeKind::File(f) = &node.kind else {
+        return Err(Error::Internal("not a file".into()));
+    };
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, e.name.as_slice(), flags, Mode::from_raw_mode(0o600))
+        .map_err(|err| Error::io(path, err.into()))?;
+    let file = File::from(fd);
+    progress.start(&path.display().to_string(), f.size);
+    let what = format!("snapshot {snap} file {}", path.display());
+    let r = VersionReader::open(repo, f, &what).and_then(|reader| {
+        write_verified(
+            &reader,
+            f,
+            &what,
+            Some((&file, path)),
+            repo.config().block_size,
+            progress,
+        )
+    });
+    if let Err(err) = r {
+        drop(file);
+        let _ = rustix::fs::unlinkat(dir, e.name.as_slice(), AtFlags::empty());
+        return Err(err);
+    }
+    Ok(OwnedFd::from(file))
+}
+
+/// Removes the directory `name` in `dir` and everything under it, never
+/// following a symlink.
+fn remove_tree(dir: BorrowedFd<'_>, name: &[u8], path: &Path) -> Result<()> {
+    let fd = source::open_dir(Some(dir), name).at(path)?;
+    for (n, _) in source::read_names(fd.as_fd()).at(path)? {
+        let child = path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&n));
+        match source::stat_at(fd.as_fd(), &n) {
+            Ok(st) if st.is_dir() => remove_tree(fd.as_fd(), &n, &child)?,
+            _ => rustix::fs::unlinkat(fd.as_fd(), n.as_slice(), AtFlags::empty())
+                .map_err(|e| Error::io(&child, e.into()))?,
+        }
+    }
+    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(|e| Error::io(path, e.into()))
+}
