@@ -132,12 +132,10 @@ fn json(rep: &BackupReport) -> serde_json::Value {
         "snapshot": s.id.to_string(), "time": dsync_store::time::local(s.time_ns),
         "bytes_read": s.stats.bytes_read, "bytes_added": s.stats.bytes_added,
         "seconds": s.stats.duration_ns as f64 / 1e9, "files": files,
-        "tree": {
-            "files": rep.tree.files, "dirs": rep.tree.dirs, "bytes": rep.tree.bytes,
-            "files_read": rep.tree.files_read, "errors": rep.tree.errors,
-            "changed_while_read": rep.tree.changed,
-        },
-        "incomplete": rep.incomplete(),
+        "tree_files": rep.tree.files, "tree_dirs": rep.tree.dirs,
+        "tree_bytes": rep.tree.bytes, "tree_files_read": rep.tree.files_read,
+        "errors": rep.tree.errors, "changed_while_read": rep.tree.changed,
+        "warnings": rep.tree.warnings, "incomplete": rep.incomplete(),
     })
 }
 

@@ -321,6 +321,7 @@ fn group_id(name: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn stat_and_names_relative_to_a_directory() {
@@ -372,7 +373,8 @@ mod tests {
         let root = o.user(0);
         assert_eq!(root, b"root");
         assert_eq!(o.uid(&root), Some(0));
-        assert_eq!(o.gid(&o.group(0)), Some(0));
+        let g = o.group(0);
+        assert_eq!(o.gid(&g), Some(0));
         assert_eq!(o.uid(b"no-such-user-dsync"), None);
     }
 }

@@ -28,10 +28,25 @@ fn missing_source() {
 }
 
 #[test]
-fn directory_source_is_refused() {
+fn directory_source_in_a_format_2_repository_is_refused() {
     let env = Env::new();
-    let err = env.fails(&["backup", s(&env.repo()), s(env.dir.path())], 1);
-    assert!(err.contains("only regular files"), "{err}");
+    env.ok(&["init", "--format", "2", s(&env.repo())]);
+    std::fs::create_dir(env.path("tree")).unwrap();
+    let err = env.fails(&["backup", s(&env.repo()), s(&env.path("tree"))], 1);
+    assert!(
+        err.contains("directories need a format 3 repository"),
+        "{err}"
+    );
+    // A fifo is neither a file, a directory nor a device.
+    let fifo = env.path("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = env.fails(&["backup", s(&env.repo()), s(&fifo)], 1);
+    assert!(
+        err.contains("not a regular file, directory or block device"),
+        "{err}"
+    );
 }
 
 #[test]

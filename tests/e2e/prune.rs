@@ -6,9 +6,10 @@ use std::os::unix::fs::FileExt;
 use super::util::*;
 
 fn objects_bytes(env: &Env) -> u64 {
-    ["packs", "sigs", "maps", "snapshots"]
+    ["packs", "sigs", "maps", "snapshots", "meta"]
         .iter()
-        .flat_map(|d| std::fs::read_dir(env.repo().join(d)).unwrap())
+        .filter_map(|d| std::fs::read_dir(env.repo().join(d)).ok())
+        .flatten()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum()
 }
@@ -119,7 +120,9 @@ fn forget_then_prune_repacks_a_mostly_dead_pack() {
     let before = objects_bytes(&env);
     let v: serde_json::Value =
         serde_json::from_str(env.ok(&["prune", s(&env.repo()), "--json"]).trim()).unwrap();
-    assert_eq!(v["packs_repacked"], 1, "{v}");
+    // The data pack, and (format 3) the meta pack the forgotten snapshot's
+    // lists mostly filled.
+    assert!(v["packs_repacked"].as_u64().unwrap() >= 1, "{v}");
     assert_eq!(v["manifests_rewritten"], 1, "{v}");
     let freed = before - objects_bytes(&env);
     assert_eq!(v["bytes_freed"].as_u64().unwrap(), freed);
@@ -138,6 +141,8 @@ fn forget_then_prune_repacks_a_mostly_dead_pack() {
 #[test]
 fn prune_removes_what_a_killed_backup_left() {
     let env = Env::new();
+    // Format 2: the leftovers include a map file.
+    env.ok(&["init", "--format", "2", s(&env.repo())]);
     let img = env.path("disk.img");
     std::fs::write(&img, pseudo(2 << 20, 5)).unwrap();
     env.ok(&["backup", "-q", s(&env.repo()), s(&img)]);
