@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, Request,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use crate::errno::errno;
@@ -53,7 +53,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         crtime: t,
         kind: file_type(a.kind),
         perm: (a.mode & 0o7777) as u16,
-        nlink: if a.kind == Type::Dir { 2 } else { 1 },
+        nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
         rdev: a.rdev as u32,
@@ -71,6 +71,17 @@ fn file_type(t: Type) -> FileType {
         Type::BlockDevice => FileType::BlockDevice,
         Type::Fifo => FileType::NamedPipe,
         Type::Socket => FileType::Socket,
+    }
+}
+
+/// A value, its size when `size` is 0, or ERANGE when it does not fit.
+fn xattr_reply(v: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(u32::try_from(v.len()).unwrap_or(u32::MAX));
+    } else if v.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(v);
     }
 }
 
@@ -230,8 +241,8 @@ impl Filesystem for DsyncFs {
         ];
         let all = dots.into_iter().chain(
             entries
-                .into_iter()
-                .map(|(name, key, t)| (name, self.tree.ino(&key), file_type(t))),
+                .iter()
+                .map(|(name, key, t)| (name.clone(), self.tree.ino(key), file_type(*t))),
         );
         for (i, (name, child, kind)) in all.enumerate().skip(offset as usize) {
             if reply.add(
@@ -244,6 +255,28 @@ impl Filesystem for DsyncFs {
             }
         }
         reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(all) = self.tree.xattrs(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match all.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
+            None => reply.error(Errno::ENODATA),
+            Some((_, v)) => xattr_reply(v, size, reply),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let Some(all) = self.tree.xattrs(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let mut names = Vec::new();
+        for (n, _) in &all {
+            names.extend_from_slice(n);
+            names.push(0);
+        }
+        xattr_reply(&names, size, reply)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use dsync_store::browse::{self, Entry, List, Payload};
 use dsync_store::format::snapshot::ROOT;
 use dsync_store::{Error, NodeKind, Repo, Snapshot, SnapshotId, VersionReader};
 
@@ -35,6 +36,11 @@ pub enum Key {
     NodeLink(SnapshotId, u32),
     /// A link at the root (`latest`, a day).
     RootLink(String),
+    /// Format 3: the node at this path of a snapshot (names joined by `/`),
+    /// read lazily, one directory at a time.
+    Path(SnapshotId, Arc<[u8]>),
+    /// Format 3: a hard-link group; every path of it is this one inode.
+    Group(SnapshotId, u64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +80,8 @@ pub struct Attr {
     pub mtime_ns: i64,
     /// A device node's device number.
     pub rdev: u64,
+    /// Hard links (format 3 keeps the count).
+    pub nlink: u32,
     /// True when it can never change (everything inside a snapshot).
     pub immutable: bool,
 }
@@ -85,8 +93,18 @@ enum RootEntry {
     Link(String),
 }
 
+/// What the mount knows of a snapshot before anything inside is read.
+#[derive(Clone, Copy, Debug)]
+struct SnapMeta {
+    time_ns: i64,
+    format: u32,
+}
+
+/// A directory's entries as readdir gives them.
+type Listing = Arc<Vec<(Vec<u8>, Key, Type)>>;
+
 struct State {
-    snaps: HashMap<SnapshotId, Arc<Snapshot>>,
+    snaps: HashMap<SnapshotId, SnapMeta>,
     /// Root entries by name, in name order.
     root: BTreeMap<String, RootEntry>,
     refreshed: Option<Instant>,
@@ -110,6 +128,50 @@ pub struct Tree {
     /// Bytes stored per file inode (for st_blocks), once known.
     stored: Mutex<HashMap<u64, u64>>,
     mount_time_ns: i64,
+    /// Format 2 snapshots, read whole on first use (one manifest each).
+    flat: Mutex<HashMap<SnapshotId, Arc<Snapshot>>>,
+    /// Format 3 snapshots' root lists, read on first use.
+    roots: Mutex<HashMap<SnapshotId, List<Entry>>>,
+    /// Format 3 entries by inode, the most recently used (memory stays
+    /// bounded whatever the snapshot's size; an entry that fell out is
+    /// looked up again by its path).
+    entries: Mutex<lru::LruCache<u64, Arc<Entry>>>,
+    /// Listings of the directories read last (readdir comes back with an
+    /// offset several times per directory).
+    listings: Mutex<lru::LruCache<u64, Listing>>,
+    /// A path of each hard-link group met, to find its entry again.
+    groups: Mutex<HashMap<(SnapshotId, u64), Arc<[u8]>>>,
+}
+
+/// Entries and listings kept in memory.
+const ENTRY_CACHE: usize = 1 << 16;
+const LISTING_CACHE: usize = 64;
+
+fn cache<K: std::hash::Hash + Eq, V>(n: usize) -> Mutex<lru::LruCache<K, V>> {
+    Mutex::new(lru::LruCache::new(
+        std::num::NonZeroUsize::new(n).unwrap_or(std::num::NonZeroUsize::MIN),
+    ))
+}
+
+/// The type of an entry.
+fn entry_type(e: &Entry) -> Type {
+    match &e.payload {
+        Payload::File(_) => Type::File,
+        Payload::Dir(_) => Type::Dir,
+        Payload::Symlink(_) => Type::Symlink,
+        _ => Type::special(e.mode),
+    }
+}
+
+/// `dir/name`, or `name` at a snapshot's root.
+fn join(dir: &[u8], name: &[u8]) -> Arc<[u8]> {
+    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
+    if !dir.is_empty() {
+        p.extend_from_slice(dir);
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p.into()
 }
 
 impl Tree {
@@ -128,6 +190,11 @@ impl Tree {
             readers: Mutex::new(HashMap::new()),
             stored: Mutex::new(HashMap::new()),
             mount_time_ns: dsync_store::time::now_ns(),
+            flat: Mutex::new(HashMap::new()),
+            roots: Mutex::new(HashMap::new()),
+            entries: cache(ENTRY_CACHE),
+            listings: cache(LISTING_CACHE),
+            groups: Mutex::new(HashMap::new()),
         };
         t.ino(&Key::Root);
         t.refresh(true)?;
@@ -183,29 +250,38 @@ impl Tree {
                 }
             }
         }
-        let ids = self.repo.snapshot_ids()?;
+        // The listing's records only: nothing inside a snapshot is read
+        // until it is looked at.
+        let infos = self.repo.infos()?;
         let Ok(mut st) = self.state.write() else {
             return Ok(());
         };
-        st.snaps.retain(|id, _| ids.contains(id));
-        for id in ids {
-            if st.snaps.contains_key(&id) {
-                continue;
-            }
-            match self.repo.load_snapshot(id) {
-                Ok(s) => {
-                    st.snaps.insert(id, Arc::new(s));
-                }
-                Err(e) => crate::log(&format!("snapshot {id} left out: {e}")),
-            }
+        st.snaps = infos
+            .iter()
+            .map(|i| {
+                (
+                    i.id,
+                    SnapMeta {
+                        time_ns: i.time_ns,
+                        format: i.format,
+                    },
+                )
+            })
+            .collect();
+        if let Ok(mut f) = self.flat.lock() {
+            f.retain(|id, _| st.snaps.contains_key(id));
         }
-        let mut order: Vec<&Arc<Snapshot>> = st.snaps.values().collect();
-        order.sort_by_key(|s| (s.time_ns, s.id));
+        if let Ok(mut r) = self.roots.lock() {
+            r.retain(|id, _| st.snaps.contains_key(id));
+        }
+        let mut order: Vec<(SnapshotId, SnapMeta)> =
+            st.snaps.iter().map(|(k, v)| (*k, *v)).collect();
+        order.sort_by_key(|(id, m)| (m.time_ns, *id));
         let mut root = BTreeMap::new();
         let mut last_of_day: BTreeMap<String, String> = BTreeMap::new();
         let mut latest = None;
-        for s in order {
-            let base = dsync_store::time::local(s.time_ns);
+        for (id, m) in order {
+            let base = dsync_store::time::local(m.time_ns);
             let mut name = base.clone();
             let mut k = 1;
             while root.contains_key(&name) {
@@ -214,7 +290,7 @@ impl Tree {
             }
             last_of_day.insert(base[..10.min(base.len())].to_string(), name.clone());
             latest = Some(name.clone());
-            root.insert(name, RootEntry::Snap(s.id));
+            root.insert(name, RootEntry::Snap(id));
         }
         for (day, target) in last_of_day {
             root.insert(day, RootEntry::Link(target));
@@ -227,17 +303,170 @@ impl Tree {
         Ok(())
     }
 
+    fn meta(&self, id: SnapshotId) -> Option<SnapMeta> {
+        self.state.read().ok()?.snaps.get(&id).copied()
+    }
+
+    /// A format 2 snapshot, read whole on first use.
     fn snap(&self, id: SnapshotId) -> Option<Arc<Snapshot>> {
-        self.state.read().ok()?.snaps.get(&id).cloned()
+        if let Some(s) = self.flat.lock().ok()?.get(&id) {
+            return Some(s.clone());
+        }
+        match self.repo.load_snapshot(id) {
+            Ok(s) => {
+                let s = Arc::new(s);
+                self.flat.lock().ok()?.insert(id, s.clone());
+                Some(s)
+            }
+            Err(e) => {
+                crate::log(&format!("snapshot {id}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// A format 3 snapshot's root list (read again with `fresh`, after a
+    /// prune replaced its record).
+    fn root3(&self, id: SnapshotId, fresh: bool) -> Result<List<Entry>, Error> {
+        if !fresh {
+            if let Some(r) = self.roots.lock().ok().and_then(|m| m.get(&id).cloned()) {
+                return Ok(r);
+            }
+        }
+        let r = browse::root(&self.repo, id)?;
+        if let Ok(mut m) = self.roots.lock() {
+            m.insert(id, r.clone());
+        }
+        Ok(r)
+    }
+
+    /// The format 3 entry of inode `ino` (`Path` or `Group`).
+    fn entry(&self, ino: u64) -> Option<Arc<Entry>> {
+        if let Some(e) = self.entries.lock().ok()?.get(&ino) {
+            return Some(e.clone());
+        }
+        let e = match self.load_entry(ino, false) {
+            Ok(e) => e?,
+            Err(e) => {
+                crate::log(&format!("inode {ino}: {e}"));
+                return None;
+            }
+        };
+        Some(e)
+    }
+
+    /// Looks the entry of `ino` up by its path.
+    fn load_entry(&self, ino: u64, fresh: bool) -> Result<Option<Arc<Entry>>, Error> {
+        let (id, path) = match self.key(ino) {
+            Some(Key::Path(id, p)) => (id, p),
+            Some(Key::Group(id, g)) => {
+                let p = self
+                    .groups
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&(id, g)).cloned());
+                match p {
+                    Some(p) => (id, p),
+                    None => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        };
+        let root = self.root3(id, fresh)?;
+        let Some(e) = browse::resolve(&self.repo, &root, &path)? else {
+            return Ok(None);
+        };
+        let e = Arc::new(e);
+        if let Ok(mut m) = self.entries.lock() {
+            m.put(ino, e.clone());
+        }
+        Ok(Some(e))
+    }
+
+    /// The key of entry `e` of the directory at `dir` (format 3), noting a
+    /// hard-link group's path.
+    fn key_of(&self, id: SnapshotId, dir: &[u8], e: &Entry) -> Key {
+        let path = join(dir, &e.name);
+        if e.link_group != 0 && matches!(e.payload, Payload::File(_)) {
+            if let Ok(mut g) = self.groups.lock() {
+                g.entry((id, e.link_group)).or_insert(path);
+            }
+            return Key::Group(id, e.link_group);
+        }
+        Key::Path(id, path)
+    }
+
+    /// The list and path of a format 3 directory inode.
+    fn dir3(&self, key: &Key, ino: u64) -> Option<(SnapshotId, Arc<[u8]>, List<Entry>)> {
+        match key {
+            Key::Dir(id, None) => {
+                let root = self
+                    .root3(*id, false)
+                    .map_err(|e| crate::log(&format!("snapshot {id}: {e}")))
+                    .ok()?;
+                Some((*id, Arc::from(&b""[..]), root))
+            }
+            Key::Path(id, p) => match &self.entry(ino)?.payload {
+                Payload::Dir(l) => Some((*id, p.clone(), l.clone())),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// A format 3 directory's entries, keyed, their entries cached.
+    fn list3(&self, key: &Key, ino: u64) -> Option<Listing> {
+        if let Some(l) = self.listings.lock().ok()?.get(&ino) {
+            return Some(l.clone());
+        }
+        let (id, path, list) = self.dir3(key, ino)?;
+        let entries = browse::entries(&self.repo, &list)
+            .map_err(|e| {
+                crate::log(&format!(
+                    "snapshot {id} {}: {e}",
+                    String::from_utf8_lossy(&path)
+                ))
+            })
+            .ok()?;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let k = self.key_of(id, &path, &e);
+            let t = entry_type(&e);
+            let child = self.ino(&k);
+            if let Ok(mut m) = self.entries.lock() {
+                m.put(child, Arc::new(e.clone()));
+            }
+            out.push((e.name, k, t));
+        }
+        let out = Arc::new(out);
+        if let Ok(mut m) = self.listings.lock() {
+            m.put(ino, out.clone());
+        }
+        Some(out)
+    }
+
+    /// The extended attributes of `ino` (format 3 entries have them).
+    pub fn xattrs(&self, ino: u64) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+        match self.key(ino)? {
+            Key::Path(..) | Key::Group(..) => Some(self.entry(ino)?.xattrs.clone()),
+            _ => Some(Vec::new()),
+        }
     }
 
     /// The entries of directory `ino`: (name, key, type), in order.
-    pub fn list(&self, ino: u64) -> Option<Vec<(Vec<u8>, Key, Type)>> {
-        match self.key(ino)? {
+    pub fn list(&self, ino: u64) -> Option<Listing> {
+        let key = self.key(ino)?;
+        match &key {
+            Key::Dir(id, None) | Key::Path(id, _) if self.meta(*id)?.format >= 3 => {
+                return self.list3(&key, ino)
+            }
+            _ => {}
+        }
+        match key {
             Key::Root => {
                 let _ = self.refresh(false);
                 let st = self.state.read().ok()?;
-                Some(
+                Some(Arc::new(
                     st.root
                         .iter()
                         .map(|(name, e)| match e {
@@ -251,12 +480,12 @@ impl Tree {
                             ),
                         })
                         .collect(),
-                )
+                ))
             }
             Key::Dir(id, dir) => {
                 let s = self.snap(id)?;
                 let parent = dir.unwrap_or(ROOT);
-                Some(
+                Some(Arc::new(
                     s.nodes
                         .iter()
                         .enumerate()
@@ -274,7 +503,7 @@ impl Tree {
                             (n.name.clone(), key, t)
                         })
                         .collect(),
-                )
+                ))
             }
             _ => None,
         }
@@ -291,10 +520,32 @@ impl Tree {
                 RootEntry::Link(_) => Some(Key::RootLink(name.to_string())),
             };
         }
+        let key = self.key(parent)?;
+        if let Key::Dir(id, None) | Key::Path(id, _) = &key {
+            if self.meta(*id)?.format >= 3 {
+                // One lookup in the directory's list, unless it was listed.
+                if let Some(l) = self.listings.lock().ok()?.get(&parent) {
+                    return l
+                        .iter()
+                        .find(|(n, _, _)| n == name)
+                        .map(|(_, k, _)| k.clone());
+                }
+                let (id, path, list) = self.dir3(&key, parent)?;
+                let e = browse::lookup(&self.repo, &list, name)
+                    .map_err(|e| crate::log(&format!("snapshot {id}: {e}")))
+                    .ok()??;
+                let k = self.key_of(id, &path, &e);
+                let child = self.ino(&k);
+                if let Ok(mut m) = self.entries.lock() {
+                    m.put(child, Arc::new(e));
+                }
+                return Some(k);
+            }
+        }
         self.list(parent)?
-            .into_iter()
+            .iter()
             .find(|(n, _, _)| n == name)
-            .map(|(_, k, _)| k)
+            .map(|(_, k, _)| k.clone())
     }
 
     /// Opens file `ino` for one more handle; its reader is shared by all
@@ -347,13 +598,61 @@ impl Tree {
     }
 
     fn open_reader(&self, ino: u64) -> Result<Arc<VersionReader>, Error> {
-        let Some(Key::File(id, node)) = self.key(ino) else {
-            return Err(Error::InvalidInput("not a file".into()));
-        };
-        let s = self.snap(id).ok_or_else(|| Error::NoSuchSnapshot {
-            spec: id.to_string(),
-        })?;
-        Ok(Arc::new(VersionReader::open_node(&self.repo, &s, node)?))
+        match self.key(ino) {
+            Some(Key::File(id, node)) => {
+                let s = self.snap(id).ok_or_else(|| Error::NoSuchSnapshot {
+                    spec: id.to_string(),
+                })?;
+                Ok(Arc::new(VersionReader::open_node(&self.repo, &s, node)?))
+            }
+            Some(Key::Path(id, _) | Key::Group(id, _)) => self.open3(id, ino),
+            _ => Err(Error::InvalidInput("not a file".into())),
+        }
+    }
+
+    /// Opens a format 3 file; when what its entry names is gone, a prune
+    /// replaced the snapshot's record: its entry is read again from the new
+    /// one (FORMAT.md, "Readers during prune").
+    fn open3(&self, id: SnapshotId, ino: u64) -> Result<Arc<VersionReader>, Error> {
+        let mut entry = self
+            .entry(ino)
+            .ok_or_else(|| Error::InvalidInput("no such file".into()))?;
+        let mut followed = 0;
+        loop {
+            let f =
+                browse::version(&entry).ok_or_else(|| Error::InvalidInput("not a file".into()))?;
+            let what = format!(
+                "snapshot {id} file {}",
+                String::from_utf8_lossy(&entry.name)
+            );
+            match VersionReader::open(&self.repo, &f, &what) {
+                Err(e) if e.is_not_found() && followed < 8 => {
+                    followed += 1;
+                    if let Ok(mut m) = self.entries.lock() {
+                        m.clear();
+                    }
+                    if let Ok(mut m) = self.listings.lock() {
+                        m.clear();
+                    }
+                    let again = match self.load_entry(ino, true) {
+                        Ok(Some(e)) => e,
+                        // Forgotten meanwhile.
+                        Ok(None) => return Err(e),
+                        Err(e2) if e2.is_not_found() => {
+                            return Err(Error::NoSuchSnapshot {
+                                spec: id.to_string(),
+                            })
+                        }
+                        Err(e2) => return Err(e2),
+                    };
+                    if *again == *entry {
+                        return Err(e);
+                    }
+                    entry = again;
+                }
+                r => return r.map(Arc::new),
+            }
+        }
     }
 
     /// Bytes stored for file `ino` (its size when its map cannot be read).
@@ -389,6 +688,10 @@ impl Tree {
                 NodeKind::Symlink(t) => Some(t.clone()),
                 _ => None,
             },
+            Key::Path(..) => match &self.entry(ino)?.payload {
+                Payload::Symlink(t) => Some(t.clone()),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -406,11 +709,12 @@ impl Tree {
             gid: 0,
             mtime_ns,
             rdev: 0,
+            nlink: 2,
             immutable,
         };
         match key {
             Key::Root => Some(dir(self.mount_time_ns, false)),
-            Key::Dir(id, None) => Some(dir(self.snap(id)?.time_ns, true)),
+            Key::Dir(id, None) => Some(dir(self.meta(id)?.time_ns, true)),
             Key::RootLink(_) => {
                 let t = self.readlink(ino)?;
                 Some(Attr {
@@ -423,6 +727,7 @@ impl Tree {
                     gid: 0,
                     mtime_ns: self.mount_time_ns,
                     rdev: 0,
+                    nlink: 1,
                     immutable: false,
                 })
             }
@@ -450,6 +755,33 @@ impl Tree {
                     gid: n.gid,
                     mtime_ns: n.mtime_ns,
                     rdev,
+                    nlink: if kind == Type::Dir { 2 } else { 1 },
+                    immutable: true,
+                })
+            }
+            Key::Path(..) | Key::Group(..) => {
+                let e = self.entry(ino)?;
+                let kind = entry_type(&e);
+                let (size, stored, rdev) = match &e.payload {
+                    Payload::File(d) => (d.size, self.stored_bytes(ino, d.size), 0),
+                    Payload::Symlink(t) => (t.len() as u64, 0, 0),
+                    Payload::CharDevice(r) | Payload::BlockDevice(r) => (0, 0, *r),
+                    _ => (0, 0, 0),
+                };
+                Some(Attr {
+                    ino,
+                    kind,
+                    size,
+                    stored,
+                    mode: e.mode & 0o7555,
+                    uid: e.uid,
+                    gid: e.gid,
+                    mtime_ns: e.mtime_ns,
+                    rdev,
+                    nlink: match kind {
+                        Type::Dir => 2,
+                        _ => u32::try_from(e.nlink.max(1)).unwrap_or(u32::MAX),
+                    },
                     immutable: true,
                 })
             }

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub(crate) mod backup;
+pub mod browse;
 pub(crate) mod check;
 pub mod delta;
 pub mod error;

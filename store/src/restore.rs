@@ -100,9 +100,11 @@ pub fn restore_with(
         let entries = tree::children(repo, &record.root)?;
         return tree::restore_entries(repo, &id, entries, dest, opts, progress);
     };
-    let e = crate::tree3::resolve(repo, &record.root, p)?.ok_or_else(|| Error::NoSuchPath {
-        path: p.to_string(),
-        snapshot: id.clone(),
+    let e = crate::tree3::resolve(repo, &record.root, p.as_bytes())?.ok_or_else(|| {
+        Error::NoSuchPath {
+            path: p.to_string(),
+            snapshot: id.clone(),
+        }
     })?;
     match &e.payload {
         crate::format::v3::node::Payload::File(_) => {

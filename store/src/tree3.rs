@@ -444,10 +444,13 @@ pub(crate) fn rewrite(
 ///
 /// # Errors
 /// As [`ListReader::lookup`].
-pub(crate) fn resolve(repo: &Repo, root: &List<Entry>, path: &str) -> Result<Option<Entry>> {
+pub(crate) fn resolve(repo: &Repo, root: &List<Entry>, path: &[u8]) -> Result<Option<Entry>> {
     let mut list = root.clone();
     let mut found = None;
-    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+    for part in path
+        .split(|&c| c == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+    {
         if let Some(Entry {
             payload: Payload::Dir(l),
             ..
@@ -457,7 +460,7 @@ pub(crate) fn resolve(repo: &Repo, root: &List<Entry>, path: &str) -> Result<Opt
         } else if found.is_some() {
             return Ok(None);
         }
-        match ListReader::new(repo.cache()).lookup(&list, part.as_bytes())? {
+        match ListReader::new(repo.cache()).lookup(&list, part)? {
             Some(e) => found = Some(e),
             None => return Ok(None),
         }

@@ -195,21 +195,27 @@ fn source_changing_while_read() {
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
         });
-        let err = env.fails(&["backup", s(&env.repo()), s(&img)], 1);
+        // --on-change fail: today's strict behaviour for images.
+        let o = env.run(&["backup", s(&env.repo()), s(&img), "--on-change", "fail"]);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        // By default the file is stored as read, flagged, and the exit code
+        // (5) says the snapshot is incomplete.
+        let o2 = env.run(&["backup", s(&env.repo()), s(&img), "--json"]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(
             err.contains("changed while it was read") && err.contains("disk.img"),
             "{err}"
         );
-        let o = env.run(&[
-            "backup",
-            s(&env.repo()),
-            s(&img),
-            "--accept-changed",
-            "--json",
-        ]);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = o2;
+        assert_eq!(
+            o.status.code(),
+            Some(5),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert!(String::from_utf8_lossy(&o.stderr).contains("warning"));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("incomplete"));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(v["files"][0]["changed_while_read"], true);
     });
