@@ -100,6 +100,9 @@ struct SnapMeta {
     format: u32,
 }
 
+/// A path inside a snapshot, names joined by `/`.
+type SnapPath = Arc<[u8]>;
+
 /// A directory's entries as readdir gives them.
 type Listing = Arc<Vec<(Vec<u8>, Key, Type)>>;
 
@@ -140,7 +143,7 @@ pub struct Tree {
     /// offset several times per directory).
     listings: Mutex<lru::LruCache<u64, Listing>>,
     /// A path of each hard-link group met, to find its entry again.
-    groups: Mutex<HashMap<(SnapshotId, u64), Arc<[u8]>>>,
+    groups: Mutex<HashMap<(SnapshotId, u64), SnapPath>>,
 }
 
 /// Entries and listings kept in memory.

@@ -98,7 +98,7 @@ pub fn restore_with(
     let Some(p) = path else {
         refuse_nonempty(dest, opts.force)?;
         let entries = tree::children(repo, &record.root)?;
-        return tree::restore_entries(repo, &id, entries, dest, opts, progress);
+        return tree::restore_entries(repo, snap.id, b"", entries, dest, opts, progress);
     };
     let e = crate::tree3::resolve(repo, &record.root, p.as_bytes())?.ok_or_else(|| {
         Error::NoSuchPath {
@@ -137,9 +137,24 @@ pub fn restore_with(
         }
         crate::format::v3::node::Payload::Dir(list) if !dest.is_dir() => {
             let entries = tree::children(repo, list)?;
-            tree::restore_entries(repo, &id, entries, dest, opts, progress)
+            tree::restore_entries(repo, snap.id, p.as_bytes(), entries, dest, opts, progress)
         }
-        _ => tree::restore_entries(repo, &id, vec![e.clone()], dest, opts, progress),
+        _ => {
+            let parent = p
+                .trim_end_matches('/')
+                .rsplit_once('/')
+                .map_or("", |(a, _)| a);
+            let entries = vec![e.clone()];
+            tree::restore_entries(
+                repo,
+                snap.id,
+                parent.as_bytes(),
+                entries,
+                dest,
+                opts,
+                progress,
+            )
+        }
     }
 }
 

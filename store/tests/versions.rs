@@ -299,7 +299,11 @@ fn format_1_hashes_still_verify() {
     let dir = tempfile::tempdir().unwrap();
     let mem = MemBackend::new();
     // Format 1 hashes exist only in format 2 manifests.
-    let repo = Repo::init_on(Arc::new(mem.clone()), small_config()).unwrap();
+    let cfg = Config {
+        format: 2,
+        ..small_config()
+    };
+    let repo = Repo::init_on(Arc::new(mem.clone()), cfg).unwrap();
     let src = dir.path().join("f");
     let data = pseudo(50_000, 3);
     std::fs::write(&src, &data).unwrap();
