@@ -611,7 +611,13 @@ impl<'w, 'r> Store<'w, 'r> {
                 e.payload = Payload::Dir(list);
                 self.push(e)?;
             }
-            Task::Done(e) => self.push(e)?,
+            Task::Done(e) => {
+                // An unchanged file of a link group: its other names share it.
+                if let (Payload::File(d), true) = (&e.payload, e.link_group != 0) {
+                    self.groups.insert(e.link_group, d.clone());
+                }
+                self.push(e)?
+            }
             Task::Link(mut e, first) => match self.groups.get(&e.link_group) {
                 Some(d) => {
                     e.payload = Payload::File(d.clone());

@@ -115,6 +115,7 @@ impl Restorer<'_> {
     ) -> Result<()> {
         let mut files = Vec::new();
         let mut later = Vec::new();
+        let mut dirs = Vec::new();
         for e in entries {
             let child =
                 path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&e.name));
@@ -139,26 +140,10 @@ impl Restorer<'_> {
                     at.push(e.name.clone());
                     files.push((e, child, at.join(&b'/')));
                 }
-                Payload::Dir(list) => {
-                    let made = match rustix::fs::mkdirat(
-                        dir,
-                        e.name.as_slice(),
-                        Mode::from_raw_mode(0o700),
-                    ) {
-                        Err(rustix::io::Errno::EXIST) if self.opts.force => {
-                            self.clear(dir, &e.name, &child, true)?;
-                            Ok(())
-                        }
-                        r => r,
-                    };
-                    made.map_err(|err| Error::io(&child, err.into()))?;
-                    let fd = source::open_dir(Some(dir), &e.name).at(&child)?;
-                    let kids = children(self.repo, list)?;
-                    let mut rel2 = rel.to_vec();
-                    rel2.push(e.name.clone());
-                    self.entries(fd.as_fd(), &child, &rel2, kids)?;
-                    self.attrs(Some(fd.as_fd()), dir, &e, &child)?;
-                }
+                // Subdirectories after this directory's files and links:
+                // a link group's first name is then written before any
+                // other name links to it.
+                Payload::Dir(_) => dirs.push((e, child)),
                 Payload::Symlink(target) => {
                     self.clear(dir, &e.name, &child, false)?;
                     rustix::fs::symlinkat(target.as_slice(), dir, e.name.as_slice())
@@ -177,6 +162,30 @@ impl Restorer<'_> {
                 path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&e.name));
             self.clear(dir, &e.name, &child, false)?;
             self.link(dir, &e, &child)?;
+        }
+        for (e, child) in dirs {
+            let Payload::Dir(list) = &e.payload else {
+                continue;
+            };
+            let made = match rustix::fs::mkdirat(dir, e.name.as_slice(), Mode::from_raw_mode(0o700))
+            {
+                Err(rustix::io::Errno::EXIST) if self.opts.force => {
+                    self.clear(dir, &e.name, &child, true)
+                }
+                r => r.map_err(|err| Error::io(&child, err.into())),
+            };
+            made?;
+            // What --force cleared (a planted symlink) is made a directory.
+            match rustix::fs::mkdirat(dir, e.name.as_slice(), Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(err) => return Err(Error::io(&child, err.into())),
+            }
+            let fd = source::open_dir(Some(dir), &e.name).at(&child)?;
+            let kids = children(self.repo, list)?;
+            let mut rel2 = rel.to_vec();
+            rel2.push(e.name.clone());
+            self.entries(fd.as_fd(), &child, &rel2, kids)?;
+            self.attrs(Some(fd.as_fd()), dir, &e, &child)?;
         }
         Ok(())
     }
