@@ -387,6 +387,8 @@ fn run(
         bytes_read,
         entries,
         tree,
+        attrs,
+        ..
     } = out;
     let root = match &mut w.meta {
         Some(meta) => {
@@ -396,7 +398,7 @@ fn run(
                 let record = repo.load_record(id)?;
                 crate::tree3::know_pages(repo, &record.root, meta)?;
             }
-            Some(crate::tree3::write_root(repo, meta, &nodes, entries)?)
+            Some(crate::tree3::write_root(repo, meta, &nodes, &attrs, entries)?)
         }
         None => None,
     };
@@ -537,6 +539,10 @@ struct Collected {
     /// Format 3: the directory sources' entries.
     entries: Vec<Entry>,
     tree: TreeStats,
+    /// Per node: what format 3 keeps beyond a [`Node`] (owner names,
+    /// extended attributes).
+    attrs: Vec<crate::tree3::RootAttrs>,
+    owners: crate::source::Owners,
 }
 
 impl Collected {
@@ -549,6 +555,17 @@ impl Collected {
         source: &Path,
     ) {
         self.bytes_read += report.bytes_read;
+        let xattrs = match source == Path::new("-") {
+            true => Vec::new(),
+            // A file that refuses its attributes is still backed up.
+            false => crate::source::xattrs(crate::source::XattrSource::Path(source))
+                .unwrap_or_default(),
+        };
+        self.attrs.push(crate::tree3::RootAttrs {
+            user: self.owners.user(meta.1),
+            group: self.owners.group(meta.2),
+            xattrs,
+        });
         self.paths.push(source.display().to_string());
         self.nodes.push(Node {
             parent: ROOT,

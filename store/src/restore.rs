@@ -4,7 +4,7 @@
 //! once the hash matched, so a damaged version never leaves a plausible file.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -91,14 +91,14 @@ pub fn restore_with(
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
     if snap.format < 3 {
-        return restore_flat(repo, snap, path, dest, opts.force, progress);
+        return restore_flat(repo, snap, path, dest, opts, progress);
     }
     let record = repo.load_record(snap.id)?;
     let id = snap.id.to_string();
     let Some(p) = path else {
         refuse_nonempty(dest, opts.force)?;
         let entries = tree::children(repo, &record.root)?;
-        return tree::restore_entries(repo, snap.id, b"", entries, dest, opts, progress);
+        return tree::restore_entries(repo, snap.id, b"", entries, None, dest, opts, progress);
     };
     let e = crate::tree3::resolve(repo, &record.root, p.as_bytes())?.ok_or_else(|| {
         Error::NoSuchPath {
@@ -108,36 +108,23 @@ pub fn restore_with(
     })?;
     match &e.payload {
         crate::format::v3::node::Payload::File(_) => {
-            let target = if dest.is_dir() {
-                dest.join(String::from_utf8_lossy(&e.name).as_ref())
-            } else {
-                dest.to_path_buf()
-            };
-            if target.exists() && !opts.force {
-                return Err(Error::InvalidInput(format!(
-                    "{} exists; pass --force to overwrite it",
-                    target.display()
-                )));
-            }
-            let Some(node) = crate::tree3::node_of(&e, ROOT) else {
-                return Err(Error::Internal("no node".into()));
-            };
-            let NodeKind::File(f) = &node.kind else {
-                return Err(Error::Internal("not a file".into()));
-            };
-            progress.start(&String::from_utf8_lossy(&e.name), f.size);
-            let reader = VersionReader::open(repo, f, &format!("snapshot {id} file {p}"))?;
-            restore_file(repo, &reader, &target, progress)?;
-            set_meta(&target, &node)?;
-            Ok(RestoreReport {
-                files: vec![(target, f.size)],
-                bytes: f.size,
-                warnings: Vec::new(),
-            })
+            let target = file_target(dest, &e.name);
+            let at = p.trim_matches('/').as_bytes();
+            let open = |path: &Path| tree::open_entry(repo, (&id, snap.id, at), &e, path);
+            tree::restore_one(repo, snap.id, &e, &open, &target, opts, progress)
         }
         crate::format::v3::node::Payload::Dir(list) if !dest.is_dir() => {
             let entries = tree::children(repo, list)?;
-            tree::restore_entries(repo, snap.id, p.as_bytes(), entries, dest, opts, progress)
+            tree::restore_entries(
+                repo,
+                snap.id,
+                p.as_bytes(),
+                entries,
+                Some(&e),
+                dest,
+                opts,
+                progress,
+            )
         }
         _ => {
             let parent = p
@@ -150,6 +137,7 @@ pub fn restore_with(
                 snap.id,
                 parent.as_bytes(),
                 entries,
+                None,
                 dest,
                 opts,
                 progress,
@@ -175,53 +163,42 @@ fn refuse_nonempty(dest: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
-/// Mode and mtime of a restored root-level file.
-fn set_meta(target: &Path, node: &Node) -> Result<()> {
-    let file = File::options().write(true).open(target).at(target)?;
-    let mt = libc::timespec {
-        tv_sec: node.mtime_ns.div_euclid(1_000_000_000) as libc::time_t,
-        tv_nsec: node.mtime_ns.rem_euclid(1_000_000_000) as _,
-    };
-    let times = [mt, mt];
-    // SAFETY: valid fd and a two-element timespec array.
-    unsafe { libc::futimens(std::os::unix::io::AsRawFd::as_raw_fd(&file), times.as_ptr()) };
-    let _ = std::fs::set_permissions(target, std::fs::Permissions::from_mode(node.mode & 0o7777));
-    Ok(())
+/// Where a file named `name` is restored: into `dest` when it is a
+/// directory, else as `dest`.
+fn file_target(dest: &Path, name: &[u8]) -> PathBuf {
+    match dest.is_dir() {
+        true => dest.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name)),
+        false => dest.to_path_buf(),
+    }
 }
 
-/// Format 2: root-level files only.
+/// Format 2: root-level files only, each as [`tree::restore_one`] writes it.
 fn restore_flat(
     repo: &Repo,
     snap: &Snapshot,
     path: Option<&str>,
     dest: &Path,
-    force: bool,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
     let mut jobs = Vec::new();
     match path {
         Some(p) => {
             let (i, node) = find_file(snap, p)?;
-            let target = if dest.is_dir() {
-                dest.join(String::from_utf8_lossy(&node.name).as_ref())
-            } else {
-                dest.to_path_buf()
-            };
-            jobs.push((i, node, target));
+            jobs.push((i, node, file_target(dest, &node.name)));
         }
         None => {
-            refuse_nonempty(dest, force)?;
+            refuse_nonempty(dest, opts.force)?;
             std::fs::create_dir_all(dest).at(dest)?;
             for (i, n) in snap.nodes.iter().enumerate() {
                 if n.parent == ROOT && matches!(n.kind, NodeKind::File(_)) {
-                    let target = dest.join(String::from_utf8_lossy(&n.name).as_ref());
-                    jobs.push((i as u32, n, target));
+                    jobs.push((i as u32, n, file_target(dest, &n.name)));
                 }
             }
         }
     }
     for (_, _, target) in &jobs {
-        if target.exists() && !force {
+        if std::fs::symlink_metadata(target).is_ok() && !opts.force {
             return Err(Error::InvalidInput(format!(
                 "{} exists; pass --force to overwrite it",
                 target.display()
@@ -234,54 +211,20 @@ fn restore_flat(
         warnings: Vec::new(),
     };
     for (i, node, target) in jobs {
-        let NodeKind::File(f) = &node.kind else {
-            continue;
+        // The node's attributes as an entry (its version is opened from
+        // the node itself, so the entry carries none).
+        let attrs = Node {
+            kind: NodeKind::Dir,
+            ..node.clone()
         };
-        let name = String::from_utf8_lossy(&node.name);
-        progress.start(&name, f.size);
-        let reader = VersionReader::open_node(repo, snap, i)?;
-        restore_file(repo, &reader, &target, progress)?;
-        set_meta(&target, node)?;
-        report.bytes += f.size;
-        report.files.push((target, f.size));
+        let entry = crate::tree3::entry_of(&attrs)?;
+        let open = |_: &Path| VersionReader::open_node(repo, snap, i);
+        let r = tree::restore_one(repo, snap.id, &entry, &open, &target, opts, progress)?;
+        report.bytes += r.bytes;
+        report.files.extend(r.files);
+        report.warnings.extend(r.warnings);
     }
     Ok(report)
-}
-
-/// Writes one version to `dest` (via `dest.dsync-partial`) and verifies it.
-///
-/// # Errors
-/// As [`restore`].
-fn restore_file(
-    repo: &Repo,
-    reader: &VersionReader,
-    dest: &Path,
-    progress: &dyn Progress,
-) -> Result<()> {
-    let (f, what) = (reader.file(), reader.what());
-    let mut tmp_name = dest.as_os_str().to_owned();
-    tmp_name.push(".dsync-partial");
-    let tmp = PathBuf::from(tmp_name);
-    let out = File::create(&tmp).at(&tmp)?;
-    let result = write_verified(
-        reader,
-        f,
-        what,
-        Some((&out, &tmp)),
-        repo.config().block_size,
-        progress,
-    );
-    match result {
-        Ok(()) => {
-            drop(out);
-            std::fs::rename(&tmp, dest).at(dest)
-        }
-        Err(e) => {
-            drop(out);
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
 }
 
 /// Reads every byte of a version without writing it anywhere and checks its

@@ -291,6 +291,14 @@ pub(crate) fn entry_of(n: &Node) -> Result<Entry> {
     })
 }
 
+/// What a root-level file's entry keeps that its [`Node`] does not.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RootAttrs {
+    pub user: Vec<u8>,
+    pub group: Vec<u8>,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
 /// Writes the root list of a snapshot: the root-level `nodes` (files,
 /// streams) and the `entries` of directory sources, whose trees are written.
 ///
@@ -300,15 +308,22 @@ pub(crate) fn write_root(
     repo: &Repo,
     meta: &mut MetaWriter,
     nodes: &[Node],
+    attrs: &[RootAttrs],
     mut entries: Vec<Entry>,
 ) -> Result<List<Entry>> {
-    for n in nodes {
+    for (i, n) in nodes.iter().enumerate() {
         if n.parent != ROOT {
             return Err(Error::Internal(
                 "a nested node in a stage 1 snapshot".into(),
             ));
         }
-        entries.push(entry_of(n)?);
+        let mut e = entry_of(n)?;
+        if let Some(a) = attrs.get(i) {
+            e.user.clone_from(&a.user);
+            e.group.clone_from(&a.group);
+            e.xattrs.clone_from(&a.xattrs);
+        }
+        entries.push(e);
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     write_list(repo, meta, entries)

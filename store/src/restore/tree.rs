@@ -37,18 +37,28 @@ pub struct RestoreOptions {
 }
 
 /// Restores `entries` (a snapshot's root list, or one directory entry)
-/// into the directory `dest`.
+/// into the directory `dest`; `top`, the directory whose entries these are
+/// when `dest` stands for it, gives `dest` its attributes.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn restore_entries(
     repo: &Repo,
     snap: crate::id::SnapshotId,
     base: &[u8],
     entries: Vec<Entry>,
+    top: Option<&Entry>,
     dest: &Path,
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
     std::fs::create_dir_all(dest).at(dest)?;
-    let fd = source::open_dir(None, dest.as_os_str().as_encoded_bytes()).at(dest)?;
+    // The user's own path to the destination may go through symlinks;
+    // nothing below it does.
+    let fd = rustix::fs::open(
+        dest,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|err| Error::io(dest, err.into()))?;
     let name = snap.to_string();
     let mut r = Restorer {
         repo,
@@ -74,6 +84,9 @@ pub(super) fn restore_entries(
         .collect();
     r.base = base;
     r.entries(fd.as_fd(), dest, &[], entries)?;
+    if let Some(top) = top {
+        r.attrs(Some(fd.as_fd()), fd.as_fd(), top, dest)?;
+    }
     Ok(r.report)
 }
 
@@ -229,7 +242,8 @@ impl Restorer<'_> {
         let written: Vec<Result<(Entry, PathBuf, OwnedFd)>> = files
             .into_par_iter()
             .map(|(e, path, at)| {
-                let fd = write_file(repo, (snap, id, &at), dir, &e, &path, progress)?;
+                let reader = open_entry(repo, (snap, id, &at), &e, &path);
+                let (fd, _) = write_file(repo, reader, dir, &e.name, &path, progress)?;
                 Ok((e, path, fd))
             })
             .collect();
@@ -383,62 +397,161 @@ impl Restorer<'_> {
     }
 }
 
-/// Creates `e`'s file (it must not exist) and writes its verified bytes;
-/// a version that fails verification leaves no file.
-fn write_file(
+/// Opens the version `e` names, following the snapshot's record when a
+/// prune repacked what the entry names (FORMAT.md, "Readers during
+/// prune"): the entry is then read again at its path `at`.
+pub(super) fn open_entry(
     repo: &Repo,
     (snap, id, at): (&str, crate::id::SnapshotId, &[u8]),
-    dir: BorrowedFd<'_>,
     e: &Entry,
     path: &Path,
-    progress: &dyn Progress,
-) -> Result<OwnedFd> {
+) -> Result<VersionReader> {
     let version = |e: &Entry| match crate::tree3::node_of(e, 0).map(|n| n.kind) {
         Some(NodeKind::File(f)) => Ok(f),
         _ => Err(Error::Internal("not a file".into())),
     };
-    let f = &version(e)?;
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat(dir, e.name.as_slice(), flags, Mode::from_raw_mode(0o600))
-        .map_err(|err| Error::io(path, err.into()))?;
-    let file = File::from(fd);
-    progress.start(&path.display().to_string(), f.size);
     let what = format!("snapshot {snap} file {}", path.display());
-    // A prune that repacked what the entry names replaced the snapshot's
-    // record first: read the entry again from it (FORMAT.md, "Readers
-    // during prune").
-    let mut cur = f.clone();
+    let mut cur = version(e)?;
     let mut followed = 0;
-    let reader = loop {
+    loop {
         match VersionReader::open(repo, &cur, &what) {
             Err(err) if err.is_not_found() && followed < 8 => {
                 followed += 1;
                 let root = crate::browse::root(repo, id)?;
                 match crate::tree3::resolve(repo, &root, at)? {
                     Some(e2) if version(&e2)? != cur => cur = version(&e2)?,
-                    _ => break Err(err),
+                    _ => return Err(err),
                 }
             }
-            r => break r,
+            r => return r,
         }
-    };
-    let f = &cur;
-    let r = reader.and_then(|reader| {
-        write_verified(
-            &reader,
-            f,
-            &what,
-            Some((&file, path)),
-            repo.config().block_size,
-            progress,
-        )
-    });
+    }
+}
+
+/// Creates the file `name` in `dir` (it must not exist: `O_EXCL`, never
+/// through a symlink) and writes `reader`'s verified bytes; a version that
+/// fails verification leaves no file.
+fn write_file(
+    repo: &Repo,
+    reader: Result<VersionReader>,
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<(OwnedFd, u64)> {
+    let reader = reader?;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o600))
+        .map_err(|err| Error::io(path, err.into()))?;
+    let file = File::from(fd);
+    let f = reader.file().clone();
+    progress.start(&path.display().to_string(), f.size);
+    let r = write_verified(
+        &reader,
+        &f,
+        reader.what(),
+        Some((&file, path)),
+        repo.config().block_size,
+        progress,
+    );
     if let Err(err) = r {
         drop(file);
-        let _ = rustix::fs::unlinkat(dir, e.name.as_slice(), AtFlags::empty());
+        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
         return Err(err);
     }
-    Ok(OwnedFd::from(file))
+    Ok((OwnedFd::from(file), f.size))
+}
+
+/// Restores one file to `target`: written under `NAME.dsync-partial` in
+/// the target's directory (created `O_EXCL`, no-follow), given its owner,
+/// mode, extended attributes and times, then renamed over `target` (which
+/// replaces a symlink there, never writes through it). `open` opens the
+/// version (it may follow a pruned record).
+pub(super) fn restore_one(
+    repo: &Repo,
+    snap: crate::id::SnapshotId,
+    e: &Entry,
+    open: &dyn Fn(&Path) -> Result<VersionReader>,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::InvalidInput(format!("{}: not a file name", target.display())))?
+        .as_bytes()
+        .to_vec();
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // The user's own path to the directory may go through symlinks;
+    // nothing below it does.
+    let dir = rustix::fs::open(
+        parent,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|err| Error::io(parent, err.into()))?;
+    match source::stat_at(dir.as_fd(), &name) {
+        Ok(st) if st.is_dir() => {
+            return Err(Error::InvalidInput(format!(
+                "{} is a directory",
+                target.display()
+            )))
+        }
+        Ok(_) if !opts.force => {
+            return Err(Error::InvalidInput(format!(
+                "{} exists; pass --force to overwrite it",
+                target.display()
+            )))
+        }
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(Error::io(target, err)),
+    }
+    let mut tmp = name.clone();
+    tmp.extend_from_slice(b".dsync-partial");
+    let tmp_path = parent.join(std::ffi::OsStr::from_bytes(&tmp));
+    // A partial file left by an interrupted restore (unlinkat removes a
+    // symlink itself, not what it points to).
+    match rustix::fs::unlinkat(dir.as_fd(), tmp.as_slice(), AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(err) => return Err(Error::io(&tmp_path, err.into())),
+    }
+    let label = snap.to_string();
+    let mut r = Restorer {
+        repo,
+        snap: &label,
+        id: snap,
+        opts,
+        progress,
+        owners: Owners::default(),
+        root: rustix_is_root(),
+        dest: dir.try_clone().at(parent)?,
+        base: Vec::new(),
+        links: HashMap::new(),
+        report: RestoreReport {
+            files: Vec::new(),
+            bytes: 0,
+            warnings: Vec::new(),
+        },
+    };
+    let (fd, size) = write_file(repo, open(target), dir.as_fd(), &tmp, target, progress)?;
+    let done = r
+        .attrs(Some(fd.as_fd()), dir.as_fd(), e, target)
+        .and_then(|()| {
+            rustix::fs::renameat(dir.as_fd(), tmp.as_slice(), dir.as_fd(), name.as_slice())
+                .map_err(|err| Error::io(target, err.into()))
+        });
+    if let Err(err) = done {
+        let _ = rustix::fs::unlinkat(dir.as_fd(), tmp.as_slice(), AtFlags::empty());
+        return Err(err);
+    }
+    r.report.bytes += size;
+    r.report.files.push((target.to_path_buf(), size));
+    Ok(r.report)
 }
 
 /// Removes the directory `name` in `dir` and everything under it, never
