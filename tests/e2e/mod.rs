@@ -14,4 +14,5 @@ mod prune;
 mod prune_readers;
 mod readme;
 mod sources;
+mod tree;
 mod util;
