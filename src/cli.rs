@@ -56,6 +56,12 @@ qemu-img convert -O raw disk.qcow2 /dev/stdout | dsync backup /backup/vms --stdi
     /// List snapshots, oldest first.
     #[command(after_help = "Example: dsync list /backup/vms --json")]
     List(ListArgs),
+    /// List the paths of a snapshot (or under PATH in it), depth first in
+    /// name order.
+    #[command(after_help = "Examples:\n  dsync ls /backup/home latest\n  \
+dsync ls /backup/home 2024-05-01 home/alice/.config -l\n  \
+dsync ls /backup/home latest --json | jq -r 'select(.size > 1e9) | .path'")]
+    Ls(LsArgs),
     /// Restore a snapshot (or one file of it) to DEST.
     #[command(
         after_help = "SNAPSHOT is an id or unique id prefix, a local time YYYY-MM-DDTHH:MM:SS, \
@@ -85,8 +91,9 @@ any rule keeps it. Without --keep-* options nothing is forgotten and only unused
 Example: dsync prune /backup/vms --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run"
     )]
     Prune(PruneArgs),
-    /// Which byte ranges of each file differ between two snapshots (from the
-    /// extent maps alone: no data is read).
+    /// What differs between two snapshots: paths added, removed or changed,
+    /// and which byte ranges of each file (from the extent maps alone: no
+    /// data is read).
     #[command(after_help = "Example: dsync diff /backup/vms 2024-05-01 latest disk.qcow2 --json")]
     Diff(DiffArgs),
     /// Bytes stored, and per snapshot the bytes only it uses (what forgetting
@@ -226,6 +233,22 @@ pub enum OnChange {
 pub struct ListArgs {
     pub repo: PathBuf,
     /// One JSON object per snapshot, one per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync ls` (its help: [`Command::Ls`]).
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    pub repo: PathBuf,
+    pub snapshot: String,
+    /// A directory or file of the snapshot (`home/alice`); the whole
+    /// snapshot without it.
+    pub path: Option<String>,
+    /// Mode, owner, group, size and modification time, as `ls -l`.
+    #[arg(short, long)]
+    pub long: bool,
+    /// One JSON object per path, one per line (docs/JSON.md).
     #[arg(long)]
     pub json: bool,
 }

@@ -70,6 +70,7 @@ fn run(command: Command, quiet: bool) -> anyhow::Result<()> {
         Command::Init(o) => cmd::init::run(o, quiet, &mut out)?,
         Command::Backup(o) => cmd::backup::run(o, quiet, &mut out)?,
         Command::List(o) => cmd::list::run(o, &mut out)?,
+        Command::Ls(o) => cmd::ls::run(o, &mut out)?,
         Command::Restore(o) => cmd::restore::run(o, quiet, &mut out)?,
         Command::Cat(o) => cmd::restore::cat(o, &mut out)?,
         Command::Mount(o) => cmd::mount::run(o)?,

@@ -43,6 +43,8 @@ impl Side {
 /// ranges `[start, end)` that differ with their total length.
 struct FileDiff {
     name: String,
+    /// `file`, or the kind of node a tree's path is (store's `PathDiff`).
+    kind: &'static str,
     status: &'static str,
     ranges: Vec<(u64, u64)>,
     bytes: u64,
@@ -52,7 +54,21 @@ struct FileDiff {
 pub fn run(o: DiffArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let style = Style::new(o.json, quiet);
     let r = Repo::open(&o.repo)?;
-    let (a, b) = (Side::new(r.resolve(&o.a)?), Side::new(r.resolve(&o.b)?));
+    let (a, b) = (r.resolve_head(&o.a)?, r.resolve_head(&o.b)?);
+    if a.format >= 3 && b.format >= 3 {
+        return dsync_store::inspect::diff_trees(&r, &a, &b, o.path.as_deref(), &mut |d| {
+            let d = FileDiff {
+                name: String::from_utf8_lossy(&d.path).into_owned(),
+                kind: d.kind,
+                status: d.status,
+                ranges: d.ranges,
+                bytes: d.bytes,
+            };
+            print(&d, style, out).map_err(|e| Error::io("standard output", e))
+        })
+        .map_err(Into::into);
+    }
+    let (a, b) = (Side::new(a), Side::new(b));
     for name in names(&a, &b, o.path)? {
         if let Some(d) = file_diff(&r, &a, &b, name)? {
             print(&d, style, out)?;
@@ -103,6 +119,7 @@ fn file_diff(r: &Repo, a: &Side, b: &Side, name: String) -> anyhow::Result<Optio
     };
     Ok(Some(FileDiff {
         name,
+        kind: "file",
         status,
         ranges,
         bytes,
@@ -113,8 +130,15 @@ fn file_diff(r: &Repo, a: &Side, b: &Side, name: String) -> anyhow::Result<Optio
 /// --quiet) the first ranges under it.
 fn print(d: &FileDiff, style: Style, out: &mut dyn Write) -> std::io::Result<()> {
     if style == Style::Json {
-        let v = serde_json::json!({"file": d.name, "status": d.status, "bytes": d.bytes, "ranges": d.ranges});
+        let v = serde_json::json!({"file": d.name, "kind": d.kind, "status": d.status, "bytes": d.bytes, "ranges": d.ranges});
         return writeln!(out, "{v}");
+    }
+    if d.kind != "file" {
+        let slash = if d.kind == "dir" { "/" } else { "" };
+        return match d.kind {
+            "dir" | "symlink" => writeln!(out, "{}{slash}: {}", d.name, d.status),
+            k => writeln!(out, "{}: {} ({k})", d.name, d.status),
+        };
     }
     writeln!(
         out,
@@ -155,6 +179,7 @@ mod tests {
         let ranges: Vec<(u64, u64)> = (0..52).map(|k| (k * 8192, k * 8192 + 4096)).collect();
         let d = FileDiff {
             name: "disk.img".into(),
+            kind: "file",
             status: "changed",
             bytes: 52 * 4096,
             ranges,

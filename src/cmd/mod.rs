@@ -12,6 +12,7 @@ pub mod generate;
 pub mod import;
 pub mod init;
 pub mod list;
+pub mod ls;
 pub mod mount;
 pub mod prune;
 pub mod restore;

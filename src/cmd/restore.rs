@@ -15,7 +15,7 @@ use crate::progress;
 pub fn run(o: RestoreArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let style = Style::new(o.json, quiet);
     let r = Repo::open(&o.repo)?;
-    let s = r.resolve(&o.snapshot)?;
+    let s = r.resolve_head(&o.snapshot)?;
     let opts = RestoreOptions {
         force: o.force,
         numeric_ids: o.numeric_ids,
@@ -57,7 +57,7 @@ fn json(s: &Snapshot, rep: &RestoreReport) -> serde_json::Value {
 /// `dsync cat`: one file of the snapshot to `out` (standard output).
 pub fn cat(o: CatArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let r = Repo::open(&o.repo)?;
-    let s = r.resolve(&o.snapshot)?;
+    let s = r.resolve_head(&o.snapshot)?;
     dsync_store::cat(&r, &s, &o.path, out).with_context(|| format!("cat {}", o.path))?;
     Ok(())
 }

@@ -398,7 +398,9 @@ fn run(
                 let record = repo.load_record(id)?;
                 crate::tree3::know_pages(repo, &record.root, meta)?;
             }
-            Some(crate::tree3::write_root(repo, meta, &nodes, &attrs, entries)?)
+            Some(crate::tree3::write_root(
+                repo, meta, &nodes, &attrs, entries,
+            )?)
         }
         None => None,
     };
@@ -558,8 +560,9 @@ impl Collected {
         let xattrs = match source == Path::new("-") {
             true => Vec::new(),
             // A file that refuses its attributes is still backed up.
-            false => crate::source::xattrs(crate::source::XattrSource::Path(source))
-                .unwrap_or_default(),
+            false => {
+                crate::source::xattrs(crate::source::XattrSource::Path(source)).unwrap_or_default()
+            }
         };
         self.attrs.push(crate::tree3::RootAttrs {
             user: self.owners.user(meta.1),

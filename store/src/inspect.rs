@@ -11,6 +11,9 @@ use crate::id::{MapId, PackId, SnapshotId};
 use crate::map::FileMap;
 use crate::repo::Repo;
 
+mod tree;
+pub use tree::{diff_trees, PathDiff};
+
 /// Byte ranges `[start, end)` where two versions' maps point at different
 /// stored bytes (or one has a hole where the other has data), and their total.
 /// Ranges past the shorter version's end count as differing.
@@ -158,15 +161,13 @@ pub fn du(repo: &Repo) -> Result<DuReport> {
     })
 }
 
-/// The extent map of the root-level file `name` of `snap`, following the
+/// The extent map of the file at `name` in `snap`, following the
 /// snapshot's manifest if a prune replaced it since `snap` was read.
 ///
 /// # Errors
 /// [`crate::Error::NoSuchPath`]; as [`crate::VersionReader::open_node`].
 pub fn version_map(repo: &Repo, snap: &crate::Snapshot, name: &str) -> Result<FileMap> {
-    let (node, _) = crate::restore::find_file(snap, name)?;
-    let r = crate::read::VersionReader::open_node(repo, snap, node)?;
-    Ok(r.map().clone())
+    Ok(crate::restore::open_path(repo, snap, name)?.map().clone())
 }
 
 #[cfg(test)]

@@ -36,4 +36,4 @@ pub use id::{MapId, PackId, SigId, SnapshotId};
 pub use map::FileMap;
 pub use read::VersionReader;
 pub use repo::{Repo, DEFAULT_CACHE};
-pub use restore::{cat, restore, restore_with, RestoreOptions, RestoreReport};
+pub use restore::{cat, open_path, restore, restore_with, RestoreOptions, RestoreReport};

@@ -292,6 +292,28 @@ impl Repo {
         self.load_snapshot(found.id)
     }
 
+    /// As [`Repo::resolve`], without reading a format 3 tree: such a
+    /// snapshot comes with no nodes (its tree is read one directory at a
+    /// time through its record: restore, cat, diff, [`crate::browse`]).
+    ///
+    /// # Errors
+    /// As [`Repo::resolve`].
+    pub fn resolve_head(&self, spec: &str) -> Result<Snapshot> {
+        let found = resolve_in(self.infos()?, spec)?;
+        if found.format < 3 {
+            return self.load_snapshot(found.id);
+        }
+        Ok(Snapshot {
+            id: found.id,
+            time_ns: found.time_ns,
+            host: found.host,
+            paths: found.paths,
+            stats: found.stats,
+            nodes: Vec::new(),
+            format: found.format,
+        })
+    }
+
     /// Loads a map object.
     ///
     /// # Errors

@@ -146,6 +146,41 @@ pub fn restore_with(
     }
 }
 
+/// A reader of the file at `path` in `snap` (`a/b/c`; format 2: a
+/// root-level name), following the snapshot's record if a prune replaced
+/// it.
+///
+/// # Errors
+/// [`Error::NoSuchPath`] when `path` is not a file of `snap`; as
+/// [`VersionReader::open`].
+pub fn open_path(repo: &Repo, snap: &Snapshot, path: &str) -> Result<VersionReader> {
+    if snap.format < 3 {
+        let (node, _) = find_file(snap, path)?;
+        return VersionReader::open_node(repo, snap, node);
+    }
+    let missing = || Error::NoSuchPath {
+        path: path.to_string(),
+        snapshot: snap.id.to_string(),
+    };
+    let at = path.trim_matches('/');
+    let record = repo.load_record(snap.id)?;
+    let e = crate::tree3::resolve(repo, &record.root, at.as_bytes())?.ok_or_else(missing)?;
+    if !matches!(e.payload, crate::format::v3::node::Payload::File(_)) {
+        return Err(Error::InvalidInput(format!(
+            "{path} in snapshot {} is not a regular file",
+            snap.id
+        )));
+    }
+    if !e.error.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "{path} in snapshot {} was not stored: {}",
+            snap.id, e.error
+        )));
+    }
+    let id = snap.id.to_string();
+    tree::open_entry(repo, (&id, snap.id, at.as_bytes()), &e, Path::new(at))
+}
+
 /// Refuses a destination directory that exists and is not empty, unless
 /// `force`.
 fn refuse_nonempty(dest: &Path, force: bool) -> Result<()> {
@@ -355,8 +390,7 @@ fn write_verified(
 /// [`Error::NoSuchPath`]; as [`restore`]; a write error on `w` as
 /// [`Error::Io`] on "standard output".
 pub fn cat(repo: &Repo, snap: &Snapshot, path: &str, w: &mut dyn std::io::Write) -> Result<()> {
-    let (node, _) = find_file(snap, path)?;
-    let reader = VersionReader::open_node(repo, snap, node)?;
+    let reader = open_path(repo, snap, path)?;
     let (f, what) = (reader.file(), reader.what());
     let bs = repo.config().block_size;
     let mut hasher = f.hasher(bs);

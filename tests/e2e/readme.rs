@@ -188,6 +188,13 @@ fn readme_quick_start_runs() {
     if !skip_fuse {
         cmp(&tmp.join("old.raw"), &may1);
     }
+    for f in ["disk.qcow2", "disk.raw.gz"] {
+        assert_eq!(
+            blake2(&tmp.join("vms-copy").join(f)),
+            blake2(&home.join("vms").join(f)),
+            "the directory's {f}"
+        );
+    }
     let out = env.path("stream.raw");
     env.ok(&["restore", s(&repo), "latest", "--to", s(&out), "disk.raw"]);
     assert_eq!(blake2(&out), blake2(&raw), "the stream's snapshot");

@@ -1215,3 +1215,152 @@ fn a_file_that_vanishes_before_it_is_read_is_skipped_with_a_warning() {
          the case was not exercised"
     );
 }
+
+/// Every path under `root` (relative, `/` joined) with what `diff`
+/// compares: kind, contents (files) or target (symlinks), and the
+/// attributes.
+fn describe(root: &Path) -> std::collections::BTreeMap<String, (char, Vec<u8>, String)> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let (kind, data) = if md.is_dir() {
+                stack.push(p.clone());
+                ('d', Vec::new())
+            } else if md.file_type().is_symlink() {
+                (
+                    'l',
+                    std::fs::read_link(&p).unwrap().into_os_string().into_vec(),
+                )
+            } else {
+                ('f', std::fs::read(&p).unwrap())
+            };
+            let attrs = format!(
+                "{:o} {} {} {}.{}",
+                md.mode() & 0o7777,
+                md.uid(),
+                md.gid(),
+                md.mtime(),
+                md.mtime_nsec()
+            );
+            out.insert(rel, (kind, data, attrs));
+        }
+    }
+    out
+}
+
+#[test]
+fn ls_diff_and_cat_answer_for_paths_inside_a_tree() {
+    let env = Env::new();
+    let repo = env.repo();
+    let h = env.path("h");
+    history_tree(&h);
+    std::os::unix::fs::symlink("target", h.join("link")).unwrap();
+    let before = env.path("before");
+    tool("cp", &["-a", s(&h), s(&before)]);
+    backup(&env, &repo, &[&h], &[]);
+    // Bytes changed in the middle, a directory removed, a file become a
+    // directory, a mode changed, a file added, a symlink retargeted.
+    let p = h.join("data/big.bin");
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&pseudo(10_000, 77), 3 << 20).unwrap();
+    drop(f);
+    std::fs::remove_dir_all(h.join("gone")).unwrap();
+    std::fs::remove_file(h.join("f2d")).unwrap();
+    write(&h.join("f2d/child"), b"now a directory");
+    chmod(&h.join("modefile"), 0o600);
+    write(&h.join("fresh.txt"), &pseudo(2500, 15));
+    std::fs::remove_file(h.join("link")).unwrap();
+    std::os::unix::fs::symlink("modefile", h.join("link")).unwrap();
+    let after = env.path("after");
+    tool("cp", &["-a", s(&h), s(&after)]);
+    backup(&env, &repo, &[&h], &[]);
+    let ids = env.ids();
+    let (old, new) = (describe(&before), describe(&after));
+
+    // ls: every path, directories with a slash, symlinks with their target.
+    let listed: BTreeSet<String> = env
+        .ok(&["ls", s(&repo), &ids[0]])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut expected: BTreeSet<String> = old
+        .iter()
+        .map(|(p, (k, data, _))| match k {
+            'd' => format!("h/{p}/"),
+            'l' => format!("h/{p} -> {}", String::from_utf8_lossy(data)),
+            _ => format!("h/{p}"),
+        })
+        .collect();
+    expected.insert("h/".into());
+    assert_eq!(listed, expected);
+    for line in env
+        .ok(&["ls", "--json", s(&repo), &ids[1], "h/data"])
+        .lines()
+    {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let p = v["path"].as_str().unwrap().strip_prefix("h/").unwrap();
+        let md = std::fs::symlink_metadata(after.join(p)).unwrap();
+        assert_eq!(v["mode"], md.mode() & 0o7777, "{line}");
+        if md.is_file() {
+            assert_eq!(v["size"], md.len(), "{line}");
+        }
+    }
+
+    // cat: each file of the first snapshot, byte for byte.
+    for (p, (k, data, _)) in &old {
+        if *k == 'f' {
+            let out = env.run(&["cat", s(&repo), &ids[0], &format!("h/{p}")]);
+            assert!(out.status.success(), "cat h/{p}: {out:?}");
+            assert!(out.stdout == *data, "cat h/{p}: other bytes");
+        }
+    }
+    env.fails(&["cat", s(&repo), &ids[0], "h/docs"], 1);
+    env.fails(&["cat", s(&repo), &ids[0], "h/nothing"], 1);
+
+    // diff: exactly the paths that differ, as the two copies tell.
+    let mut want = std::collections::BTreeMap::new();
+    for p in old.keys().chain(new.keys()) {
+        let status = match (old.get(p), new.get(p)) {
+            (Some(_), None) => "removed",
+            (None, Some(_)) => "added",
+            (Some(a), Some(b)) if a.0 != b.0 => "type",
+            (Some(a), Some(b)) if a.1 != b.1 => "changed",
+            (Some(a), Some(b)) if a.2 != b.2 => "metadata",
+            _ => continue,
+        };
+        want.insert(format!("h/{p}"), status.to_string());
+    }
+    let root_old = std::fs::symlink_metadata(&before).unwrap();
+    let root_new = std::fs::symlink_metadata(&after).unwrap();
+    if (root_old.mtime(), root_old.mtime_nsec()) != (root_new.mtime(), root_new.mtime_nsec()) {
+        want.insert("h".into(), "metadata".into());
+    }
+    let mut got = std::collections::BTreeMap::new();
+    for line in env
+        .ok(&["diff", "--json", s(&repo), &ids[0], &ids[1]])
+        .lines()
+    {
+        let v: Value = serde_json::from_str(line).unwrap();
+        got.insert(
+            v["file"].as_str().unwrap().to_string(),
+            v["status"].as_str().unwrap().to_string(),
+        );
+        if v["file"] == "h/data/big.bin" {
+            // One 4 KiB-aligned run around the 10,000 bytes written.
+            assert_eq!(
+                v["ranges"],
+                serde_json::json!([[3 << 20, (3 << 20) + 12288]])
+            );
+        }
+    }
+    assert_eq!(got, want);
+    // Under one directory only.
+    let sub = env.ok(&["diff", "-q", s(&repo), &ids[0], &ids[1], "h/gone"]);
+    assert!(sub.lines().all(|l| l.starts_with("h/gone")), "{sub}");
+    assert!(sub.contains("h/gone/sub/z: removed"), "{sub}");
+}
