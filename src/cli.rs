@@ -271,6 +271,13 @@ pub struct RestoreArgs {
     /// name.
     #[arg(long)]
     pub numeric_ids: bool,
+    /// Update files already at the destination in place, writing only the
+    /// blocks that differ from the snapshot's (yesterday's image over
+    /// today's copy writes the day's changes); what cannot be updated is
+    /// replaced, as with --force. An interrupted run leaves a file partly
+    /// updated: run it again.
+    #[arg(long)]
+    pub delta: bool,
     /// Print what was restored as one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -19,6 +19,7 @@ pub fn run(o: RestoreArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<(
     let opts = RestoreOptions {
         force: o.force,
         numeric_ids: o.numeric_ids,
+        delta: o.delta,
     };
     let rep = progress::with_bar(style, |bar| {
         dsync_store::restore_with(&r, &s, o.path.as_deref(), &o.to, &opts, bar)
@@ -32,13 +33,22 @@ pub fn run(o: RestoreArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<(
             for (p, n) in &rep.files {
                 writeln!(out, "restored {} ({}), verified", p.display(), human(*n))?;
             }
+            if o.delta {
+                writeln!(
+                    out,
+                    "wrote {} of {}",
+                    human(rep.bytes_written),
+                    human(rep.bytes)
+                )?;
+            }
         }
         Style::Text => writeln!(
             out,
-            "restored {} files ({}) into {}, verified",
+            "restored {} files ({}) into {}, verified; wrote {}",
             rep.files.len(),
             human(rep.bytes),
-            o.to.display()
+            o.to.display(),
+            human(rep.bytes_written)
         )?,
         Style::Quiet => {}
     }
@@ -51,7 +61,7 @@ fn json(s: &Snapshot, rep: &RestoreReport) -> serde_json::Value {
         .iter()
         .map(|(p, n)| serde_json::json!({"path": p.display().to_string(), "size": n, "verified": true}))
         .collect();
-    serde_json::json!({"snapshot": s.id.to_string(), "bytes": rep.bytes, "files": files})
+    serde_json::json!({"snapshot": s.id.to_string(), "bytes": rep.bytes, "bytes_written": rep.bytes_written, "files": files})
 }
 
 /// `dsync cat`: one file of the snapshot to `out` (standard output).

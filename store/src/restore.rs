@@ -27,10 +27,14 @@ thread_local! {
 }
 
 /// What restore wrote.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RestoreReport {
     pub files: Vec<(PathBuf, u64)>,
+    /// The restored files' sizes.
     pub bytes: u64,
+    /// Bytes written to files: `bytes` but for holes, and under `--delta`
+    /// only the blocks that differed.
+    pub bytes_written: u64,
     /// What could not be restored as stored (a device node without root,
     /// extended attributes the file system refuses), one line each.
     pub warnings: Vec<String>,
@@ -90,6 +94,11 @@ pub fn restore_with(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
+    // What --delta cannot update in place it replaces.
+    let opts = &RestoreOptions {
+        force: opts.force || opts.delta,
+        ..opts.clone()
+    };
     if snap.format < 3 {
         return restore_flat(repo, snap, path, dest, opts, progress);
     }
@@ -240,11 +249,7 @@ fn restore_flat(
             )));
         }
     }
-    let mut report = RestoreReport {
-        files: Vec::new(),
-        bytes: 0,
-        warnings: Vec::new(),
-    };
+    let mut report = RestoreReport::default();
     for (i, node, target) in jobs {
         // The node's attributes as an entry (its version is opened from
         // the node itself, so the entry carries none).
@@ -274,27 +279,50 @@ pub fn verify_version(
     progress: &dyn Progress,
 ) -> Result<()> {
     let reader = VersionReader::open(repo, f, what)?;
-    write_verified(&reader, f, what, None, repo.config().block_size, progress)
+    write_verified(
+        &reader,
+        f,
+        what,
+        Out::None,
+        repo.config().block_size,
+        progress,
+    )
+    .map(|_| ())
 }
 
-/// Reads a version in parallel chunks, writes its stored ranges to `out` if
-/// given (holes stay holes), and checks the whole-file hash.
+/// Where [`write_verified`] puts the bytes it reads.
+#[derive(Clone, Copy)]
+enum Out<'a> {
+    /// Nowhere: read and verify only.
+    None,
+    /// A new, empty file: the stored ranges are written, holes stay holes.
+    New(&'a File, &'a Path),
+    /// An existing file brought to the version in place: only the blocks
+    /// whose bytes differ are written, and a hole where the file has data
+    /// is punched (`--delta`).
+    Delta(&'a File, &'a Path),
+}
+
+/// Reads a version chunk by chunk in parallel, writes it to `out`, and
+/// checks the whole-file hash. Returns the bytes written.
 fn write_verified(
     reader: &VersionReader,
     f: &FileVersion,
     what: &str,
-    out: Option<(&File, &Path)>,
+    out: Out<'_>,
     block_size: u32,
     progress: &dyn Progress,
-) -> Result<()> {
+) -> Result<u64> {
     let size = f.size;
-    if let Some((out, out_path)) = out {
-        out.set_len(size).at(out_path)?;
+    match out {
+        Out::New(file, path) | Out::Delta(file, path) => file.set_len(size).at(path)?,
+        Out::None => {}
     }
     let bs = block_size as u64;
     let zero = ZeroBlock::new(block_size);
     let mut hasher = f.hasher(block_size);
     let nchunks = size.div_ceil(CHUNK);
+    let written = std::sync::atomic::AtomicU64::new(0);
     // Each chunk in flight holds a buffer only while a thread works on it and
     // leaves 32 bytes per block behind, so a large batch costs little memory
     // and keeps both threads busy when data and holes alternate.
@@ -311,13 +339,21 @@ fn write_verified(
                 // The stored ranges of this chunk, from one walk of the map.
                 let mut pos = off;
                 let mut writes = Vec::new();
+                let mut holes = Vec::new();
                 reader.map().resolve(off, len, |p| match p {
                     crate::map::Piece::Data { len: n, .. } => {
                         writes.push((pos, n));
                         pos += n;
                     }
-                    crate::map::Piece::Hole { len: n } => pos += n,
+                    crate::map::Piece::Hole { len: n } => {
+                        holes.push((pos, n));
+                        pos += n;
+                    }
                 });
+                if let Out::Delta(file, path) = out {
+                    let n = clear_holes(file, path, &holes, &buffers)?;
+                    written.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
                 if writes.is_empty() {
                     progress.advance(len);
                     let blocks = len.div_ceil(bs) as usize;
@@ -338,9 +374,16 @@ fn write_verified(
                 let mut hole_block = vec![true; len.div_ceil(bs) as usize];
                 for (s, n) in writes {
                     let a = (s - off) as usize;
-                    if let Some((out, out_path)) = out {
-                        out.write_all_at(&buf[a..a + n as usize], s).at(out_path)?;
-                    }
+                    let data = &buf[a..a + n as usize];
+                    let n_written = match out {
+                        Out::New(file, path) => {
+                            file.write_all_at(data, s).at(path)?;
+                            n
+                        }
+                        Out::Delta(file, path) => write_changed(file, path, data, s, bs, &buffers)?,
+                        Out::None => 0,
+                    };
+                    written.fetch_add(n_written, std::sync::atomic::Ordering::Relaxed);
                     let b0 = ((s - off) / bs) as usize;
                     let b1 = ((s - off + n).div_ceil(bs)) as usize;
                     hole_block[b0..b1].fill(false);
@@ -379,6 +422,90 @@ fn write_verified(
             0,
             "restored bytes do not match the stored BLAKE2 hash of the file",
         ));
+    }
+    Ok(written.into_inner())
+}
+
+/// Writes the blocks of `data` (at `at` in `file`) whose bytes differ from
+/// the file's; returns the bytes written.
+fn write_changed(
+    file: &File,
+    path: &Path,
+    data: &[u8],
+    at: u64,
+    bs: u64,
+    buffers: &crate::pipeline::Buffers,
+) -> Result<u64> {
+    let mut have = buffers.take(data.len());
+    read_full_at(file, path, &mut have, at)?;
+    let mut written = 0;
+    let mut i = 0;
+    let bs = bs as usize;
+    while i < data.len() {
+        // A run of differing blocks, written at once.
+        let mut j = i;
+        while j < data.len()
+            && data[j..(j + bs).min(data.len())] != have[j..(j + bs).min(data.len())]
+        {
+            j = (j + bs).min(data.len());
+        }
+        if j > i {
+            file.write_all_at(&data[i..j], at + i as u64).at(path)?;
+            written += (j - i) as u64;
+            i = j;
+        } else {
+            i = (i + bs).min(data.len());
+        }
+    }
+    buffers.give(have);
+    Ok(written)
+}
+
+/// Makes the `holes` (offset, length) of `file` read as zeros: a range
+/// that holds data is punched (written with zeros where the file system
+/// cannot punch). Returns the bytes written.
+fn clear_holes(
+    file: &File,
+    path: &Path,
+    holes: &[(u64, u64)],
+    buffers: &crate::pipeline::Buffers,
+) -> Result<u64> {
+    let mut cleared = 0;
+    for &(at, n) in holes {
+        let mut have = buffers.take(n as usize);
+        read_full_at(file, path, &mut have, at)?;
+        let dirty = have.iter().any(|&b| b != 0);
+        buffers.give(have);
+        if !dirty {
+            continue;
+        }
+        let punched = rustix::fs::fallocate(
+            file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            at,
+            n,
+        );
+        if punched.is_err() {
+            file.write_all_at(&vec![0u8; n as usize], at).at(path)?;
+            cleared += n;
+        }
+    }
+    Ok(cleared)
+}
+
+/// Fills `buf` from `file` at `at` (zeros past its end).
+fn read_full_at(file: &File, path: &Path, buf: &mut [u8], at: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], at + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
     }
     Ok(())
 }

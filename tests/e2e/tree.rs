@@ -1364,3 +1364,121 @@ fn ls_diff_and_cat_answer_for_paths_inside_a_tree() {
     assert!(sub.lines().all(|l| l.starts_with("h/gone")), "{sub}");
     assert!(sub.contains("h/gone/sub/z: removed"), "{sub}");
 }
+
+#[test]
+fn a_moved_or_renamed_file_is_stored_as_a_delta_of_its_old_path() {
+    let env = Env::new();
+    let repo = env.repo();
+    let t = env.path("t");
+    let big = pseudo(3 << 20, 41);
+    write(&t.join("a/disk.img"), &big);
+    write(&t.join("a/notes.txt"), &pseudo(20_000, 42));
+    touch(&t.join("a/disk.img"), "2021-06-01 10:00:00");
+    backup(&env, &repo, &[&t], &[]);
+    // Moved to another directory: same size and mtime, new name.
+    std::fs::create_dir(t.join("b")).unwrap();
+    std::fs::rename(t.join("a/disk.img"), t.join("b/old.img")).unwrap();
+    let v = backup(&env, &repo, &[&t], &[]);
+    assert_clean(&v);
+    assert!(
+        num(&v, "bytes_added") < 200_000,
+        "a moved 3 MiB file was stored again: {v}"
+    );
+    // Edited and moved again, keeping its base name: 4 KiB changed.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(t.join("b/old.img"))
+        .unwrap();
+    f.write_all_at(&pseudo(4096, 43), 1 << 20).unwrap();
+    drop(f);
+    std::fs::create_dir(t.join("c")).unwrap();
+    std::fs::rename(t.join("b/old.img"), t.join("c/old.img")).unwrap();
+    let before = env.path("before");
+    tool("cp", &["-a", s(&t), s(&before)]);
+    let v = backup(&env, &repo, &[&t], &[]);
+    assert!(
+        num(&v, "bytes_added") < 200_000,
+        "an edited, moved 3 MiB file was stored again: {v}"
+    );
+    let out = env.path("out");
+    restore(&env, &repo, "latest", &out, &[]);
+    assert_same(&before, &out.join("t"));
+}
+
+#[test]
+fn restore_delta_writes_only_the_blocks_that_differ() {
+    let env = Env::new();
+    let repo = env.repo();
+    let t = env.path("t");
+    write(&t.join("data/small.txt"), &pseudo(5000, 51));
+    // 8 MiB of data but for a 1 MiB hole at 3 MiB.
+    let f = std::fs::File::create(t.join("data/disk.img")).unwrap();
+    f.set_len(8 << 20).unwrap();
+    f.write_all_at(&pseudo(3 << 20, 52), 0).unwrap();
+    f.write_all_at(&pseudo(4 << 20, 57), 4 << 20).unwrap();
+    drop(f);
+    touch(&t.join("data/disk.img"), "2021-06-01 10:00:00");
+    backup(&env, &repo, &[&t], &[]);
+    let out = env.path("out");
+    restore(&env, &repo, "latest", &out, &[]);
+    assert_same(&t, &out.join("t"));
+
+    // The copy drifts: 3 blocks overwritten, data written into the hole,
+    // bytes appended, a small file edited, a file added.
+    let img = out.join("t/data/disk.img");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&pseudo(3 * 4096, 53), 1 << 20).unwrap();
+    f.write_all_at(&pseudo(8192, 54), (3 << 20) + 4096).unwrap();
+    f.write_all_at(&pseudo(1000, 55), 8 << 20).unwrap();
+    drop(f);
+    write(&out.join("t/data/small.txt"), b"edited");
+    write(&out.join("t/data/extra"), b"not in the snapshot");
+    let ino = std::fs::metadata(&img).unwrap().ino();
+
+    let json = env.ok(&[
+        "restore",
+        "--json",
+        s(&repo),
+        "latest",
+        "--to",
+        s(&out),
+        "--delta",
+    ]);
+    let v: Value = serde_json::from_str(json.trim()).unwrap();
+    // The 3 blocks and the small file (the hole is punched, not written).
+    assert_eq!(num(&v, "bytes_written"), 3 * 4096 + 5000, "{v}");
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().ino(),
+        ino,
+        "disk.img was replaced, not updated"
+    );
+    // What the snapshot does not hold is left alone.
+    assert!(out.join("t/data/extra").exists());
+    let d = rsync_diff(&t, &out.join("t"), &["--exclude=/data/extra"]);
+    assert!(d.is_empty(), "restore --delta:\n{d}");
+    assert!(
+        allocated(&img) < (7 << 20) + (512 << 10),
+        "the hole was not punched again: {} bytes allocated",
+        allocated(&img)
+    );
+
+    // One file onto its copy.
+    let one = env.path("one.img");
+    std::fs::copy(&img, &one).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&one).unwrap();
+    f.write_all_at(&pseudo(4096, 56), 4096).unwrap();
+    drop(f);
+    let json = env.ok(&[
+        "restore",
+        "--json",
+        s(&repo),
+        "latest",
+        "--to",
+        s(&one),
+        "t/data/disk.img",
+        "--delta",
+    ]);
+    let v: Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(num(&v, "bytes_written"), 4096, "{v}");
+    assert_same_file(&t.join("data/disk.img"), &one);
+}

@@ -163,6 +163,7 @@ pub(super) fn backup_dir(
                 owners: Owners::default(),
                 links: HashMap::new(),
                 root_dev: st.dev,
+                renames: Renames::Unbuilt(prev_list.clone()),
                 tx,
             };
             wk.source(fd, st, path, name, prev_list);
@@ -183,7 +184,71 @@ struct Walker<'a> {
     /// (dev, ino) of files with several links → (link group, first path).
     links: HashMap<(u64, u64), (u64, PathBuf)>,
     root_dev: u64,
+    /// Bases for new paths, built the first time one is met.
+    renames: Renames,
     tx: SyncSender<Task>,
+}
+
+/// Where a file met at a new path finds its delta basis: the previous
+/// snapshot's file with the same size and mtime (a rename or a move keeps
+/// both), else with the same base name (`disk.img` moved into a directory
+/// after an edit). Only files with a signature are indexed (smaller ones are
+/// stored whole anyway), at most [`RENAMES_MAX`] of each key.
+enum Renames {
+    /// The previous snapshot's list of this tree, not read yet.
+    Unbuilt(Option<List<Entry>>),
+    Built {
+        by_stat: HashMap<(u64, i64), FileData>,
+        by_name: HashMap<Vec<u8>, FileData>,
+    },
+}
+
+/// The most files a rename index holds per key: its memory stays a few
+/// tens of MB whatever the tree's size.
+const RENAMES_MAX: usize = 1 << 17;
+
+impl Renames {
+    /// The basis for a new file named `name` with `st`'s size and mtime.
+    fn find(&mut self, repo: &Repo, name: &[u8], st: &Stat) -> Result<Option<FileData>> {
+        if let Renames::Unbuilt(root) = self {
+            let root = root.take();
+            *self = Renames::build(repo, root)?;
+        }
+        let Renames::Built { by_stat, by_name } = self else {
+            return Ok(None);
+        };
+        Ok(by_stat
+            .get(&(st.size, st.mtime_ns))
+            .or_else(|| by_name.get(name))
+            .cloned())
+    }
+
+    /// Reads the previous tree once, one directory list at a time.
+    fn build(repo: &Repo, root: Option<List<Entry>>) -> Result<Renames> {
+        let (mut by_stat, mut by_name) = (HashMap::new(), HashMap::new());
+        let mut lists: Vec<List<Entry>> = root.into_iter().collect();
+        while let Some(l) = lists.pop() {
+            for e in crate::tree3::read_list(repo, &l)? {
+                match e.payload {
+                    Payload::Dir(sub) => lists.push(sub),
+                    Payload::File(d)
+                        if d.size >= crate::tree3::SIG_MIN_SIZE && e.error.is_empty() =>
+                    {
+                        if by_stat.len() < RENAMES_MAX {
+                            by_stat
+                                .entry((d.size, e.mtime_ns))
+                                .or_insert_with(|| d.clone());
+                        }
+                        if by_name.len() < RENAMES_MAX {
+                            by_name.entry(e.name).or_insert(d);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(Renames::Built { by_stat, by_name })
+    }
 }
 
 /// The walker stops: the writer has gone.
@@ -330,6 +395,12 @@ impl Walker<'_> {
                         Some(Payload::File(d)) => Some(d),
                         _ => None,
                     };
+                    let moved = match prev_data {
+                        None if st.size >= crate::tree3::SIG_MIN_SIZE => {
+                            self.renamed(&name, &st, &child)?
+                        }
+                        _ => None,
+                    };
                     if let (Some(b), Some(d)) = (before, prev_data) {
                         if self.unchanged(b, &st) {
                             entry.xattrs = b.xattrs.clone();
@@ -345,7 +416,7 @@ impl Walker<'_> {
                         path: child,
                         entry,
                         size: st.size,
-                        prev: prev_data.cloned(),
+                        prev: prev_data.cloned().or(moved),
                     })))?;
                 }
                 libc::S_IFLNK => {
@@ -415,6 +486,30 @@ impl Walker<'_> {
         self.send(Task::Enter)?;
         self.walk(Arc::new(fd), path, names, prev.as_ref())?;
         self.send(Task::Leave(entry, prev))
+    }
+
+    /// The basis of a file at a new path (see [`Renames`]); none, with a
+    /// warning, when the previous tree cannot be read.
+    fn renamed(
+        &mut self,
+        name: &[u8],
+        st: &Stat,
+        path: &Path,
+    ) -> std::result::Result<Option<FileData>, Gone> {
+        match self.renames.find(self.repo, name, st) {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                self.renames = Renames::Built {
+                    by_stat: HashMap::new(),
+                    by_name: HashMap::new(),
+                };
+                self.send(Task::Note(format!(
+                    "{}: previous snapshot unreadable, renamed files are read whole: {e}",
+                    path.display()
+                )))?;
+                Ok(None)
+            }
+        }
     }
 
     fn skipped(&self, path: &Path, e: &std::io::Error) -> std::result::Result<(), Gone> {

@@ -71,7 +71,17 @@ pub struct ZeroBlock {
 }
 
 impl ZeroBlock {
+    /// The zero block of `block_size` bytes (computed once for the
+    /// default size: every file's backup and restore asks for it).
     pub fn new(block_size: u32) -> Self {
+        static DEFAULT: std::sync::OnceLock<ZeroBlock> = std::sync::OnceLock::new();
+        if block_size == 4096 {
+            return *DEFAULT.get_or_init(|| ZeroBlock::compute(4096));
+        }
+        ZeroBlock::compute(block_size)
+    }
+
+    fn compute(block_size: u32) -> Self {
         let zeros = vec![0u8; block_size as usize];
         let digest = block_digest(&zeros);
         ZeroBlock {

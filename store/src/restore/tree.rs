@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 
-use super::{write_verified, RestoreReport};
+use super::{write_verified, Out, RestoreReport};
 use crate::backup::Progress;
 use crate::error::{Error, IoContext, Result};
 use crate::format::snapshot::NodeKind;
@@ -34,6 +34,12 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Owners by stored uid/gid, not by user and group name.
     pub numeric_ids: bool,
+    /// A regular file already at the destination (with no other name) is
+    /// brought to the stored version in place, writing only the blocks
+    /// that differ (rsync's `--inplace`); anything else is replaced as with
+    /// `force`. An interrupted or failed update leaves that file partly
+    /// updated.
+    pub delta: bool,
 }
 
 /// Restores `entries` (a snapshot's root list, or one directory entry)
@@ -71,11 +77,8 @@ pub(super) fn restore_entries(
         dest: fd.try_clone().at(dest)?,
         base: Vec::new(),
         links: HashMap::new(),
-        report: RestoreReport {
-            files: Vec::new(),
-            bytes: 0,
-            warnings: Vec::new(),
-        },
+        packs: HashMap::new(),
+        report: RestoreReport::default(),
     };
     let base: Vec<Vec<u8>> = base
         .split(|&c| c == b'/')
@@ -113,6 +116,9 @@ struct Restorer<'a> {
     dest: OwnedFd,
     /// Link group → the first file's path, as names under the destination.
     links: HashMap<u64, Vec<Vec<u8>>>,
+    /// The packs read so far, kept open until the restore ends: the next
+    /// file is most likely in one of them.
+    packs: HashMap<crate::id::PackId, std::sync::Arc<crate::pack::PackReader>>,
     report: RestoreReport,
 }
 
@@ -147,11 +153,14 @@ impl Restorer<'_> {
                         p.push(e.name.clone());
                         self.links.insert(e.link_group, p);
                     }
-                    self.clear(dir, &e.name, &child, false)?;
+                    let update = self.updatable(dir, &e.name);
+                    if !update {
+                        self.clear(dir, &e.name, &child, false)?;
+                    }
                     let mut at = self.base.clone();
                     at.extend(rel.iter().cloned());
                     at.push(e.name.clone());
-                    files.push((e, child, at.join(&b'/')));
+                    files.push((e, child, at.join(&b'/'), update));
                 }
                 // Subdirectories after this directory's files and links:
                 // a link group's first name is then written before any
@@ -234,28 +243,49 @@ impl Restorer<'_> {
     }
 
     /// Writes a directory's files, several at a time, each verified.
-    fn files(&mut self, dir: BorrowedFd<'_>, files: Vec<(Entry, PathBuf, Vec<u8>)>) -> Result<()> {
+    fn files(&mut self, dir: BorrowedFd<'_>, files: Vec<FileJob>) -> Result<()> {
         let repo = self.repo;
         let snap = self.snap;
         let id = self.id;
         let progress = self.progress;
-        let written: Vec<Result<(Entry, PathBuf, OwnedFd)>> = files
+        type Out = (
+            Entry,
+            PathBuf,
+            Written,
+            Vec<std::sync::Arc<crate::pack::PackReader>>,
+        );
+        let written: Vec<Result<Out>> = files
             .into_par_iter()
-            .map(|(e, path, at)| {
+            .map(|(e, path, at, update)| {
                 let reader = open_entry(repo, (snap, id, &at), &e, &path);
-                let (fd, _) = write_file(repo, reader, dir, &e.name, &path, progress)?;
-                Ok((e, path, fd))
+                let packs = match &reader {
+                    Ok(r) => r.packs().cloned().collect(),
+                    Err(_) => Vec::new(),
+                };
+                let w = write_file(repo, reader, dir, &e.name, &path, update, progress)?;
+                Ok((e, path, w, packs))
             })
             .collect();
         for w in written {
-            let (e, path, fd) = w?;
+            let (e, path, w, packs) = w?;
+            for p in packs {
+                self.packs.entry(p.id).or_insert(p);
+            }
+            let (fd, n) = (w.fd, w.written);
             self.attrs(Some(fd.as_fd()), dir, &e, &path)?;
+            self.report.bytes_written += n;
             if let Payload::File(d) = &e.payload {
                 self.report.bytes += d.size;
                 self.report.files.push((path, d.size));
             }
         }
         Ok(())
+    }
+
+    /// Under `--delta`, whether the node `name` in `dir` is a regular file
+    /// with no other name, to be brought to the version in place.
+    fn updatable(&self, dir: BorrowedFd<'_>, name: &[u8]) -> bool {
+        self.opts.delta && source::stat_at(dir, name).is_ok_and(|st| st.is_file() && st.nlink == 1)
     }
 
     /// A hard link to the group's first file.
@@ -428,38 +458,76 @@ pub(super) fn open_entry(
     }
 }
 
+/// A file to restore: its entry, its path on the destination, its path in
+/// the snapshot, and whether it is updated in place (`--delta`).
+type FileJob = (Entry, PathBuf, Vec<u8>, bool);
+
+/// A file [`write_file`] wrote.
+struct Written {
+    fd: OwnedFd,
+    size: u64,
+    /// Bytes written (under `--delta`, only what differed).
+    written: u64,
+}
+
 /// Creates the file `name` in `dir` (it must not exist: `O_EXCL`, never
 /// through a symlink) and writes `reader`'s verified bytes; a version that
-/// fails verification leaves no file.
+/// fails verification leaves no file. With `update`, opens the existing
+/// file instead (never through a symlink) and writes only the blocks that
+/// differ: a failure then leaves it partly updated.
 fn write_file(
     repo: &Repo,
     reader: Result<VersionReader>,
     dir: BorrowedFd<'_>,
     name: &[u8],
     path: &Path,
+    update: bool,
     progress: &dyn Progress,
-) -> Result<(OwnedFd, u64)> {
+) -> Result<Written> {
     let reader = reader?;
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let flags = match update {
+        true => OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        false => {
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC
+        }
+    };
     let fd = rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o600))
         .map_err(|err| Error::io(path, err.into()))?;
     let file = File::from(fd);
+    if update && !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(Error::InvalidInput(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
     let f = reader.file().clone();
     progress.start(&path.display().to_string(), f.size);
+    let out = match update {
+        true => Out::Delta(&file, path),
+        false => Out::New(&file, path),
+    };
     let r = write_verified(
         &reader,
         &f,
         reader.what(),
-        Some((&file, path)),
+        out,
         repo.config().block_size,
         progress,
     );
-    if let Err(err) = r {
-        drop(file);
-        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
-        return Err(err);
+    match r {
+        Ok(written) => Ok(Written {
+            fd: OwnedFd::from(file),
+            size: f.size,
+            written,
+        }),
+        Err(err) => {
+            drop(file);
+            if !update {
+                let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+            }
+            Err(err)
+        }
     }
-    Ok((OwnedFd::from(file), f.size))
 }
 
 /// Restores one file to `target`: written under `NAME.dsync-partial` in
@@ -501,24 +569,15 @@ pub(super) fn restore_one(
                 target.display()
             )))
         }
-        Ok(_) if !opts.force => {
+        Ok(_) if !opts.force && !opts.delta => {
             return Err(Error::InvalidInput(format!(
-                "{} exists; pass --force to overwrite it",
+                "{} exists; pass --force to overwrite it (or --delta to update it)",
                 target.display()
             )))
         }
         Ok(_) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(Error::io(target, err)),
-    }
-    let mut tmp = name.clone();
-    tmp.extend_from_slice(b".dsync-partial");
-    let tmp_path = parent.join(std::ffi::OsStr::from_bytes(&tmp));
-    // A partial file left by an interrupted restore (unlinkat removes a
-    // symlink itself, not what it points to).
-    match rustix::fs::unlinkat(dir.as_fd(), tmp.as_slice(), AtFlags::empty()) {
-        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-        Err(err) => return Err(Error::io(&tmp_path, err.into())),
     }
     let label = snap.to_string();
     let mut r = Restorer {
@@ -532,15 +591,45 @@ pub(super) fn restore_one(
         dest: dir.try_clone().at(parent)?,
         base: Vec::new(),
         links: HashMap::new(),
-        report: RestoreReport {
-            files: Vec::new(),
-            bytes: 0,
-            warnings: Vec::new(),
-        },
+        packs: HashMap::new(),
+        report: RestoreReport::default(),
     };
-    let (fd, size) = write_file(repo, open(target), dir.as_fd(), &tmp, target, progress)?;
+    if r.updatable(dir.as_fd(), &name) {
+        let w = write_file(
+            repo,
+            open(target),
+            dir.as_fd(),
+            &name,
+            target,
+            true,
+            progress,
+        )?;
+        r.attrs(Some(w.fd.as_fd()), dir.as_fd(), e, target)?;
+        r.report.bytes_written += w.written;
+        r.report.bytes += w.size;
+        r.report.files.push((target.to_path_buf(), w.size));
+        return Ok(r.report);
+    }
+    let mut tmp = name.clone();
+    tmp.extend_from_slice(b".dsync-partial");
+    let tmp_path = parent.join(std::ffi::OsStr::from_bytes(&tmp));
+    // A partial file left by an interrupted restore (unlinkat removes a
+    // symlink itself, not what it points to).
+    match rustix::fs::unlinkat(dir.as_fd(), tmp.as_slice(), AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(err) => return Err(Error::io(&tmp_path, err.into())),
+    }
+    let w = write_file(
+        repo,
+        open(target),
+        dir.as_fd(),
+        &tmp,
+        target,
+        false,
+        progress,
+    )?;
     let done = r
-        .attrs(Some(fd.as_fd()), dir.as_fd(), e, target)
+        .attrs(Some(w.fd.as_fd()), dir.as_fd(), e, target)
         .and_then(|()| {
             rustix::fs::renameat(dir.as_fd(), tmp.as_slice(), dir.as_fd(), name.as_slice())
                 .map_err(|err| Error::io(target, err.into()))
@@ -549,6 +638,8 @@ pub(super) fn restore_one(
         let _ = rustix::fs::unlinkat(dir.as_fd(), tmp.as_slice(), AtFlags::empty());
         return Err(err);
     }
+    let size = w.size;
+    r.report.bytes_written += w.written;
     r.report.bytes += size;
     r.report.files.push((target.to_path_buf(), size));
     Ok(r.report)
