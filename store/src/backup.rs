@@ -195,6 +195,9 @@ fn run(
 ) -> Result<BackupReport> {
     let started = Instant::now();
     let lock = repo.lock()?;
+    // The previous snapshot's lists and signatures are read from the same
+    // few packs over and over: they stay open for the whole backup.
+    let _held = repo.cache().hold();
     // Check every source before writing anything.
     let mut sources: Vec<(Origin<'_>, Vec<u8>)> = Vec::new();
     let mut names: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
@@ -724,7 +727,7 @@ struct Writer<'r> {
     /// Format 3: metadata blobs (signature pages, lists) go here.
     meta: Option<MetaWriter>,
     added: u64,
-    buffers: Buffers,
+    buffers: std::sync::Arc<Buffers>,
 }
 
 /// A source as the writer reads it.
@@ -744,7 +747,7 @@ impl<'r> Writer<'r> {
             sig: None,
             meta: format3.then(MetaWriter::new),
             added: 0,
-            buffers: Buffers::default(),
+            buffers: std::sync::Arc::default(),
         })
     }
 
@@ -920,7 +923,7 @@ impl<'r> Writer<'r> {
             return Ok(());
         }
         let cfg = self.repo.config().clone();
-        let buffers = std::mem::take(&mut self.buffers);
+        let buffers = self.buffers.clone();
         let chunk_size = self.chunk_size(opts);
         let reads: Vec<Result<SmallRead>> = group
             .par_iter()
@@ -934,7 +937,6 @@ impl<'r> Writer<'r> {
                 read_small(j, &ctx, opts)
             })
             .collect();
-        self.buffers = buffers;
         for (j, r) in group.drain(..).zip(reads) {
             let r = r?;
             let display = String::from_utf8_lossy(&j.name).into_owned();
@@ -1012,7 +1014,7 @@ impl<'r> Writer<'r> {
     ) -> Result<FileState<'p>> {
         let cfg = self.repo.config().clone();
         let bs = cfg.block_size as usize;
-        let buffers = std::mem::take(&mut self.buffers);
+        let buffers = self.buffers.clone();
         let ctx = ChunkCtx {
             cfg: &cfg,
             prev: prev.map(|(_, s)| s),
@@ -1054,7 +1056,6 @@ impl<'r> Writer<'r> {
                 }
             }
         };
-        self.buffers = buffers;
         result?;
         if let Some(page) = st.pager.flush() {
             self.store_page(&page, &mut st.pager)?;

@@ -369,10 +369,27 @@ pub struct PackCache {
     /// closed, so a long-lived mount does not keep packs that a prune
     /// deleted (and their disk space) alive.
     packs: RwLock<HashMap<(Kind, PackId), Weak<PackReader>>>,
+    /// While a [`PackCache::hold`] guard lives: every pack opened, kept
+    /// open (a restore or check reads the same packs over and over).
+    held: Mutex<(usize, Vec<Arc<PackReader>>)>,
     frames: Mutex<LruState>,
     capacity: usize,
     /// Signalled when a miss takes a spare buffer (for the warming thread).
     spare_taken: Condvar,
+}
+
+/// See [`PackCache::hold`].
+pub struct Held<'a>(&'a PackCache);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut h) = self.0.held.lock() {
+            h.0 -= 1;
+            if h.0 == 0 {
+                h.1.clear();
+            }
+        }
+    }
 }
 
 impl PackCache {
@@ -380,6 +397,7 @@ impl PackCache {
         PackCache {
             backend,
             packs: RwLock::new(HashMap::new()),
+            held: Mutex::new((0, Vec::new())),
             frames: Mutex::new(LruState {
                 lru: lru::LruCache::unbounded(),
                 bytes: 0,
@@ -423,7 +441,23 @@ impl PackCache {
             }
             m.insert((kind, id), Arc::downgrade(&p));
         }
+        if let Ok(mut h) = self.held.lock() {
+            if h.0 > 0 {
+                h.1.push(p.clone());
+            }
+        }
         Ok(p)
+    }
+
+    /// Keeps every pack opened from now on open until the guard is dropped
+    /// (with nested guards, the last): for work that reads many versions
+    /// from the same packs, which would otherwise open each pack and decode
+    /// its index once per version. Memory: the indexes of the packs read.
+    pub fn hold(&self) -> Held<'_> {
+        if let Ok(mut h) = self.held.lock() {
+            h.0 += 1;
+        }
+        Held(self)
     }
 
     /// Decompressed frame `i` of `pack` if the cache holds it.

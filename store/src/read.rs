@@ -82,13 +82,6 @@ impl VersionReader {
         })
     }
 
-    /// The packs this reader reads, open: a caller that reads many
-    /// versions keeps them to spare each one opening them again (the pack
-    /// cache holds a pack only while someone does).
-    pub(crate) fn packs(&self) -> impl Iterator<Item = &Arc<PackReader>> {
-        self.packs.values()
-    }
-
     /// Opens the file at node `node` of `snap`, following the snapshot's
     /// manifest if a prune replaced it since `snap` was read.
     ///

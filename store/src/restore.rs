@@ -331,86 +331,86 @@ fn write_verified(
     let mut c0 = 0;
     while c0 < nchunks {
         let c1 = (c0 + batch).min(nchunks);
-        let parts: Vec<Result<Vec<[u8; 32]>>> = (c0..c1)
-            .into_par_iter()
-            .map(|c| {
-                let off = c * CHUNK;
-                let len = (size - off).min(CHUNK);
-                // The stored ranges of this chunk, from one walk of the map.
-                let mut pos = off;
-                let mut writes = Vec::new();
-                let mut holes = Vec::new();
-                reader.map().resolve(off, len, |p| match p {
-                    crate::map::Piece::Data { len: n, .. } => {
-                        writes.push((pos, n));
-                        pos += n;
-                    }
-                    crate::map::Piece::Hole { len: n } => {
-                        holes.push((pos, n));
-                        pos += n;
-                    }
-                });
-                if let Out::Delta(file, path) = out {
-                    let n = clear_holes(file, path, &holes, &buffers)?;
-                    written.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        let chunk = |c: u64| -> Result<Vec<[u8; 32]>> {
+            let off = c * CHUNK;
+            let len = (size - off).min(CHUNK);
+            // The stored ranges of this chunk, from one walk of the map.
+            let mut pos = off;
+            let mut writes = Vec::new();
+            let mut holes = Vec::new();
+            reader.map().resolve(off, len, |p| match p {
+                crate::map::Piece::Data { len: n, .. } => {
+                    writes.push((pos, n));
+                    pos += n;
                 }
-                if writes.is_empty() {
-                    progress.advance(len);
-                    let blocks = len.div_ceil(bs) as usize;
-                    let mut d = vec![zero.digest; blocks];
-                    if !len.is_multiple_of(bs) {
-                        if let Some(last) = d.last_mut() {
-                            *last = crate::delta::signature::block_digest(&vec![
-                                0u8;
-                                (len % bs) as usize
-                            ]);
-                        }
-                    }
-                    return Ok(d);
+                crate::map::Piece::Hole { len: n } => {
+                    holes.push((pos, n));
+                    pos += n;
                 }
-                let mut buf = buffers.take(len as usize);
-                SCRATCH.with(|sc| reader.read_at_with(off, &mut buf, &mut sc.borrow_mut()))?;
-                // Write the stored ranges; holes stay holes.
-                let mut hole_block = vec![true; len.div_ceil(bs) as usize];
-                for (s, n) in writes {
-                    let a = (s - off) as usize;
-                    let data = &buf[a..a + n as usize];
-                    let n_written = match out {
-                        Out::New(file, path) => {
-                            file.write_all_at(data, s).at(path)?;
-                            n
-                        }
-                        Out::Delta(file, path) => write_changed(file, path, data, s, bs, &buffers)?,
-                        Out::None => 0,
-                    };
-                    written.fetch_add(n_written, std::sync::atomic::Ordering::Relaxed);
-                    let b0 = ((s - off) / bs) as usize;
-                    let b1 = ((s - off + n).div_ceil(bs)) as usize;
-                    hole_block[b0..b1].fill(false);
-                }
-                let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
-                let mut need: Vec<&[u8]> = Vec::new();
-                for (i, b) in blocks.iter().enumerate() {
-                    if !hole_block[i] || b.len() != bs as usize {
-                        need.push(b);
-                    }
-                }
-                let mut d = Vec::with_capacity(need.len());
-                digest_many(&need, &mut d);
-                let mut it = d.into_iter();
-                let mut digests = Vec::with_capacity(blocks.len());
-                for (i, b) in blocks.iter().enumerate() {
-                    if !hole_block[i] || b.len() != bs as usize {
-                        digests.push(it.next().unwrap_or(zero.digest));
-                    } else {
-                        digests.push(zero.digest);
-                    }
-                }
+            });
+            if let Out::Delta(file, path) = out {
+                let n = clear_holes(file, path, &holes, &buffers)?;
+                written.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            if writes.is_empty() {
                 progress.advance(len);
-                buffers.give(buf);
-                Ok(digests)
-            })
-            .collect();
+                let blocks = len.div_ceil(bs) as usize;
+                let mut d = vec![zero.digest; blocks];
+                if !len.is_multiple_of(bs) {
+                    if let Some(last) = d.last_mut() {
+                        *last =
+                            crate::delta::signature::block_digest(&vec![0u8; (len % bs) as usize]);
+                    }
+                }
+                return Ok(d);
+            }
+            let mut buf = buffers.take(len as usize);
+            SCRATCH.with(|sc| reader.read_at_with(off, &mut buf, &mut sc.borrow_mut()))?;
+            // Write the stored ranges; holes stay holes.
+            let mut hole_block = vec![true; len.div_ceil(bs) as usize];
+            for (s, n) in writes {
+                let a = (s - off) as usize;
+                let data = &buf[a..a + n as usize];
+                let n_written = match out {
+                    Out::New(file, path) => {
+                        file.write_all_at(data, s).at(path)?;
+                        n
+                    }
+                    Out::Delta(file, path) => write_changed(file, path, data, s, bs, &buffers)?,
+                    Out::None => 0,
+                };
+                written.fetch_add(n_written, std::sync::atomic::Ordering::Relaxed);
+                let b0 = ((s - off) / bs) as usize;
+                let b1 = ((s - off + n).div_ceil(bs)) as usize;
+                hole_block[b0..b1].fill(false);
+            }
+            let blocks: Vec<&[u8]> = buf.chunks(bs as usize).collect();
+            let mut need: Vec<&[u8]> = Vec::new();
+            for (i, b) in blocks.iter().enumerate() {
+                if !hole_block[i] || b.len() != bs as usize {
+                    need.push(b);
+                }
+            }
+            let mut d = Vec::with_capacity(need.len());
+            digest_many(&need, &mut d);
+            let mut it = d.into_iter();
+            let mut digests = Vec::with_capacity(blocks.len());
+            for (i, b) in blocks.iter().enumerate() {
+                if !hole_block[i] || b.len() != bs as usize {
+                    digests.push(it.next().unwrap_or(zero.digest));
+                } else {
+                    digests.push(zero.digest);
+                }
+            }
+            progress.advance(len);
+            buffers.give(buf);
+            Ok(digests)
+        };
+        // One chunk (most files) is read on the calling thread.
+        let parts: Vec<Result<Vec<[u8; 32]>>> = match c1 - c0 {
+            1 => vec![chunk(c0)],
+            _ => (c0..c1).into_par_iter().map(chunk).collect(),
+        };
         for p in parts {
             hasher.update(&p?);
         }

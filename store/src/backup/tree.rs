@@ -564,6 +564,13 @@ enum ReadOut {
     Failed(Entry, String),
 }
 
+/// A file read on the pool, with the basis it was diffed against.
+type ReadDone = (ReadOut, Option<(FileMap, SigView)>);
+
+/// Tasks read on the pool, waiting to be applied: each task with what was
+/// read for it (files only).
+type Window = (Vec<Task>, Vec<Option<Result<ReadDone>>>);
+
 /// The writer's side: applies tasks in order.
 struct Store<'w, 'r> {
     w: &'w mut Writer<'r>,
@@ -600,11 +607,13 @@ impl<'w, 'r> Store<'w, 'r> {
         let chunk = self.w.chunk_size(self.opts);
         let max_files = rayon::current_num_threads() * WINDOW_FILES;
         let mut window: Vec<Task> = Vec::new();
+        let mut pending = None;
         let (mut files, mut bytes) = (0, 0);
         for t in rx {
             match t {
                 Task::Read(j) if j.size > chunk => {
-                    self.flush(&mut window)?;
+                    self.flush(&mut window, &mut pending)?;
+                    self.drain(&mut pending)?;
                     (files, bytes) = (0, 0);
                     self.big(*j)?;
                 }
@@ -613,16 +622,17 @@ impl<'w, 'r> Store<'w, 'r> {
                     bytes += j.size;
                     window.push(Task::Read(j));
                     if files >= max_files || bytes >= WINDOW_BYTES {
-                        self.flush(&mut window)?;
+                        self.flush(&mut window, &mut pending)?;
                         (files, bytes) = (0, 0);
                     }
                 }
                 Task::Failed(e) => return Err(e),
-                t if window.is_empty() => self.apply(t, None)?,
+                t if window.is_empty() && pending.is_none() => self.apply(t, None)?,
                 t => window.push(t),
             }
         }
-        self.flush(&mut window)?;
+        self.flush(&mut window, &mut pending)?;
+        self.drain(&mut pending)?;
         let root = self
             .done
             .take()
@@ -630,36 +640,56 @@ impl<'w, 'r> Store<'w, 'r> {
         Ok((root, self.stats))
     }
 
-    /// Reads the window's files on the pool, then applies its tasks in order.
-    fn flush(&mut self, window: &mut Vec<Task>) -> Result<()> {
-        if window.is_empty() {
-            return Ok(());
-        }
+    /// Reads the window's files on the pool while the previous window (if
+    /// any) is applied: reading and storing overlap, as for a big file's
+    /// chunks. The window read becomes the pending one.
+    fn flush(&mut self, window: &mut Vec<Task>, pending: &mut Option<Window>) -> Result<()> {
+        let tasks = std::mem::take(window);
+        let before = pending.take();
         let cfg = self.w.repo.config().clone();
-        let buffers = std::mem::take(&mut self.w.buffers);
+        let buffers = self.w.buffers.clone();
         let chunk_size = self.w.chunk_size(self.opts);
         let repo = self.w.repo;
         let opts = self.opts;
-        type Out = (ReadOut, Option<(FileMap, SigView)>);
-        let outs: Vec<Option<Result<Out>>> = window
-            .par_iter()
-            .map(|t| match t {
-                Task::Read(j) => {
-                    let prev = j.prev.as_ref().and_then(|d| basis(repo, d));
-                    let ctx = ChunkCtx {
-                        cfg: &cfg,
-                        prev: prev.as_ref().map(|(_, s)| s),
-                        buffers: &buffers,
-                        chunk_size,
-                    };
-                    let out = read_small(j, &ctx, opts);
-                    Some(out.map(|o| (o, prev)))
-                }
-                _ => None,
-            })
-            .collect();
-        self.w.buffers = buffers;
-        for (t, out) in window.drain(..).zip(outs) {
+        let read = || -> Vec<Option<Result<ReadDone>>> {
+            tasks
+                .par_iter()
+                .map(|t| match t {
+                    Task::Read(j) => {
+                        let prev = j.prev.as_ref().and_then(|d| basis(repo, d));
+                        let ctx = ChunkCtx {
+                            cfg: &cfg,
+                            prev: prev.as_ref().map(|(_, s)| s),
+                            buffers: &buffers,
+                            chunk_size,
+                        };
+                        let out = read_small(j, &ctx, opts);
+                        Some(out.map(|o| (o, prev)))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let (outs, applied) = match before {
+            Some(w) => rayon::join(read, || self.apply_window(w)),
+            None => (read(), Ok(())),
+        };
+        applied?;
+        *pending = Some((tasks, outs));
+        Ok(())
+    }
+
+    /// Applies the pending window, if any.
+    fn drain(&mut self, pending: &mut Option<Window>) -> Result<()> {
+        match pending.take() {
+            Some(w) => self.apply_window(w),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies a window's tasks in order, with what was read for them.
+    fn apply_window(&mut self, (tasks, outs): Window) -> Result<()> {
+        for (t, out) in tasks.into_iter().zip(outs) {
             self.apply(t, out.transpose()?)?;
         }
         Ok(())
@@ -689,7 +719,7 @@ impl<'w, 'r> Store<'w, 'r> {
         self.stats.warnings.push(s);
     }
 
-    fn apply(&mut self, t: Task, out: Option<(ReadOut, Option<(FileMap, SigView)>)>) -> Result<()> {
+    fn apply(&mut self, t: Task, out: Option<ReadDone>) -> Result<()> {
         match t {
             Task::Enter => self.stack.push(Vec::new()),
             Task::Leave(mut e, prev) => {

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 
 use super::{write_verified, Out, RestoreReport};
@@ -42,9 +42,24 @@ pub struct RestoreOptions {
     pub delta: bool,
 }
 
+/// Batches queued for the writers at most: the open directories they
+/// hold and the memory they take stay bounded whatever the tree's size.
+const QUEUED: usize = 8;
+/// A batch: files next to each other in the snapshot, mostly in the same
+/// compressed frames, are written by one writer, which decompresses each
+/// frame once.
+const BATCH_FILES: usize = 32;
+const BATCH_BYTES: u64 = 8 << 20;
+
 /// Restores `entries` (a snapshot's root list, or one directory entry)
 /// into the directory `dest`; `top`, the directory whose entries these are
 /// when `dest` stands for it, gives `dest` its attributes.
+///
+/// The tree is walked on this thread (directories, symlinks and special
+/// nodes made as met) while writer threads write and verify the files
+/// across directories. Hard links are made once every file is written
+/// (a link's first name may be in a directory still being written), then
+/// every directory gets its attributes (its mtime last moved by them).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn restore_entries(
     repo: &Repo,
@@ -65,32 +80,61 @@ pub(super) fn restore_entries(
         Mode::empty(),
     )
     .map_err(|err| Error::io(dest, err.into()))?;
-    let name = snap.to_string();
-    let mut r = Restorer {
-        repo,
-        snap: &name,
-        id: snap,
-        opts,
-        progress,
-        owners: Owners::default(),
-        root: rustix_is_root(),
-        dest: fd.try_clone().at(dest)?,
-        base: Vec::new(),
-        links: HashMap::new(),
-        packs: HashMap::new(),
-        report: RestoreReport::default(),
-    };
+    let label = snap.to_string();
+    let sh = Shared::new(repo, (&label, snap), opts, progress);
+    // The packs (and meta packs) read stay open until the restore ends:
+    // the next file is most likely in one of them.
+    let _held = repo.cache().hold();
     let base: Vec<Vec<u8>> = base
         .split(|&c| c == b'/')
         .filter(|p| !p.is_empty())
         .map(<[u8]>::to_vec)
         .collect();
-    r.base = base;
-    r.entries(fd.as_fd(), dest, &[], entries)?;
-    if let Some(top) = top {
-        r.attrs(Some(fd.as_fd()), fd.as_fd(), top, dest)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<FileJob>>(QUEUED);
+    let rx = Mutex::new(rx);
+    let dest_fd = Arc::new(fd);
+    let walked = std::thread::scope(|s| {
+        for _ in 0..rayon::current_num_threads().max(1) {
+            s.spawn(|| sh.writer(&rx));
+        }
+        let mut r = Restorer {
+            sh: &sh,
+            base,
+            links: HashMap::new(),
+            later: Vec::new(),
+            dirs: Vec::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            tx,
+        };
+        let walked = r
+            .entries(&dest_fd, dest, &[], entries)
+            .and_then(|()| r.send());
+        // The writers stop when the queue is closed and empty.
+        let Restorer { later, dirs, .. } = r;
+        walked.map(|()| (later, dirs))
+    });
+    if let Some(err) = sh.error.lock().ok().and_then(|mut e| e.take()) {
+        return Err(err);
     }
-    Ok(r.report)
+    let (later, dirs) = walked?;
+    for (rel, e, path, first) in later {
+        let dir = sh.reopen(&dest_fd, &rel, &path)?;
+        sh.clear(dir.as_fd(), &e.name, &path, false)?;
+        sh.link(&dest_fd, dir.as_fd(), &first, &e, &path)?;
+    }
+    for (rel, e, path) in dirs {
+        let mut sub = rel.clone();
+        sub.push(e.name.clone());
+        let parent = sh.reopen(&dest_fd, &rel, &path)?;
+        let dir = sh.reopen(&dest_fd, &sub, &path)?;
+        sh.attrs(Some(dir.as_fd()), parent.as_fd(), &e, &path)?;
+    }
+    if let Some(top) = top {
+        sh.attrs(Some(dest_fd.as_fd()), dest_fd.as_fd(), top, dest)?;
+    }
+    let report = sh.report.into_inner().unwrap_or_default();
+    Ok(report)
 }
 
 /// Reads a directory entry's list whole (one directory's worth).
@@ -102,50 +146,175 @@ fn rustix_is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-struct Restorer<'a> {
+/// A file for the writers: the directory it goes in, its entry, its path
+/// on the destination and in the snapshot, and whether it is updated in
+/// place (`--delta`).
+struct FileJob {
+    dir: Arc<OwnedFd>,
+    e: Entry,
+    path: PathBuf,
+    at: Vec<u8>,
+    update: bool,
+}
+
+/// What the walk and the writers share.
+struct Shared<'a> {
     repo: &'a Repo,
     snap: &'a str,
     id: crate::id::SnapshotId,
-    /// The snapshot path of the directory restored into the destination.
-    base: Vec<Vec<u8>>,
     opts: &'a RestoreOptions,
     progress: &'a dyn Progress,
-    owners: Owners,
     root: bool,
-    /// The destination directory, where link paths start.
-    dest: OwnedFd,
-    /// Link group → the first file's path, as names under the destination.
-    links: HashMap<u64, Vec<Vec<u8>>>,
-    /// The packs read so far, kept open until the restore ends: the next
-    /// file is most likely in one of them.
-    packs: HashMap<crate::id::PackId, std::sync::Arc<crate::pack::PackReader>>,
-    report: RestoreReport,
+    owners: Mutex<Owners>,
+    report: Mutex<RestoreReport>,
+    /// The first error of a writer: the walk and the other writers stop.
+    error: Mutex<Option<Error>>,
+    failed: std::sync::atomic::AtomicBool,
 }
 
-impl Restorer<'_> {
+/// A path under the destination, name by name.
+type Names = Vec<Vec<u8>>;
+
+/// The walk's side.
+struct Restorer<'s, 'a> {
+    sh: &'s Shared<'a>,
+    /// The snapshot path of the directory restored into the destination.
+    base: Vec<Vec<u8>>,
+    /// Link group → the first file's path, as names under the destination.
+    links: HashMap<u64, Vec<Vec<u8>>>,
+    /// Hard links to make once the files are written: the directory (names
+    /// under the destination), the entry, its path, its first name.
+    later: Vec<(Names, Entry, PathBuf, Names)>,
+    /// Directories whose attributes are set last: the parent (names under
+    /// the destination), the entry, its path.
+    dirs: Vec<(Names, Entry, PathBuf)>,
+    /// Files not yet sent to the writers, and their size.
+    batch: Vec<FileJob>,
+    batch_bytes: u64,
+    tx: std::sync::mpsc::SyncSender<Vec<FileJob>>,
+}
+
+impl<'a> Shared<'a> {
+    fn new(
+        repo: &'a Repo,
+        (snap, id): (&'a str, crate::id::SnapshotId),
+        opts: &'a RestoreOptions,
+        progress: &'a dyn Progress,
+    ) -> Self {
+        Shared {
+            repo,
+            snap,
+            id,
+            opts,
+            progress,
+            root: rustix_is_root(),
+            owners: Mutex::new(Owners::default()),
+            report: Mutex::new(RestoreReport::default()),
+            error: Mutex::new(None),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// A writer thread: files from the queue until it closes; after an
+    /// error, only drains it.
+    fn writer(&self, rx: &Mutex<std::sync::mpsc::Receiver<Vec<FileJob>>>) {
+        loop {
+            let jobs = match rx.lock() {
+                Ok(rx) => rx.recv(),
+                Err(_) => return,
+            };
+            let Ok(jobs) = jobs else { return };
+            for job in jobs {
+                if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if let Err(err) = self.file(job) {
+                    self.failed
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if let Ok(mut e) = self.error.lock() {
+                        e.get_or_insert(err);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes, verifies and gives its attributes to one file.
+    fn file(&self, j: FileJob) -> Result<()> {
+        let reader = open_entry(self.repo, (self.snap, self.id, &j.at), &j.e, &j.path);
+        let w = write_file(
+            self.repo,
+            reader,
+            j.dir.as_fd(),
+            &j.e.name,
+            &j.path,
+            j.update,
+            self.progress,
+        )?;
+        self.attrs(Some(w.fd.as_fd()), j.dir.as_fd(), &j.e, &j.path)?;
+        if let Ok(mut r) = self.report.lock() {
+            r.bytes_written += w.written;
+            r.bytes += w.size;
+            r.files.push((j.path, w.size));
+        }
+        Ok(())
+    }
+
+    fn warn(&self, w: String) {
+        if let Ok(mut r) = self.report.lock() {
+            r.warnings.push(w);
+        }
+    }
+
+    /// The directory `rel` (names under the destination `dest`), opened
+    /// name by name without following a symlink (restore made them all).
+    fn reopen(&self, dest: &OwnedFd, rel: &[Vec<u8>], path: &Path) -> Result<OwnedFd> {
+        let mut cur = dest.try_clone().at(path)?;
+        for p in rel {
+            cur = source::open_dir(Some(cur.as_fd()), p).at(path)?;
+        }
+        Ok(cur)
+    }
+}
+
+impl Restorer<'_, '_> {
+    /// Sends the batch to the writers.
+    fn send(&mut self) -> Result<()> {
+        self.batch_bytes = 0;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send(std::mem::take(&mut self.batch))
+            .map_err(|_| Error::Internal("the restore's writers stopped".into()))
+    }
+
     /// Creates the nodes of one directory under `dir` (at `path`, the
-    /// names `rel` under the destination).
+    /// names `rel` under the destination); its files go to the writers.
     fn entries(
         &mut self,
-        dir: BorrowedFd<'_>,
+        dir: &Arc<OwnedFd>,
         path: &Path,
         rel: &[Vec<u8>],
         entries: Vec<Entry>,
     ) -> Result<()> {
-        let mut files = Vec::new();
-        let mut later = Vec::new();
-        let mut dirs = Vec::new();
+        let sh = self.sh;
+        let fd = dir.as_fd();
         for e in entries {
+            if sh.failed.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(());
+            }
             let child =
                 path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&e.name));
             match &e.payload {
-                Payload::File(_) if !e.error.is_empty() => self.report.warnings.push(format!(
+                Payload::File(_) if !e.error.is_empty() => sh.warn(format!(
                     "{}: not restored: it could not be read when backed up ({})",
                     child.display(),
                     e.error
                 )),
                 Payload::File(_) if e.link_group != 0 && self.links.contains_key(&e.link_group) => {
-                    later.push(e)
+                    let first = self.links[&e.link_group].clone();
+                    self.later.push((rel.to_vec(), e, child, first));
                 }
                 Payload::File(_) => {
                     if e.link_group != 0 {
@@ -153,74 +322,72 @@ impl Restorer<'_> {
                         p.push(e.name.clone());
                         self.links.insert(e.link_group, p);
                     }
-                    let update = self.updatable(dir, &e.name);
+                    let update = sh.updatable(fd, &e.name);
                     if !update {
-                        self.clear(dir, &e.name, &child, false)?;
+                        sh.clear(fd, &e.name, &child, false)?;
                     }
                     let mut at = self.base.clone();
                     at.extend(rel.iter().cloned());
                     at.push(e.name.clone());
-                    files.push((e, child, at.join(&b'/'), update));
+                    if let Payload::File(d) = &e.payload {
+                        self.batch_bytes += d.size;
+                    }
+                    self.batch.push(FileJob {
+                        dir: dir.clone(),
+                        e,
+                        path: child,
+                        at: at.join(&b'/'),
+                        update,
+                    });
+                    if self.batch.len() >= BATCH_FILES || self.batch_bytes >= BATCH_BYTES {
+                        self.send()?;
+                    }
                 }
-                // Subdirectories after this directory's files and links:
-                // a link group's first name is then written before any
-                // other name links to it.
-                Payload::Dir(_) => dirs.push((e, child)),
+                Payload::Dir(list) => {
+                    let made = match rustix::fs::mkdirat(
+                        fd,
+                        e.name.as_slice(),
+                        Mode::from_raw_mode(0o700),
+                    ) {
+                        Err(rustix::io::Errno::EXIST) if sh.opts.force => {
+                            sh.clear(fd, &e.name, &child, true)
+                        }
+                        r => r.map_err(|err| Error::io(&child, err.into())),
+                    };
+                    made?;
+                    // What --force cleared (a planted symlink) is made a
+                    // directory.
+                    match rustix::fs::mkdirat(fd, e.name.as_slice(), Mode::from_raw_mode(0o700)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(err) => return Err(Error::io(&child, err.into())),
+                    }
+                    let sub = Arc::new(source::open_dir(Some(fd), &e.name).at(&child)?);
+                    let kids = children(sh.repo, list)?;
+                    let mut rel2 = rel.to_vec();
+                    rel2.push(e.name.clone());
+                    self.entries(&sub, &child, &rel2, kids)?;
+                    self.dirs.push((rel.to_vec(), e, child));
+                }
                 Payload::Symlink(target) => {
-                    self.clear(dir, &e.name, &child, false)?;
-                    rustix::fs::symlinkat(target.as_slice(), dir, e.name.as_slice())
+                    sh.clear(fd, &e.name, &child, false)?;
+                    rustix::fs::symlinkat(target.as_slice(), fd, e.name.as_slice())
                         .map_err(|err| Error::io(&child, err.into()))?;
-                    self.attrs(None, dir, &e, &child)?;
+                    sh.attrs(None, fd, &e, &child)?;
                 }
                 Payload::CharDevice(rdev) | Payload::BlockDevice(rdev) => {
-                    self.special(dir, &e, &child, *rdev)?
+                    sh.special(fd, &e, &child, *rdev)?
                 }
-                Payload::Fifo | Payload::Socket => self.special(dir, &e, &child, 0)?,
+                Payload::Fifo | Payload::Socket => sh.special(fd, &e, &child, 0)?,
             }
-        }
-        self.files(dir, files)?;
-        for e in later {
-            let child =
-                path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&e.name));
-            self.clear(dir, &e.name, &child, false)?;
-            self.link(dir, &e, &child)?;
-        }
-        for (e, child) in dirs {
-            let Payload::Dir(list) = &e.payload else {
-                continue;
-            };
-            let made = match rustix::fs::mkdirat(dir, e.name.as_slice(), Mode::from_raw_mode(0o700))
-            {
-                Err(rustix::io::Errno::EXIST) if self.opts.force => {
-                    self.clear(dir, &e.name, &child, true)
-                }
-                r => r.map_err(|err| Error::io(&child, err.into())),
-            };
-            made?;
-            // What --force cleared (a planted symlink) is made a directory.
-            match rustix::fs::mkdirat(dir, e.name.as_slice(), Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                Err(err) => return Err(Error::io(&child, err.into())),
-            }
-            let fd = source::open_dir(Some(dir), &e.name).at(&child)?;
-            let kids = children(self.repo, list)?;
-            let mut rel2 = rel.to_vec();
-            rel2.push(e.name.clone());
-            self.entries(fd.as_fd(), &child, &rel2, kids)?;
-            self.attrs(Some(fd.as_fd()), dir, &e, &child)?;
         }
         Ok(())
     }
+}
 
+impl Shared<'_> {
     /// Makes room for `name` under `--force` (a directory that stays a
     /// directory is kept; anything else is removed); without it, refuses.
-    fn clear(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        name: &[u8],
-        path: &Path,
-        keep_dir: bool,
-    ) -> Result<()> {
+    fn clear(&self, dir: BorrowedFd<'_>, name: &[u8], path: &Path, keep_dir: bool) -> Result<()> {
         let st = match source::stat_at(dir, name) {
             Ok(st) => st,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -242,88 +409,42 @@ impl Restorer<'_> {
         rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(|e| Error::io(path, e.into()))
     }
 
-    /// Writes a directory's files, several at a time, each verified.
-    fn files(&mut self, dir: BorrowedFd<'_>, files: Vec<FileJob>) -> Result<()> {
-        let repo = self.repo;
-        let snap = self.snap;
-        let id = self.id;
-        let progress = self.progress;
-        type Out = (
-            Entry,
-            PathBuf,
-            Written,
-            Vec<std::sync::Arc<crate::pack::PackReader>>,
-        );
-        let written: Vec<Result<Out>> = files
-            .into_par_iter()
-            .map(|(e, path, at, update)| {
-                let reader = open_entry(repo, (snap, id, &at), &e, &path);
-                let packs = match &reader {
-                    Ok(r) => r.packs().cloned().collect(),
-                    Err(_) => Vec::new(),
-                };
-                let w = write_file(repo, reader, dir, &e.name, &path, update, progress)?;
-                Ok((e, path, w, packs))
-            })
-            .collect();
-        for w in written {
-            let (e, path, w, packs) = w?;
-            for p in packs {
-                self.packs.entry(p.id).or_insert(p);
-            }
-            let (fd, n) = (w.fd, w.written);
-            self.attrs(Some(fd.as_fd()), dir, &e, &path)?;
-            self.report.bytes_written += n;
-            if let Payload::File(d) = &e.payload {
-                self.report.bytes += d.size;
-                self.report.files.push((path, d.size));
-            }
-        }
-        Ok(())
-    }
-
     /// Under `--delta`, whether the node `name` in `dir` is a regular file
     /// with no other name, to be brought to the version in place.
     fn updatable(&self, dir: BorrowedFd<'_>, name: &[u8]) -> bool {
         self.opts.delta && source::stat_at(dir, name).is_ok_and(|st| st.is_file() && st.nlink == 1)
     }
 
-    /// A hard link to the group's first file.
-    fn link(&mut self, dir: BorrowedFd<'_>, e: &Entry, path: &Path) -> Result<()> {
-        let Some(first) = self.links.get(&e.link_group) else {
-            return Err(Error::Internal("a hard link before its group".into()));
-        };
+    /// A hard link (in `dir`) to the group's first file, whose names
+    /// under `dest` are `first`.
+    fn link(
+        &self,
+        dest: &OwnedFd,
+        dir: BorrowedFd<'_>,
+        first: &[Vec<u8>],
+        e: &Entry,
+        path: &Path,
+    ) -> Result<()> {
         let (name, parents) = first
             .split_last()
             .ok_or_else(|| Error::Internal("an empty link path".into()))?;
-        // The first file's directory, opened name by name without following
-        // a symlink (restore made them all).
-        let root = self.dest.as_fd();
-        let mut cur: Option<OwnedFd> = None;
-        for p in parents {
-            let next = {
-                let at = cur.as_ref().map_or(root, |f| f.as_fd());
-                source::open_dir(Some(at), p).at(path)?
-            };
-            cur = Some(next);
-        }
-        let from = cur.as_ref().map_or(root, |f| f.as_fd());
+        let from = self.reopen(dest, parents, path)?;
         rustix::fs::linkat(
-            from,
+            from.as_fd(),
             name.as_slice(),
             dir,
             e.name.as_slice(),
             AtFlags::empty(),
         )
         .map_err(|err| Error::io(path, err.into()))?;
-        if let Payload::File(d) = &e.payload {
-            self.report.files.push((path.to_path_buf(), d.size));
+        if let (Payload::File(d), Ok(mut r)) = (&e.payload, self.report.lock()) {
+            r.files.push((path.to_path_buf(), d.size));
         }
         Ok(())
     }
 
     /// Devices, fifos and sockets (a socket as a node, not a live one).
-    fn special(&mut self, dir: BorrowedFd<'_>, e: &Entry, path: &Path, rdev: u64) -> Result<()> {
+    fn special(&self, dir: BorrowedFd<'_>, e: &Entry, path: &Path, rdev: u64) -> Result<()> {
         self.clear(dir, &e.name, path, false)?;
         let kind = FileType::from_raw_mode(e.mode);
         match rustix::fs::mknodat(
@@ -335,7 +456,7 @@ impl Restorer<'_> {
         ) {
             Ok(()) => self.attrs(None, dir, e, path),
             Err(err) => {
-                self.report.warnings.push(format!(
+                self.warn(format!(
                     "{}: not created: {}",
                     path.display(),
                     std::io::Error::from(err)
@@ -348,7 +469,7 @@ impl Restorer<'_> {
     /// Owner, mode, extended attributes and times, in that order (a chown
     /// clears setuid bits; setting anything else moves no mtime).
     fn attrs(
-        &mut self,
+        &self,
         fd: Option<BorrowedFd<'_>>,
         dir: BorrowedFd<'_>,
         e: &Entry,
@@ -356,13 +477,12 @@ impl Restorer<'_> {
     ) -> Result<()> {
         let is_link = matches!(e.payload, Payload::Symlink(_));
         if self.root {
-            let uid = match self.opts.numeric_ids {
-                true => e.uid,
-                false => self.owners.uid(&e.user).unwrap_or(e.uid),
-            };
-            let gid = match self.opts.numeric_ids {
-                true => e.gid,
-                false => self.owners.gid(&e.group).unwrap_or(e.gid),
+            let (uid, gid) = match (self.opts.numeric_ids, self.owners.lock()) {
+                (false, Ok(mut o)) => (
+                    o.uid(&e.user).unwrap_or(e.uid),
+                    o.gid(&e.group).unwrap_or(e.gid),
+                ),
+                _ => (e.uid, e.gid),
             };
             let (u, g) = (
                 rustix::fs::Uid::from_raw(uid),
@@ -403,7 +523,7 @@ impl Restorer<'_> {
                 }
             };
             if let Err(err) = r {
-                self.report.warnings.push(format!(
+                self.warn(format!(
                     "{}: extended attributes not set: {err}",
                     path.display()
                 ));
@@ -457,10 +577,6 @@ pub(super) fn open_entry(
         }
     }
 }
-
-/// A file to restore: its entry, its path on the destination, its path in
-/// the snapshot, and whether it is updated in place (`--delta`).
-type FileJob = (Entry, PathBuf, Vec<u8>, bool);
 
 /// A file [`write_file`] wrote.
 struct Written {
@@ -580,20 +696,8 @@ pub(super) fn restore_one(
         Err(err) => return Err(Error::io(target, err)),
     }
     let label = snap.to_string();
-    let mut r = Restorer {
-        repo,
-        snap: &label,
-        id: snap,
-        opts,
-        progress,
-        owners: Owners::default(),
-        root: rustix_is_root(),
-        dest: dir.try_clone().at(parent)?,
-        base: Vec::new(),
-        links: HashMap::new(),
-        packs: HashMap::new(),
-        report: RestoreReport::default(),
-    };
+    let r = Shared::new(repo, (&label, snap), opts, progress);
+    let mut report = RestoreReport::default();
     if r.updatable(dir.as_fd(), &name) {
         let w = write_file(
             repo,
@@ -605,10 +709,11 @@ pub(super) fn restore_one(
             progress,
         )?;
         r.attrs(Some(w.fd.as_fd()), dir.as_fd(), e, target)?;
-        r.report.bytes_written += w.written;
-        r.report.bytes += w.size;
-        r.report.files.push((target.to_path_buf(), w.size));
-        return Ok(r.report);
+        report.bytes_written += w.written;
+        report.bytes += w.size;
+        report.files.push((target.to_path_buf(), w.size));
+        report.warnings = r.report.into_inner().unwrap_or_default().warnings;
+        return Ok(report);
     }
     let mut tmp = name.clone();
     tmp.extend_from_slice(b".dsync-partial");
@@ -638,11 +743,11 @@ pub(super) fn restore_one(
         let _ = rustix::fs::unlinkat(dir.as_fd(), tmp.as_slice(), AtFlags::empty());
         return Err(err);
     }
-    let size = w.size;
-    r.report.bytes_written += w.written;
-    r.report.bytes += size;
-    r.report.files.push((target.to_path_buf(), size));
-    Ok(r.report)
+    report.bytes_written += w.written;
+    report.bytes += w.size;
+    report.files.push((target.to_path_buf(), w.size));
+    report.warnings = r.report.into_inner().unwrap_or_default().warnings;
+    Ok(report)
 }
 
 /// Removes the directory `name` in `dir` and everything under it, never
