@@ -550,6 +550,9 @@ fn empty_file(repo: &Repo) -> FileData {
     }
 }
 
+/// A node's extended attributes, names sorted.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A file after the parallel stage.
 enum ReadOut {
     Read {
@@ -578,8 +581,10 @@ struct Store<'w, 'r> {
     progress: &'w dyn Progress,
     /// Entries of the directories being written, innermost last.
     stack: Vec<Vec<Entry>>,
-    /// Link group → the data of its first file.
-    groups: HashMap<u64, FileData>,
+    /// Link group → the data and extended attributes of its first file
+    /// (the walker reads neither for the other names: they share its
+    /// inode, and restore may create any of them first).
+    groups: HashMap<u64, (FileData, Xattrs)>,
     /// Small files stored by this backup, by (hash, size): an identical
     /// file is stored once.
     same: lru::LruCache<([u8; 32], u64), FileData>,
@@ -739,13 +744,15 @@ impl<'w, 'r> Store<'w, 'r> {
             Task::Done(e) => {
                 // An unchanged file of a link group: its other names share it.
                 if let (Payload::File(d), true) = (&e.payload, e.link_group != 0) {
-                    self.groups.insert(e.link_group, d.clone());
+                    self.groups
+                        .insert(e.link_group, (d.clone(), e.xattrs.clone()));
                 }
                 self.push(e)?
             }
             Task::Link(mut e, first) => match self.groups.get(&e.link_group) {
-                Some(d) => {
+                Some((d, x)) => {
                     e.payload = Payload::File(d.clone());
+                    e.xattrs = x.clone();
                     e.flags = ENTRY_HASH_SIZE_LAST;
                     self.push(e)?;
                 }
@@ -854,7 +861,8 @@ impl<'w, 'r> Store<'w, 'r> {
         }
         if entry.link_group != 0 {
             if let Payload::File(d) = &entry.payload {
-                self.groups.insert(entry.link_group, d.clone());
+                self.groups
+                    .insert(entry.link_group, (d.clone(), entry.xattrs.clone()));
             }
         }
         self.push(entry)
