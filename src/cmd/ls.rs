@@ -122,17 +122,12 @@ fn print(row: &Row<'_>, o: &LsArgs, out: &mut dyn Write) -> std::io::Result<()> 
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let path = text(row.path);
     if o.json {
-        let mut v = serde_json::json!({
+        let v = serde_json::json!({
             "path": path, "kind": row.kind, "mode": row.mode & 0o7777,
             "uid": row.uid, "gid": row.gid, "user": text(row.user), "group": text(row.group),
             "size": row.size, "mtime_unix_ns": row.mtime_ns,
+            "target": row.target.map(text).unwrap_or_default(), "error": row.error,
         });
-        if let Some(t) = row.target {
-            v["target"] = text(t).into();
-        }
-        if !row.error.is_empty() {
-            v["error"] = row.error.into();
-        }
         return writeln!(out, "{v}");
     }
     let slash = if row.kind == "dir" { "/" } else { "" };

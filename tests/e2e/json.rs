@@ -156,9 +156,17 @@ fn json_output_matches_the_document() {
     let o = env.run(&["check", s(&repo), "--read-data", "--json"]);
     assert_eq!(o.status.code(), Some(3));
     check_command(&doc, "check", &String::from_utf8_lossy(&o.stdout));
+    // A directory: ls lists its paths.
+    let tree = env.path("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/file"), b"data").unwrap();
+    std::os::unix::fs::symlink("sub/file", tree.join("link")).unwrap();
+    let fresh = env.path("fresh");
+    env.ok(&["backup", "-q", s(&fresh), s(&tree)]);
+    check_command(&doc, "ls", &env.ok(&["ls", s(&fresh), "latest", "--json"]));
     // Every documented command was run.
     assert_eq!(
         doc.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["backup", "check", "diff", "du", "forget", "list", "prune", "restore"]
+        ["backup", "check", "diff", "du", "forget", "list", "ls", "prune", "restore"]
     );
 }

@@ -78,7 +78,9 @@ impl Differ<'_, '_> {
         b: Option<&List<Entry>>,
         top: bool,
     ) -> Result<()> {
-        if a.is_some() && a == b {
+        // An unchanged subdirectory is not read (the root is: its files
+        // are listed even when the same).
+        if !top && a.is_some() && a == b {
             return Ok(());
         }
         let read = |l: Option<&List<Entry>>| match l {
