@@ -18,6 +18,9 @@ pub fn with_bar<T>(style: Style, work: impl FnOnce(&Bar) -> T) -> T {
 
 pub struct Bar {
     bar: Option<ProgressBar>,
+    /// A directory backup: the bar counts the whole tree's bytes (from the
+    /// scan that runs alongside), not one file's.
+    tree: std::sync::atomic::AtomicBool,
 }
 
 impl Bar {
@@ -34,7 +37,10 @@ impl Bar {
             );
             b
         });
-        Bar { bar }
+        Bar {
+            bar,
+            tree: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     pub fn done(&self) {
@@ -44,9 +50,48 @@ impl Bar {
     }
 }
 
+/// A tree while its scan runs: no bar yet (its end is not known, and a bar
+/// whose end moves would move back).
+const SCANNING: &str = "{prefix}: {bytes} done {bytes_per_sec} {wide_msg}";
+/// A tree once scanned.
+const SCANNED: &str =
+    "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {wide_msg}";
+
 impl dsync_store::Progress for Bar {
+    fn wants_totals(&self) -> bool {
+        self.bar.is_some()
+    }
+
+    fn scanned(&self, files: u64, bytes: u64, done: bool) {
+        let Some(b) = &self.bar else { return };
+        let first = !self.tree.swap(true, std::sync::atomic::Ordering::Relaxed);
+        if first {
+            b.set_position(0);
+        }
+        if first || done {
+            let template = if done { SCANNED } else { SCANNING };
+            b.set_style(
+                ProgressStyle::with_template(template)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+        }
+        match done {
+            true => b.set_prefix(format!("{files} files")),
+            false => b.set_prefix(format!(
+                "{files}+ files, {}+ found",
+                crate::output::human(bytes)
+            )),
+        }
+        b.set_length(bytes.max(b.position()));
+    }
+
     fn start(&self, name: &str, size: u64) {
         if let Some(b) = &self.bar {
+            if self.tree.load(std::sync::atomic::Ordering::Relaxed) {
+                b.set_message(name.to_string());
+                return;
+            }
             b.set_message(name.to_string());
             b.set_position(0);
             b.set_length(size);

@@ -95,7 +95,7 @@ fn import_versions(
                 times.len(),
                 dsync_store::time::local(time_ns),
                 &rep.snapshot.id.to_string()[..8],
-                rep.files.len(),
+                rep.files.len() as u64 + rep.tree.files,
                 rep.snapshot.stats.bytes_added
             );
         }
@@ -104,7 +104,9 @@ fn import_versions(
 }
 
 /// Has rdiff-backup restore the version of Unix time `t` into `work`
-/// (emptied first); returns the files it holds, sorted.
+/// (emptied first); returns what it holds at its top, sorted: each file
+/// and each directory becomes a path of the snapshot (a directory's whole
+/// tree, in a format 3 repository).
 fn restore_version(rdiff: &Path, t: i64, work: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let _ = std::fs::remove_dir_all(work);
     let o = Command::new("rdiff-backup")
@@ -120,20 +122,29 @@ fn restore_version(rdiff: &Path, t: i64, work: &Path) -> anyhow::Result<Vec<Path
             last_line(&o.stderr)
         );
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(work)
-        .with_context(|| format!("{}", work.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    if files.is_empty() {
+    let mut paths = Vec::new();
+    for e in std::fs::read_dir(work).with_context(|| format!("{}", work.display()))? {
+        let e = e.with_context(|| format!("{}", work.display()))?;
+        let kind = e
+            .file_type()
+            .with_context(|| format!("{}", e.path().display()))?;
+        if kind.is_file() || kind.is_dir() {
+            paths.push(e.path());
+        } else {
+            crate::output::diag!(
+                "dsync: warning: {}: not imported: only files and directories can be top-level paths of a snapshot",
+                e.file_name().to_string_lossy()
+            );
+        }
+    }
+    paths.sort();
+    if paths.is_empty() {
         bail!(
             "the version of {} holds no files",
             dsync_store::time::local(t * 1_000_000_000)
         );
     }
-    Ok(files)
+    Ok(paths)
 }
 
 /// The last line of what rdiff-backup wrote to standard error: its error.

@@ -54,6 +54,16 @@ pub trait Progress: Sync {
     fn start(&self, _name: &str, _size: u64) {}
     /// `bytes` more were processed.
     fn advance(&self, _bytes: u64) {}
+    /// Whether totals are wanted: a directory backup then scans the tree
+    /// alongside (lstat only) and reports them with [`Progress::scanned`].
+    fn wants_totals(&self) -> bool {
+        false
+    }
+    /// A directory backup's scan found `files` files of `bytes` so far
+    /// (`done`: all of them). From the first call on, a file's bytes are
+    /// advanced once whether it is read or unchanged, and `start` only
+    /// names the file being read.
+    fn scanned(&self, _files: u64, _bytes: u64, _done: bool) {}
 }
 
 /// A [`Progress`] that shows nothing.

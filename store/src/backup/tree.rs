@@ -154,7 +154,14 @@ pub(super) fn backup_dir(
     };
     let (tx, rx) = sync_channel(QUEUE);
     let repo = w.repo;
+    let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
+        if progress.wants_totals() {
+            // The bar counts the tree from here on.
+            progress.scanned(0, 0, false);
+            let (matcher, stop) = (&matcher, &stop);
+            s.spawn(move || scan(path, st.dev, matcher, stop, progress));
+        }
         let walker = s.spawn(|| {
             let mut wk = Walker {
                 repo,
@@ -169,11 +176,68 @@ pub(super) fn backup_dir(
             wk.source(fd, st, path, name, prev_list);
         });
         let r = Store::new(w, opts, progress).run(rx);
+        // A scan runs to its end (the bar ends full), unless the backup
+        // failed.
+        if r.is_err() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         // A writer that failed drops the receiver: the walker's next send
         // fails and it stops.
         let _ = walker.join();
         r
     })
+}
+
+/// Counts the files and bytes under `path` that the backup will see (the
+/// same excludes), for a progress bar whose total then never moves back:
+/// lstat only, reported every few thousand files and at the end. Stops
+/// early when `stop` is set (the backup failed).
+fn scan(
+    path: &Path,
+    root_dev: u64,
+    matcher: &Matcher,
+    stop: &std::sync::atomic::AtomicBool,
+    progress: &dyn Progress,
+) {
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut dirs: Vec<(Option<Arc<OwnedFd>>, Vec<u8>, PathBuf)> = vec![(
+        None,
+        path.as_os_str().as_encoded_bytes().to_vec(),
+        path.to_path_buf(),
+    )];
+    while let Some((parent, name, p)) = dirs.pop() {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let Ok(fd) = source::open_dir(parent.as_deref().map(|f| f.as_fd()), &name) else {
+            continue;
+        };
+        let Ok(names) = source::read_names(fd.as_fd()) else {
+            continue;
+        };
+        let fd = Arc::new(fd);
+        for (n, _) in names {
+            let Ok(st) = source::stat_at(fd.as_fd(), &n) else {
+                continue;
+            };
+            let child = p.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&n));
+            if matcher.excluded(&child, st.is_dir()) {
+                continue;
+            }
+            if st.is_dir() {
+                if !(matcher.rules.one_file_system && st.dev != root_dev) {
+                    dirs.push((Some(fd.clone()), n, child));
+                }
+            } else if st.is_file() && !matcher.too_large(st.size) {
+                files += 1;
+                bytes += st.size;
+                if files.is_multiple_of(1024) {
+                    progress.scanned(files, bytes, false);
+                }
+            }
+        }
+    }
+    progress.scanned(files, bytes, true);
 }
 
 struct Walker<'a> {
@@ -742,6 +806,9 @@ impl<'w, 'r> Store<'w, 'r> {
                 self.push(e)?;
             }
             Task::Done(e) => {
+                if let Payload::File(d) = &e.payload {
+                    self.progress.advance(d.size);
+                }
                 // An unchanged file of a link group: its other names share it.
                 if let (Payload::File(d), true) = (&e.payload, e.link_group != 0) {
                     self.groups
