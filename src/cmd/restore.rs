@@ -29,7 +29,7 @@ pub fn run(o: RestoreArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<(
     }
     match style {
         Style::Json => writeln!(out, "{}", json(&s, &rep))?,
-        Style::Text if rep.files.len() <= 20 => {
+        Style::Text if rep.files_total <= 20 => {
             for (p, n) in &rep.files {
                 writeln!(out, "restored {} ({}), verified", p.display(), human(*n))?;
             }
@@ -45,7 +45,7 @@ pub fn run(o: RestoreArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<(
         Style::Text => writeln!(
             out,
             "restored {} files ({}) into {}, verified; wrote {}",
-            rep.files.len(),
+            rep.files_total,
             human(rep.bytes),
             o.to.display(),
             human(rep.bytes_written)
@@ -61,7 +61,7 @@ fn json(s: &Snapshot, rep: &RestoreReport) -> serde_json::Value {
         .iter()
         .map(|(p, n)| serde_json::json!({"path": p.display().to_string(), "size": n, "verified": true}))
         .collect();
-    serde_json::json!({"snapshot": s.id.to_string(), "bytes": rep.bytes, "bytes_written": rep.bytes_written, "files": files})
+    serde_json::json!({"snapshot": s.id.to_string(), "bytes": rep.bytes, "bytes_written": rep.bytes_written, "files_total": rep.files_total, "files": files})
 }
 
 /// `dsync cat`: one file of the snapshot to `out` (standard output).

@@ -26,10 +26,17 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<crate::read::Scratch> = std::cell::RefCell::new(crate::read::Scratch::default());
 }
 
+/// At most this many files are listed in a [`RestoreReport`] (its memory
+/// stays bounded however many files a restore writes).
+pub const REPORT_FILES: usize = 1000;
+
 /// What restore wrote.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreReport {
+    /// The first [`REPORT_FILES`] files written, and their sizes.
     pub files: Vec<(PathBuf, u64)>,
+    /// How many files were written (hard links included).
+    pub files_total: u64,
     /// The restored files' sizes.
     pub bytes: u64,
     /// Bytes written to files: `bytes` but for holes, and under `--delta`
@@ -38,6 +45,29 @@ pub struct RestoreReport {
     /// What could not be restored as stored (a device node without root,
     /// extended attributes the file system refuses), one line each.
     pub warnings: Vec<String>,
+}
+
+impl RestoreReport {
+    /// Counts a file written to `path` (listed while the list is short).
+    pub(crate) fn file(&mut self, path: PathBuf, size: u64) {
+        self.files_total += 1;
+        if self.files.len() < REPORT_FILES {
+            self.files.push((path, size));
+        }
+    }
+
+    /// Adds what another restore wrote.
+    pub(crate) fn add(&mut self, o: RestoreReport) {
+        self.bytes += o.bytes;
+        self.bytes_written += o.bytes_written;
+        self.files_total += o.files_total;
+        for (p, n) in o.files {
+            if self.files.len() < REPORT_FILES {
+                self.files.push((p, n));
+            }
+        }
+        self.warnings.extend(o.warnings);
+    }
 }
 
 /// The root-level file `name` of `snap`, and its node index.
@@ -260,9 +290,7 @@ fn restore_flat(
         let entry = crate::tree3::entry_of(&attrs)?;
         let open = |_: &Path| VersionReader::open_node(repo, snap, i);
         let r = tree::restore_one(repo, snap.id, &entry, &open, &target, opts, progress)?;
-        report.bytes += r.bytes;
-        report.files.extend(r.files);
-        report.warnings.extend(r.warnings);
+        report.add(r);
     }
     Ok(report)
 }

@@ -94,11 +94,11 @@ impl TreeStats {
 
 /// What the walker sends the writer, in depth-first order.
 enum Task {
-    /// A directory's entries follow, up to its [`Task::Leave`].
-    Enter,
-    /// The directory's own entry (its list is what came since `Enter`), and
-    /// the previous snapshot's list of it, whose pages may be reused.
-    Leave(Entry, Option<List<Entry>>),
+    /// A directory's entries follow, up to its [`Task::Leave`]; the
+    /// previous snapshot's list of it, whose pages may be reused.
+    Enter(Option<List<Entry>>),
+    /// The directory's own entry (its list is what came since `Enter`).
+    Leave(Entry),
     /// An entry that needs nothing more.
     Done(Entry),
     /// A regular file to read.
@@ -344,9 +344,9 @@ impl Walker<'_> {
                 }
             };
             entry.xattrs = self.xattrs(XattrSource::Fd(fd.as_fd()), path);
-            self.send(Task::Enter)?;
+            self.send(Task::Enter(prev.clone()))?;
             self.walk(Arc::new(fd), path, names, prev.as_ref())?;
-            self.send(Task::Leave(entry, prev))
+            self.send(Task::Leave(entry))
         })();
         let _ = r;
     }
@@ -402,102 +402,131 @@ impl Walker<'_> {
         prev: Option<&List<Entry>>,
     ) -> std::result::Result<(), Gone> {
         names.sort_unstable();
-        let prev_entries = match prev {
-            Some(l) => crate::tree3::read_list(self.repo, l).unwrap_or_else(|e| {
-                let _ = self.send(Task::Note(format!(
-                    "{}: previous snapshot's listing unreadable, every file is read again: {e}",
-                    path.display()
-                )));
-                Vec::new()
-            }),
-            None => Vec::new(),
-        };
-        let find = |n: &[u8]| {
-            prev_entries
-                .binary_search_by(|e| e.name.as_slice().cmp(n))
-                .ok()
-                .map(|i| &prev_entries[i])
-        };
-        for (name, _) in names {
-            let child =
-                path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name));
-            let st = match source::stat_at(dir.as_fd(), &name) {
-                Ok(st) => st,
-                Err(e) => {
-                    self.skipped(&child, &e)?;
-                    continue;
+        // The previous list is read along with the names (both in name
+        // order), one page at a time: a directory's previous entries are
+        // never all decoded at once, nor the inline lists they hold.
+        let mut i = 0;
+        if let Some(l) = prev {
+            let mut gone = false;
+            let reader = crate::meta::ListReader::new(self.repo.cache());
+            let read = reader.for_each(l, &mut |e: Entry| {
+                let mut one = |w: &mut Self, name: &[u8], before| {
+                    w.one(&dir, path, name.to_vec(), before).map_err(|Gone| {
+                        gone = true;
+                        Error::Internal("the writer stopped".into())
+                    })
+                };
+                while i < names.len() && names[i].0 < e.name {
+                    one(self, &names[i].0, None)?;
+                    i += 1;
                 }
-            };
-            if self.matcher.excluded(&child, st.is_dir()) {
-                continue;
+                if i < names.len() && names[i].0 == e.name {
+                    one(self, &names[i].0, Some(&e))?;
+                    i += 1;
+                }
+                Ok(())
+            });
+            if gone {
+                return Err(Gone);
             }
-            let mut entry = self.entry(name.clone(), &st);
-            let before = find(&name);
-            match st.file_type() {
-                libc::S_IFDIR => self.dir(&dir, &child, entry, &st, before)?,
-                libc::S_IFREG => {
-                    if self.matcher.too_large(st.size) {
-                        continue;
-                    }
-                    if st.nlink > 1 {
-                        let key = (st.dev, st.ino);
-                        let next = self.links.len() as u64 + 1;
-                        match self.links.get(&key) {
-                            Some((g, first)) => {
-                                entry.link_group = *g;
-                                let first = first.clone();
-                                self.send(Task::Link(entry, first))?;
-                                continue;
-                            }
-                            None => {
-                                self.links.insert(key, (next, child.clone()));
-                                entry.link_group = next;
-                            }
-                        }
-                    }
-                    let prev_data = match before.map(|b| &b.payload) {
-                        Some(Payload::File(d)) => Some(d),
-                        _ => None,
-                    };
-                    let moved = match prev_data {
-                        None if st.size >= crate::tree3::SIG_MIN_SIZE => {
-                            self.renamed(&name, &st, &child)?
-                        }
-                        _ => None,
-                    };
-                    if let (Some(b), Some(d)) = (before, prev_data) {
-                        if self.unchanged(b, &st) {
-                            entry.xattrs = b.xattrs.clone();
-                            entry.flags = b.flags & ENTRY_HASH_SIZE_LAST;
-                            entry.payload = Payload::File(d.clone());
-                            self.send(Task::Done(entry))?;
-                            continue;
-                        }
-                    }
-                    self.send(Task::Read(Box::new(ReadJob {
-                        dir: dir.clone(),
-                        name,
-                        path: child,
-                        entry,
-                        size: st.size,
-                        prev: prev_data.cloned().or(moved),
-                    })))?;
+            if let Err(e) = read {
+                self.send(Task::Note(format!(
+                    "{}: previous snapshot's listing unreadable, the rest of it is read again: {e}",
+                    path.display()
+                )))?;
+            }
+        }
+        for (name, _) in names.drain(i..) {
+            self.one(&dir, path, name, None)?;
+        }
+        Ok(())
+    }
+
+    /// The node `name` of `dir` (at `path` in the source): its task, with
+    /// `before` its entry in the previous snapshot.
+    fn one(
+        &mut self,
+        dir: &Arc<OwnedFd>,
+        path: &Path,
+        name: Vec<u8>,
+        before: Option<&Entry>,
+    ) -> std::result::Result<(), Gone> {
+        let child = path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name));
+        let st = match source::stat_at(dir.as_fd(), &name) {
+            Ok(st) => st,
+            Err(e) => {
+                self.skipped(&child, &e)?;
+                return Ok(());
+            }
+        };
+        if self.matcher.excluded(&child, st.is_dir()) {
+            return Ok(());
+        }
+        let mut entry = self.entry(name.clone(), &st);
+        match st.file_type() {
+            libc::S_IFDIR => self.dir(dir, &child, entry, &st, before)?,
+            libc::S_IFREG => {
+                if self.matcher.too_large(st.size) {
+                    return Ok(());
                 }
-                libc::S_IFLNK => {
-                    match source::read_link(dir.as_fd(), &name) {
-                        Ok(t) => entry.payload = Payload::Symlink(t),
-                        Err(e) => {
-                            self.skipped(&child, &e)?;
-                            continue;
+                if st.nlink > 1 {
+                    let key = (st.dev, st.ino);
+                    let next = self.links.len() as u64 + 1;
+                    match self.links.get(&key) {
+                        Some((g, first)) => {
+                            entry.link_group = *g;
+                            let first = first.clone();
+                            self.send(Task::Link(entry, first))?;
+                            return Ok(());
+                        }
+                        None => {
+                            self.links.insert(key, (next, child.clone()));
+                            entry.link_group = next;
                         }
                     }
-                    entry.xattrs = self.xattrs(XattrSource::Path(&child), &child);
-                    self.send(Task::Done(entry))?;
                 }
-                _ => {
-                    entry.xattrs = self.xattrs(XattrSource::Path(&child), &child);
-                    self.send(Task::Done(entry))?;
+                let prev_data = match before.map(|b| &b.payload) {
+                    Some(Payload::File(d)) => Some(d),
+                    _ => None,
+                };
+                let moved = match prev_data {
+                    None if st.size >= crate::tree3::SIG_MIN_SIZE => {
+                        self.renamed(&name, &st, &child)?
+                    }
+                    _ => None,
+                };
+                if let (Some(b), Some(d)) = (before, prev_data) {
+                    if self.unchanged(b, &st) {
+                        entry.xattrs = b.xattrs.clone();
+                        entry.flags = b.flags & ENTRY_HASH_SIZE_LAST;
+                        entry.payload = Payload::File(d.clone());
+                        self.send(Task::Done(entry))?;
+                        return Ok(());
+                    }
                 }
+                self.send(Task::Read(Box::new(ReadJob {
+                    dir: dir.clone(),
+                    name,
+                    path: child,
+                    entry,
+                    size: st.size,
+                    prev: prev_data.cloned().or(moved),
+                })))?;
+            }
+            libc::S_IFLNK => {
+                match source::read_link(dir.as_fd(), &name) {
+                    Ok(t) => entry.payload = Payload::Symlink(t),
+                    Err(e) => {
+                        self.skipped(&child, &e)?;
+                        return Ok(());
+                    }
+                }
+                entry.xattrs = self.xattrs(XattrSource::Path(&child), &child);
+                self.send(Task::Done(entry))?;
+            }
+            _ => {
+                entry.xattrs = self.xattrs(XattrSource::Path(&child), &child);
+                self.send(Task::Done(entry))?;
             }
         }
         Ok(())
@@ -547,9 +576,9 @@ impl Walker<'_> {
             Some(Payload::Dir(l)) => Some(l.clone()),
             _ => None,
         };
-        self.send(Task::Enter)?;
+        self.send(Task::Enter(prev.clone()))?;
         self.walk(Arc::new(fd), path, names, prev.as_ref())?;
-        self.send(Task::Leave(entry, prev))
+        self.send(Task::Leave(entry))
     }
 
     /// The basis of a file at a new path (see [`Renames`]); none, with a
@@ -643,8 +672,8 @@ struct Store<'w, 'r> {
     w: &'w mut Writer<'r>,
     opts: &'w BackupOptions,
     progress: &'w dyn Progress,
-    /// Entries of the directories being written, innermost last.
-    stack: Vec<Vec<Entry>>,
+    /// Lists of the directories being written, innermost last.
+    stack: Vec<crate::meta::ListWriter<Entry>>,
     /// Link group → the data and extended attributes of its first file
     /// (the walker reads neither for the other names: they share its
     /// inode, and restore may create any of them first).
@@ -776,11 +805,17 @@ impl<'w, 'r> Store<'w, 'r> {
         if !e.error.is_empty() {
             self.stats.errors += 1;
         }
+        // Into the open directory's list: past a page's worth, entries
+        // are encoded into pages as they come, so a directory of many
+        // subdirectories does not hold their lists decoded.
+        let repo = self.w.repo;
         match self.stack.last_mut() {
-            Some(v) => v.push(e),
-            None => self.done = Some(e),
+            Some(list) => list.push(e, self.w.meta3()?, repo.backend()),
+            None => {
+                self.done = Some(e);
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     fn warn(&mut self, s: String) {
@@ -790,18 +825,22 @@ impl<'w, 'r> Store<'w, 'r> {
 
     fn apply(&mut self, t: Task, out: Option<ReadDone>) -> Result<()> {
         match t {
-            Task::Enter => self.stack.push(Vec::new()),
-            Task::Leave(mut e, prev) => {
-                let children = self
+            Task::Enter(prev) => {
+                // Pages of the previous list are known before any of this
+                // one is cut: an unchanged directory's pages are the same.
+                if let Some(p) = &prev {
+                    let repo = self.w.repo;
+                    crate::tree3::know_pages(repo, p, self.w.meta3()?)?;
+                }
+                self.stack.push(crate::meta::ListWriter::new());
+            }
+            Task::Leave(mut e) => {
+                let list = self
                     .stack
                     .pop()
                     .ok_or_else(|| Error::Internal("a directory ended twice".into()))?;
                 let repo = self.w.repo;
-                let meta = self.w.meta3()?;
-                if let Some(p) = &prev {
-                    crate::tree3::know_pages(repo, p, meta)?;
-                }
-                let list = crate::tree3::write_list(repo, meta, children)?;
+                let list = list.finish(self.w.meta3()?, repo.backend())?;
                 e.payload = Payload::Dir(list);
                 self.push(e)?;
             }

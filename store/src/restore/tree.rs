@@ -255,7 +255,7 @@ impl<'a> Shared<'a> {
         if let Ok(mut r) = self.report.lock() {
             r.bytes_written += w.written;
             r.bytes += w.size;
-            r.files.push((j.path, w.size));
+            r.file(j.path, w.size);
         }
         Ok(())
     }
@@ -298,9 +298,31 @@ impl Restorer<'_, '_> {
         rel: &[Vec<u8>],
         entries: Vec<Entry>,
     ) -> Result<()> {
+        for e in entries {
+            self.entry(dir, path, rel, e)?;
+        }
+        Ok(())
+    }
+
+    /// As [`Restorer::entries`] for a directory's list, read a page at a
+    /// time: a directory's entries (and the inline lists they hold) are
+    /// never all decoded at once.
+    fn list(
+        &mut self,
+        dir: &Arc<OwnedFd>,
+        path: &Path,
+        rel: &[Vec<u8>],
+        list: &List<Entry>,
+    ) -> Result<()> {
+        let reader = crate::meta::ListReader::new(self.sh.repo.cache());
+        reader.for_each(list, &mut |e| self.entry(dir, path, rel, e))
+    }
+
+    /// One entry of the directory `dir`.
+    fn entry(&mut self, dir: &Arc<OwnedFd>, path: &Path, rel: &[Vec<u8>], e: Entry) -> Result<()> {
         let sh = self.sh;
         let fd = dir.as_fd();
-        for e in entries {
+        {
             if sh.failed.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(());
             }
@@ -362,10 +384,13 @@ impl Restorer<'_, '_> {
                         Err(err) => return Err(Error::io(&child, err.into())),
                     }
                     let sub = Arc::new(source::open_dir(Some(fd), &e.name).at(&child)?);
-                    let kids = children(sh.repo, list)?;
+                    let list = list.clone();
                     let mut rel2 = rel.to_vec();
                     rel2.push(e.name.clone());
-                    self.entries(&sub, &child, &rel2, kids)?;
+                    self.list(&sub, &child, &rel2, &list)?;
+                    // Kept for its attributes only, not its list.
+                    let mut e = e;
+                    e.payload = Payload::Dir(List::default());
                     self.dirs.push((rel.to_vec(), e, child));
                 }
                 Payload::Symlink(target) => {
@@ -438,7 +463,7 @@ impl Shared<'_> {
         )
         .map_err(|err| Error::io(path, err.into()))?;
         if let (Payload::File(d), Ok(mut r)) = (&e.payload, self.report.lock()) {
-            r.files.push((path.to_path_buf(), d.size));
+            r.file(path.to_path_buf(), d.size);
         }
         Ok(())
     }
@@ -711,7 +736,7 @@ pub(super) fn restore_one(
         r.attrs(Some(w.fd.as_fd()), dir.as_fd(), e, target)?;
         report.bytes_written += w.written;
         report.bytes += w.size;
-        report.files.push((target.to_path_buf(), w.size));
+        report.file(target.to_path_buf(), w.size);
         report.warnings = r.report.into_inner().unwrap_or_default().warnings;
         return Ok(report);
     }
@@ -745,7 +770,7 @@ pub(super) fn restore_one(
     }
     report.bytes_written += w.written;
     report.bytes += w.size;
-    report.files.push((target.to_path_buf(), w.size));
+    report.file(target.to_path_buf(), w.size);
     report.warnings = r.report.into_inner().unwrap_or_default().warnings;
     Ok(report)
 }
