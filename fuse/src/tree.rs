@@ -752,8 +752,10 @@ impl Tree {
                     kind,
                     size,
                     stored,
-                    // Read-only: no write bits, whatever the source had.
-                    mode: n.mode & 0o7555,
+                    // The stored mode: the mount itself is read-only
+                    // (MountOption::RO), and `cp -a` or `rsync -a` from it
+                    // must copy the mode the file had.
+                    mode: n.mode & 0o7777,
                     uid: n.uid,
                     gid: n.gid,
                     mtime_ns: n.mtime_ns,
@@ -776,7 +778,7 @@ impl Tree {
                     kind,
                     size,
                     stored,
-                    mode: e.mode & 0o7555,
+                    mode: e.mode & 0o7777,
                     uid: e.uid,
                     gid: e.gid,
                     mtime_ns: e.mtime_ns,

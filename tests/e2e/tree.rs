@@ -1482,3 +1482,49 @@ fn restore_delta_writes_only_the_blocks_that_differ() {
     assert_eq!(num(&v, "bytes_written"), 4096, "{v}");
     assert_same_file(&t.join("data/disk.img"), &one);
 }
+
+#[test]
+fn every_snapshot_of_a_tree_reads_through_the_mount_as_rsync_sees_it() {
+    if super::mount::skip() || skip_root_test("a tree with device nodes and owners") {
+        return;
+    }
+    let env = Env::new();
+    let repo = env.repo();
+    let t = env.path("t");
+    add_every_kind(&t.join("kinds"));
+    history_tree(&t.join("h"));
+    let mut states = Vec::new();
+    for (k, when) in ["2024-01-01T00:00:00", "2024-01-02T00:00:00"]
+        .iter()
+        .enumerate()
+    {
+        if k == 1 {
+            // Bytes in the middle, a directory gone, a file become a
+            // directory, a mode, a new hard link.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(t.join("h/data/big.bin"))
+                .unwrap();
+            f.write_all_at(&pseudo(10_000, 61), 2 << 20).unwrap();
+            drop(f);
+            std::fs::remove_dir_all(t.join("h/gone")).unwrap();
+            std::fs::remove_file(t.join("h/f2d")).unwrap();
+            write(&t.join("h/f2d/child"), b"now a directory");
+            chmod(&t.join("h/modefile"), 0o4711);
+            std::fs::hard_link(t.join("h/target"), t.join("h/src/target-link")).unwrap();
+        }
+        let state = env.path(&format!("state{k}"));
+        tool("cp", &["-a", s(&t), s(&state)]);
+        assert_clean(&backup(&env, &repo, &[&t], &["--time", when]));
+        states.push(state);
+    }
+    let m = super::mount::Mount::new(&env, &[]);
+    let dirs = m.snapshot_dirs();
+    assert_eq!(dirs.len(), states.len(), "{dirs:?}");
+    for (state, dir) in states.iter().zip(&dirs) {
+        // Read through the mount: contents, kinds, modes, owners, ns
+        // mtimes, hard links (one inode), devices, xattrs and ACLs.
+        assert_same(state, &dir.join("t"));
+    }
+    m.unmount();
+}
