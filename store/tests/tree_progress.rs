@@ -62,7 +62,13 @@ fn the_scan_totals_match_what_the_backup_advances() {
             total = total - (100 + 97 * 7) + 777;
         }
         let rec = Recorder::default();
-        let rep = backup(&repo, &[src.clone()], &BackupOptions::default(), &rec).unwrap();
+        let rep = backup(
+            &repo,
+            std::slice::from_ref(&src),
+            &BackupOptions::default(),
+            &rec,
+        )
+        .unwrap();
         assert_eq!(rep.tree.files, files);
         let scans = rec.scans.lock().unwrap().clone();
         assert_eq!(scans.first(), Some(&(0, 0, false)), "round {round}");
