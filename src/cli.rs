@@ -164,6 +164,11 @@ pub struct BackupArgs {
     /// stored under --name and diffed against its previous version.
     #[arg(long, requires = "name", conflicts_with = "paths")]
     pub stdin: bool,
+    /// Name every file of a directory as it is stored: `new`, `changed`,
+    /// `unchanged` or `error`, then its path (with --json, one object per
+    /// file before the summary: docs/JSON.md).
+    #[arg(long)]
+    pub files: bool,
     /// With --stdin: fail, storing nothing, unless the stream is exactly
     /// this long (e.g. `$(blockdev --getsize64 DEV)`): a producer that
     /// dies early otherwise leaves a short snapshot.

@@ -62,10 +62,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Hands the command to its module; standard output is locked once here
-/// and flushed at the end.
+/// Hands the command to its module; standard output is flushed at the
+/// end. It is not held locked: `backup --files` prints from the threads
+/// that store the files.
 fn run(command: Command, quiet: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::stdout();
     match command {
         Command::Init(o) => cmd::init::run(o, quiet, &mut out)?,
         Command::Backup(o) => cmd::backup::run(o, quiet, &mut out)?,

@@ -10,10 +10,29 @@ use crate::output::Style;
 /// Runs `work` with a bar (for text output on a terminal) and clears the
 /// bar when `work` returns, before the caller prints its report or error.
 pub fn with_bar<T>(style: Style, work: impl FnOnce(&Bar) -> T) -> T {
-    let bar = Bar::new(style != Style::Text);
+    with_bar_files(style, false, work)
+}
+
+/// As [`with_bar`]; with `files`, every file a directory backup stores is
+/// printed to standard output as it is stored: a line of text, or with
+/// `style` JSON an object (`backup --files`).
+pub fn with_bar_files<T>(style: Style, files: bool, work: impl FnOnce(&Bar) -> T) -> T {
+    let mut bar = Bar::new(style != Style::Text);
+    bar.files = files.then(|| Files {
+        json: style == Style::Json,
+        broken: std::sync::atomic::AtomicBool::new(false),
+    });
     let result = work(&bar);
     bar.done();
     result
+}
+
+/// How `backup --files` prints.
+struct Files {
+    json: bool,
+    /// Standard output was closed: nothing more is printed (the backup
+    /// goes on).
+    broken: std::sync::atomic::AtomicBool,
 }
 
 pub struct Bar {
@@ -21,6 +40,7 @@ pub struct Bar {
     /// A directory backup: the bar counts the whole tree's bytes (from the
     /// scan that runs alongside), not one file's.
     tree: std::sync::atomic::AtomicBool,
+    files: Option<Files>,
 }
 
 impl Bar {
@@ -40,6 +60,7 @@ impl Bar {
         Bar {
             bar,
             tree: std::sync::atomic::AtomicBool::new(false),
+            files: None,
         }
     }
 
@@ -60,6 +81,33 @@ const SCANNED: &str =
 impl dsync_store::Progress for Bar {
     fn wants_totals(&self) -> bool {
         self.bar.is_some()
+    }
+
+    fn wants_files(&self) -> bool {
+        self.files.is_some()
+    }
+
+    fn file(&self, path: &std::path::Path, status: dsync_store::FileStatus, size: u64) {
+        let Some(f) = &self.files else { return };
+        if f.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let line = match f.json {
+            true => serde_json::json!({"file": path.display().to_string(), "status": status.as_str(), "size": size}).to_string(),
+            false => format!("{:<9} {}", status.as_str(), path.display()),
+        };
+        let print = || {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")
+        };
+        let r = match &self.bar {
+            Some(b) => b.suspend(print),
+            None => print(),
+        };
+        if r.is_err() {
+            f.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn scanned(&self, files: u64, bytes: u64, done: bool) {

@@ -33,7 +33,7 @@ pub fn run(o: BackupArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()
         expect_size: o.expect_size,
         ..Default::default()
     };
-    let rep = progress::with_bar(style, |bar| {
+    let rep = progress::with_bar_files(style, o.files, |bar| {
         if o.stdin {
             widen_stdin_pipe();
             dsync_store::backup_stream(&r, &mut std::io::stdin(), &opts, bar)

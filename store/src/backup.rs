@@ -64,6 +64,37 @@ pub trait Progress: Sync {
     /// advanced once whether it is read or unchanged, and `start` only
     /// names the file being read.
     fn scanned(&self, _files: u64, _bytes: u64, _done: bool) {}
+    /// Whether [`Progress::file`] is wanted (a directory backup then
+    /// names every file it stores).
+    fn wants_files(&self) -> bool {
+        false
+    }
+    /// A directory backup stored the file at `path` (`size` bytes).
+    fn file(&self, _path: &Path, _status: FileStatus, _size: u64) {}
+}
+
+/// What a directory backup did with one file ([`Progress::file`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileStatus {
+    /// No file at this path in the previous snapshot: read.
+    New,
+    /// Its size, times or inode changed: read.
+    Changed,
+    /// The previous snapshot's version, not read.
+    Unchanged,
+    /// Could not be read: kept with its error.
+    Error,
+}
+
+impl FileStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileStatus::New => "new",
+            FileStatus::Changed => "changed",
+            FileStatus::Unchanged => "unchanged",
+            FileStatus::Error => "error",
+        }
+    }
 }
 
 /// A [`Progress`] that shows nothing.

@@ -27,7 +27,8 @@ pub mod time;
 pub(crate) mod tree3;
 
 pub use backup::{
-    backup, backup_stream, BackupOptions, BackupReport, FileReport, NoProgress, Progress, TreeStats,
+    backup, backup_stream, BackupOptions, BackupReport, FileReport, FileStatus, NoProgress,
+    Progress, TreeStats,
 };
 pub use check::{check, CheckOptions, CheckReport, Problem};
 pub use error::{Error, Result};

@@ -17,7 +17,10 @@ fn documented() -> BTreeMap<String, BTreeMap<String, String>> {
     let mut cmd = None;
     for l in doc.lines() {
         if let Some(h) = l.strip_prefix("## `dsync ") {
-            cmd = h.split_whitespace().next().map(str::to_string);
+            // `backup --json` is "backup"; `backup --files --json` is
+            // "backup --files".
+            let h = h.split('`').next().unwrap_or("").replace(" --json", "");
+            cmd = Some(h);
             continue;
         }
         let (Some(c), Some(row)) = (&cmd, l.strip_prefix("| `")) else {
@@ -164,9 +167,30 @@ fn json_output_matches_the_document() {
     let fresh = env.path("fresh");
     env.ok(&["backup", "-q", s(&fresh), s(&tree)]);
     check_command(&doc, "ls", &env.ok(&["ls", s(&fresh), "latest", "--json"]));
+    // backup --files: a line per file, then the summary.
+    std::fs::write(tree.join("sub/new"), b"new").unwrap();
+    let out = env.ok(&["backup", s(&fresh), s(&tree), "--files", "--json"]);
+    let (files, summary): (Vec<&str>, Vec<&str>) =
+        out.lines().partition(|l| l.contains("\"status\""));
+    assert_eq!(files.len(), 2, "{out}");
+    assert_eq!(summary.len(), 1, "{out}");
+    check_command(&doc, "backup --files", &files.join("\n"));
+    let v: Value = serde_json::from_str(summary[0]).unwrap();
+    assert_eq!(v["tree_files"], 2, "{out}");
     // Every documented command was run.
     assert_eq!(
         doc.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["backup", "check", "diff", "du", "forget", "list", "ls", "prune", "restore"]
+        [
+            "backup",
+            "backup --files",
+            "check",
+            "diff",
+            "du",
+            "forget",
+            "list",
+            "ls",
+            "prune",
+            "restore"
+        ]
     );
 }

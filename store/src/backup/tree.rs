@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{BackupOptions, FileState, Input, Progress, Writer};
+use super::{BackupOptions, FileState, FileStatus, Input, Progress, Writer};
 use crate::delta::signature::FileHasher;
 use crate::delta::SigView;
 use crate::error::{Error, Result};
@@ -122,8 +122,11 @@ struct ReadJob {
     /// Metadata from the walk; the payload is filled in by the writer.
     entry: Entry,
     size: u64,
-    /// The previous version at this path, the delta's basis.
+    /// The previous version at this path, the delta's basis (or a moved
+    /// file's).
     prev: Option<FileData>,
+    /// No file at this path in the previous snapshot.
+    new: bool,
 }
 
 /// Backs up the directory `path` as the entry `name` of the snapshot's
@@ -171,6 +174,8 @@ pub(super) fn backup_dir(
                 links: HashMap::new(),
                 root_dev: st.dev,
                 renames: Renames::Unbuilt(prev_list.clone()),
+                progress,
+                files: progress.wants_files(),
                 tx,
             };
             wk.source(fd, st, path, name, prev_list);
@@ -250,6 +255,9 @@ struct Walker<'a> {
     root_dev: u64,
     /// Bases for new paths, built the first time one is met.
     renames: Renames,
+    progress: &'a dyn Progress,
+    /// Whether each file is reported ([`Progress::file`]).
+    files: bool,
     tx: SyncSender<Task>,
 }
 
@@ -500,6 +508,9 @@ impl Walker<'_> {
                         entry.xattrs = b.xattrs.clone();
                         entry.flags = b.flags & ENTRY_HASH_SIZE_LAST;
                         entry.payload = Payload::File(d.clone());
+                        if self.files {
+                            self.progress.file(&child, FileStatus::Unchanged, d.size);
+                        }
                         self.send(Task::Done(entry))?;
                         return Ok(());
                     }
@@ -510,6 +521,7 @@ impl Walker<'_> {
                     path: child,
                     entry,
                     size: st.size,
+                    new: prev_data.is_none(),
                     prev: prev_data.cloned().or(moved),
                 })))?;
             }
@@ -626,6 +638,14 @@ impl Walker<'_> {
             && prev.mtime_ns == st.mtime_ns
             && (o.ignore_ctime || prev.ctime_ns == st.ctime_ns)
             && (o.ignore_inode || prev.ino == st.ino)
+    }
+}
+
+/// A file read: new at its path, or changed.
+fn read_status(j: &ReadJob) -> FileStatus {
+    match j.new {
+        true => FileStatus::New,
+        false => FileStatus::Changed,
     }
 }
 
@@ -889,6 +909,7 @@ impl<'w, 'r> Store<'w, 'r> {
                 self.stats
                     .warnings
                     .push(format!("{}: not read: {why}", j.path.display()));
+                self.progress.file(&j.path, FileStatus::Error, 0);
                 e.error = why;
                 return self.push(e);
             }
@@ -901,6 +922,7 @@ impl<'w, 'r> Store<'w, 'r> {
         };
         let cfg = self.w.repo.config().clone();
         self.progress.start(&j.path.display().to_string(), size);
+        self.progress.file(&j.path, read_status(&j), size);
         self.stats.files_read += 1;
         // An identical file stored earlier in this backup: share its data.
         let hash = {
@@ -987,10 +1009,12 @@ impl<'w, 'r> Store<'w, 'r> {
                 self.stats
                     .warnings
                     .push(format!("{}: not read: {e}", j.path.display()));
+                self.progress.file(&j.path, FileStatus::Error, 0);
                 entry.error = e.to_string();
                 return self.push(entry);
             }
         };
+        self.progress.file(&j.path, read_status(&j), j.size);
         let mut entry = j.entry;
         let fresh = source::stat_fd(file.as_fd()).map_err(|e| Error::io(&j.path, e))?;
         refresh(&mut entry, &fresh);
