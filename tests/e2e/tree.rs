@@ -1528,3 +1528,28 @@ fn every_snapshot_of_a_tree_reads_through_the_mount_as_rsync_sees_it() {
     }
     m.unmount();
 }
+
+#[test]
+fn touched_small_files_are_read_but_not_stored_again() {
+    let env = Env::new();
+    let repo = env.repo();
+    let t = env.path("t");
+    for i in 0..300u64 {
+        write(&t.join(format!("d{}/f{i}", i % 10)), &pseudo(3000, 70 + i));
+    }
+    backup(&env, &repo, &[&t], &[]);
+    // New mtimes (and ctimes), same bytes: every file is read again, and
+    // found to be what the previous snapshot holds.
+    for i in 0..300u64 {
+        touch(&t.join(format!("d{}/f{i}", i % 10)), "2022-02-02 02:02:02");
+    }
+    let v = backup(&env, &repo, &[&t], &[]);
+    assert_eq!(num(&v, "tree_files_read"), 300, "{v}");
+    assert!(
+        num(&v, "bytes_added") < 100_000,
+        "300 touched files of 3,000 random bytes were stored again: {v}"
+    );
+    let out = env.path("out");
+    restore(&env, &repo, "latest", &out, &[]);
+    assert_same(&t, &out.join("t"));
+}

@@ -932,7 +932,14 @@ impl<'w, 'r> Store<'w, 'r> {
             }
             h.finish(size)
         };
-        if let Some(d) = self.same.get(&(hash, size)) {
+        // The same bytes as this backup stored already, or as the basis (a
+        // file touched or copied back, or moved, whose content is
+        // unchanged): its stored data is shared, nothing is written.
+        let basis = j
+            .prev
+            .as_ref()
+            .filter(|d| d.hash == hash && d.size == size && d.block_size == cfg.block_size);
+        if let Some(d) = self.same.get(&(hash, size)).or(basis) {
             entry.payload = Payload::File(d.clone());
             if let Some(c) = chunk {
                 self.stats.bytes_read += c.read;
