@@ -7,6 +7,30 @@ use std::process::Command;
 
 use super::util::*;
 
+/// `rdiff-backup backup SRC RDIFF`, required to succeed.
+fn rdiff_backup(src: &std::path::Path, rdiff: &std::path::Path) {
+    let o = Command::new("rdiff-backup")
+        .args(["backup"])
+        .arg(src)
+        .arg(rdiff)
+        .output()
+        .expect("rdiff-backup is installed by scripts/setup.sh");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The times (Unix seconds) of the versions `rdiff` holds, oldest first.
+fn rdiff_times(rdiff: &std::path::Path) -> Vec<i64> {
+    let list = Command::new("rdiff-backup")
+        .args(["--parsable-output", "-l"])
+        .arg(rdiff)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
 #[test]
 fn imports_every_version_with_its_time() {
     let env = Env::new();
@@ -29,23 +53,9 @@ fn imports_every_version_with_its_time() {
                 .unwrap();
             }
         }
-        let o = Command::new("rdiff-backup")
-            .args(["backup"])
-            .arg(&src)
-            .arg(&rdiff)
-            .output()
-            .expect("rdiff-backup is installed by scripts/setup.sh");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        rdiff_backup(&src, &rdiff);
     }
-    let list = Command::new("rdiff-backup")
-        .args(["--parsable-output", "-l"])
-        .arg(&rdiff)
-        .output()
-        .unwrap();
-    let times: Vec<i64> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
+    let times = rdiff_times(&rdiff);
     assert_eq!(times.len(), 4);
 
     env.ok(&["import-rdiff-backup", s(&rdiff), s(&env.repo())]);
@@ -131,23 +141,9 @@ fn imports_a_repository_of_a_directory_tree() {
         if day == 2 {
             std::fs::remove_dir_all(src.join("etc/ssh")).unwrap();
         }
-        let o = Command::new("rdiff-backup")
-            .args(["backup"])
-            .arg(&src)
-            .arg(&rdiff)
-            .output()
-            .expect("rdiff-backup is installed by scripts/setup.sh");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        rdiff_backup(&src, &rdiff);
     }
-    let list = Command::new("rdiff-backup")
-        .args(["--parsable-output", "-l"])
-        .arg(&rdiff)
-        .output()
-        .unwrap();
-    let times: Vec<i64> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
+    let times = rdiff_times(&rdiff);
     assert_eq!(times.len(), 3);
     env.ok(&["import-rdiff-backup", s(&rdiff), s(&env.repo())]);
     let ids = env.ids();
