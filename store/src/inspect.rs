@@ -76,34 +76,54 @@ pub struct DuReport {
 /// # Errors
 /// When a manifest or map cannot be read.
 pub fn du(repo: &Repo) -> Result<DuReport> {
-    let snaps = repo.snapshots()?;
-    let mut maps: HashMap<MapId, FileMap> = HashMap::new();
-    let mut users: HashMap<MapId, Vec<usize>> = HashMap::new();
-    for (i, s) in snaps.iter().enumerate() {
-        for n in &s.nodes {
-            if let NodeKind::File(f) = &n.kind {
-                if let std::collections::hash_map::Entry::Vacant(v) = maps.entry(f.key()) {
-                    v.insert(repo.load_version(f)?);
+    // Snapshots one at a time (a format 3 tree streamed a list at a time),
+    // each distinct version once: its extents, and the snapshots using it.
+    // Memory follows the distinct versions, not versions x snapshots.
+    let infos = repo.infos()?;
+    let mut index: HashMap<MapId, usize> = HashMap::new();
+    let mut users: Vec<Vec<u32>> = Vec::new();
+    let mut uses: HashMap<PackId, Vec<(u64, u64, u32)>> = HashMap::new();
+    for (i, info) in infos.iter().enumerate() {
+        let i = i as u32;
+        let mut add = |f: &crate::FileVersion| -> Result<()> {
+            let v = match index.get(&f.key()) {
+                Some(&v) => v,
+                None => {
+                    let v = users.len();
+                    index.insert(f.key(), v);
+                    users.push(Vec::new());
+                    for e in repo.load_version(f)?.extents() {
+                        uses.entry(e.pack).or_default().push((
+                            e.offset,
+                            e.offset + e.len,
+                            v as u32,
+                        ));
+                    }
+                    v
                 }
-                let u = users.entry(f.key()).or_default();
-                if !u.contains(&i) {
-                    u.push(i);
+            };
+            if users[v].last() != Some(&i) {
+                users[v].push(i);
+            }
+            Ok(())
+        };
+        if info.format >= 3 {
+            let root = repo.load_record(info.id)?.root;
+            crate::tree3::visit(repo, &root, &mut |_, e| match crate::tree3::node_of(e, 0)
+                .map(|n| n.kind)
+            {
+                Some(NodeKind::File(f)) => add(&f),
+                _ => Ok(()),
+            })?;
+        } else {
+            for n in repo.load_snapshot(info.id)?.nodes {
+                if let NodeKind::File(f) = &n.kind {
+                    add(f)?;
                 }
             }
         }
     }
-    // Per pack: (start, end, snapshot) for every use.
-    let mut uses: HashMap<PackId, Vec<(u64, u64, usize)>> = HashMap::new();
-    for (id, m) in &maps {
-        for e in m.extents() {
-            for &s in &users[id] {
-                uses.entry(e.pack)
-                    .or_default()
-                    .push((e.offset, e.offset + e.len, s));
-            }
-        }
-    }
-    let mut unique = vec![0f64; snaps.len()];
+    let mut unique = vec![0f64; infos.len()];
     let pack_sizes = repo.sizes(Kind::Pack)?;
     let map_sizes = repo.sizes(Kind::Map)?;
     let snap_sizes = repo.sizes(Kind::Snapshot)?;
@@ -118,42 +138,41 @@ pub fn du(repo: &Repo) -> Result<DuReport> {
             .unwrap_or(0)
             .max(1) as f64;
         let ratio = file_len / ulen;
-        // Sweep: segments covered by exactly one snapshot.
-        let mut events: BTreeMap<u64, Vec<(usize, i64)>> = BTreeMap::new();
-        for (s, e, snap) in v {
-            events.entry(s).or_default().push((snap, 1));
-            events.entry(e).or_default().push((snap, -1));
+        // Sweep: segments covered by exactly one snapshot (through any of
+        // the versions live there).
+        let mut events: BTreeMap<u64, Vec<(u32, i64)>> = BTreeMap::new();
+        for (s, e, version) in v {
+            events.entry(s).or_default().push((version, 1));
+            events.entry(e).or_default().push((version, -1));
         }
-        let mut count: HashMap<usize, i64> = HashMap::new();
+        let mut count: HashMap<u32, i64> = HashMap::new();
         let mut prev: Option<u64> = None;
         for (at, evs) in events {
             if let Some(p) = prev {
-                let live: Vec<usize> = count
-                    .iter()
-                    .filter(|(_, c)| **c > 0)
-                    .map(|(s, _)| *s)
-                    .collect();
-                if live.len() == 1 {
-                    unique[live[0]] += (at - p) as f64 * ratio;
+                let mut live = count.iter().filter(|(_, c)| **c > 0).map(|(s, _)| *s);
+                if let (Some(only), None) = (live.next(), live.next()) {
+                    unique[only as usize] += (at - p) as f64 * ratio;
                 }
             }
-            for (s, d) in evs {
-                *count.entry(s).or_default() += d;
+            for (version, d) in evs {
+                for &s in &users[version as usize] {
+                    *count.entry(s).or_default() += d;
+                }
             }
             prev = Some(at);
         }
     }
-    for (id, u) in &users {
-        if u.len() == 1 {
-            unique[u[0]] += size(&map_sizes, id.to_string());
+    for (id, &v) in &index {
+        if let [only] = users[v].as_slice() {
+            unique[*only as usize] += size(&map_sizes, id.to_string());
         }
     }
-    for (i, s) in snaps.iter().enumerate() {
+    for (i, s) in infos.iter().enumerate() {
         unique[i] += size(&snap_sizes, s.id.to_string());
     }
     Ok(DuReport {
         total_bytes: repo.bytes_stored()?,
-        snapshots: snaps
+        snapshots: infos
             .iter()
             .zip(unique)
             .map(|(s, u)| (s.id, s.time_ns, u as u64))
