@@ -128,8 +128,9 @@ pub struct Tree {
     /// (and the packs it holds open) goes when its file's last handle is
     /// released, so packs a prune deleted are not kept alive by the mount.
     readers: Mutex<HashMap<u64, (Arc<VersionReader>, u32)>>,
-    /// Bytes stored per file inode (for st_blocks), once known.
-    stored: Mutex<HashMap<u64, u64>>,
+    /// Bytes stored per file inode (for st_blocks), the most recently
+    /// asked (a file that fell out is measured again).
+    stored: Mutex<lru::LruCache<u64, u64>>,
     mount_time_ns: i64,
     /// Format 2 snapshots, read whole on first use (one manifest each).
     flat: Mutex<HashMap<SnapshotId, Arc<Snapshot>>>,
@@ -191,7 +192,7 @@ impl Tree {
             inodes: RwLock::new(Inodes::default()),
             next_ino: std::sync::atomic::AtomicU64::new(ROOT_INO + 1),
             readers: Mutex::new(HashMap::new()),
-            stored: Mutex::new(HashMap::new()),
+            stored: cache(ENTRY_CACHE),
             mount_time_ns: dsync_store::time::now_ns(),
             flat: Mutex::new(HashMap::new()),
             roots: Mutex::new(HashMap::new()),
@@ -379,11 +380,22 @@ impl Tree {
         let Some(e) = browse::resolve(&self.repo, &root, &path)? else {
             return Ok(None);
         };
+        Ok(Some(self.remember(ino, e)))
+    }
+
+    /// Keeps `e` as the entry of `ino` in the entry cache, unless it is a
+    /// directory whose list is inline (its children decoded: a cache of
+    /// such entries would hold whole subtrees); that one is looked up again
+    /// by its path when next needed.
+    fn remember(&self, ino: u64, e: Entry) -> Arc<Entry> {
         let e = Arc::new(e);
-        if let Ok(mut m) = self.entries.lock() {
-            m.put(ino, e.clone());
+        let inline = matches!(&e.payload, Payload::Dir(List::Inline(v)) if !v.is_empty());
+        if !inline {
+            if let Ok(mut m) = self.entries.lock() {
+                m.put(ino, e.clone());
+            }
         }
-        Ok(Some(e))
+        e
     }
 
     /// The key of entry `e` of the directory at `dir` (format 3), noting a
@@ -423,24 +435,23 @@ impl Tree {
             return Some(l.clone());
         }
         let (id, path, list) = self.dir3(key, ino)?;
-        let entries = browse::entries(&self.repo, &list)
-            .map_err(|e| {
-                crate::log(&format!(
-                    "snapshot {id} {}: {e}",
-                    String::from_utf8_lossy(&path)
-                ))
-            })
-            .ok()?;
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
+        let mut out = Vec::new();
+        browse::for_each(&self.repo, &list, &mut |e| {
             let k = self.key_of(id, &path, &e);
             let t = entry_type(&e);
             let child = self.ino(&k);
-            if let Ok(mut m) = self.entries.lock() {
-                m.put(child, Arc::new(e.clone()));
-            }
-            out.push((e.name, k, t));
-        }
+            let name = e.name.clone();
+            self.remember(child, e);
+            out.push((name, k, t));
+            Ok(())
+        })
+        .map_err(|e| {
+            crate::log(&format!(
+                "snapshot {id} {}: {e}",
+                String::from_utf8_lossy(&path)
+            ))
+        })
+        .ok()?;
         let out = Arc::new(out);
         if let Ok(mut m) = self.listings.lock() {
             m.put(ino, out.clone());
@@ -660,19 +671,18 @@ impl Tree {
 
     /// Bytes stored for file `ino` (its size when its map cannot be read).
     fn stored_bytes(&self, ino: u64, size: u64) -> u64 {
-        if let Some(&n) = self
+        if let Some(n) = self
             .stored
             .lock()
             .ok()
-            .and_then(|m| m.get(&ino).copied())
-            .as_ref()
+            .and_then(|mut m| m.get(&ino).copied())
         {
             return n;
         }
         let Ok(r) = self.reader(ino) else { return size };
         let n = r.map().stored_bytes();
         if let Ok(mut m) = self.stored.lock() {
-            m.insert(ino, n);
+            m.put(ino, n);
         }
         n
     }

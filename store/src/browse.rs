@@ -38,6 +38,20 @@ pub fn entries(repo: &Repo, dir: &List<Entry>) -> Result<Vec<Entry>> {
     crate::tree3::read_list(repo, dir)
 }
 
+/// Calls `f` with each entry of the directory whose list is `dir`, in name
+/// order, a page at a time: a directory of subdirectories with inline
+/// lists is never decoded whole.
+///
+/// # Errors
+/// As [`entries`], and what `f` returns.
+pub fn for_each(
+    repo: &Repo,
+    dir: &List<Entry>,
+    f: &mut dyn FnMut(Entry) -> Result<()>,
+) -> Result<()> {
+    ListReader::new(repo.cache()).for_each(dir, f)
+}
+
 /// The entry at `path` (names separated by `/`) under `root`.
 ///
 /// # Errors
