@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use crate::backup::{NoProgress, Progress};
 use crate::error::{Error, Result};
 use crate::format::snapshot::{FileVersion, NodeKind};
+use crate::id::SnapshotId;
 use crate::id::{MapId, PackId};
-use crate::map::FileMap;
 use crate::repo::Repo;
 
 /// What `dsync check` was asked to do.
@@ -68,7 +68,17 @@ pub struct CheckReport {
 struct Use {
     file: FileVersion,
     name: String,
-    snapshots: Vec<String>,
+    /// Snapshots using the version (ids, 8 bytes each: a version of a
+    /// million-file tree is in every snapshot).
+    snapshots: Vec<SnapshotId>,
+}
+
+impl Use {
+    /// The snapshots, as problems name them.
+    fn snapshot_names(&self) -> String {
+        let names: Vec<String> = self.snapshots.iter().map(|s| s.to_string()).collect();
+        names.join(",")
+    }
 }
 
 /// Checks the repository. A check that found problems while a prune
@@ -104,7 +114,7 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
                             name: String::from_utf8_lossy(&n.name).into_owned(),
                             snapshots: Vec::new(),
                         });
-                        u.snapshots.push(id.to_string());
+                        u.snapshots.push(id);
                     }
                 }
             }
@@ -119,14 +129,16 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
     }
     report.versions = versions.len();
 
-    // Structure of every version; remember the maps for the data pass.
-    let mut maps: HashMap<MapId, FileMap> = HashMap::new();
+    // Structure of every version; remember which maps loaded (the data
+    // pass loads them again only if a frame is damaged: keeping a million
+    // maps took most of check's memory).
+    let mut maps: HashSet<MapId> = HashSet::new();
     let mut packs: HashMap<
         PackId,
         std::result::Result<std::sync::Arc<crate::pack::PackReader>, String>,
     > = HashMap::new();
     for (map_id, u) in &versions {
-        let snap = Some(u.snapshots.join(","));
+        let snap = Some(u.snapshot_names());
         let file = Some(u.name.clone());
         let map_name = match u.file.data {
             Some(_) => format!("the extent list of {}", u.name),
@@ -203,7 +215,7 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
                 ranges: crate::map::merge_ranges(ranges),
             });
         }
-        maps.insert(*map_id, map);
+        maps.insert(*map_id);
     }
     report.packs = packs.len();
     if !opts.read_data {
@@ -233,8 +245,11 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
         by_pack.entry(p).or_default().push((s, t, msg));
     }
     let mut damaged_versions: HashSet<MapId> = HashSet::new();
-    for (map_id, map) in &maps {
+    for map_id in maps.iter().filter(|_| !by_pack.is_empty()) {
         let u = &versions[map_id];
+        let Ok(map) = repo.load_version(&u.file) else {
+            continue;
+        };
         let mut hit: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
         for e in map.extents() {
             for (s, t, msg) in by_pack.get(&e.pack).map(|v| v.as_slice()).unwrap_or(&[]) {
@@ -250,7 +265,7 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
             report.problems.push(Problem {
                 object: msg.split(" is damaged").next().unwrap_or(&msg).to_string(),
                 detail: msg.clone(),
-                snapshot: Some(u.snapshots.join(",")),
+                snapshot: Some(u.snapshot_names()),
                 file: Some(u.name.clone()),
                 ranges: crate::map::merge_ranges(ranges),
             });
@@ -259,13 +274,10 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
 
     // Every sound version read whole against its file hash.
     for (map_id, u) in &versions {
-        if damaged_versions.contains(map_id)
-            || !maps.contains_key(map_id)
-            || !opts.selected(map_id.0)
-        {
+        if damaged_versions.contains(map_id) || !maps.contains(map_id) || !opts.selected(map_id.0) {
             continue;
         }
-        let what = format!("snapshot {} file {}", u.snapshots.join(","), u.name);
+        let what = format!("snapshot {} file {}", u.snapshot_names(), u.name);
         match crate::restore::verify_version(repo, &u.file, &what, &NoProgress) {
             Ok(()) => report.bytes_verified += u.file.size,
             Err(e) => report.problems.push(problem(
@@ -274,7 +286,7 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
                     Some(_) => format!("the extent list of {}", u.name),
                     None => format!("maps/{map_id}.map"),
                 },
-                Some(u.snapshots.join(",")),
+                Some(u.snapshot_names()),
                 Some(u.name.clone()),
                 vec![(0, u.file.size)],
             )),
