@@ -105,26 +105,41 @@ fn check_once(repo: &Repo, opts: &CheckOptions, progress: &dyn Progress) -> Resu
     let mut versions: BTreeMap<MapId, Use> = BTreeMap::new();
     for id in repo.snapshot_ids()? {
         report.snapshots += 1;
-        match repo.load_snapshot(id) {
-            Ok(s) => {
+        let mut add = |name: &[u8], f: &FileVersion| {
+            let u = versions.entry(f.key()).or_insert_with(|| Use {
+                file: f.clone(),
+                name: String::from_utf8_lossy(name).into_owned(),
+                snapshots: Vec::new(),
+            });
+            if u.snapshots.last() != Some(&id) {
+                u.snapshots.push(id);
+            }
+        };
+        // A format 3 tree is walked a list at a time, not flattened whole;
+        // a manifest that is not a format 3 record is read as format 2.
+        let read = match repo.load_record(id) {
+            Ok(record) => crate::tree3::visit(repo, &record.root, &mut |_, e| {
+                if let Some(NodeKind::File(f)) = crate::tree3::node_of(e, 0).map(|n| n.kind) {
+                    add(&e.name, &f);
+                }
+                Ok(())
+            }),
+            Err(_) => repo.load_snapshot(id).map(|s| {
                 for n in &s.nodes {
                     if let NodeKind::File(f) = &n.kind {
-                        let u = versions.entry(f.key()).or_insert_with(|| Use {
-                            file: f.clone(),
-                            name: String::from_utf8_lossy(&n.name).into_owned(),
-                            snapshots: Vec::new(),
-                        });
-                        u.snapshots.push(id);
+                        add(&n.name, f);
                     }
                 }
-            }
-            Err(e) => report.problems.push(problem(
+            }),
+        };
+        if let Err(e) = read {
+            report.problems.push(problem(
                 &e,
                 format!("snapshots/{id}.snap"),
                 None,
                 None,
                 vec![],
-            )),
+            ));
         }
     }
     report.versions = versions.len();
