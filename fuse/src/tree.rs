@@ -14,6 +14,7 @@
 //! change, so the kernel may cache them for long.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -36,9 +37,11 @@ pub enum Key {
     NodeLink(SnapshotId, u32),
     /// A link at the root (`latest`, a day).
     RootLink(String),
-    /// Format 3: the node at this path of a snapshot (names joined by `/`),
-    /// read lazily, one directory at a time.
-    Path(SnapshotId, Arc<[u8]>),
+    /// Format 3: the node named so in the directory of this inode (the
+    /// snapshot's root or another `Path`), read lazily, one directory at a
+    /// time. Kept compactly in the inode table (`Paths`): a million
+    /// inodes take tens of megabytes, not hundreds.
+    Path(SnapshotId, u64, Arc<[u8]>),
     /// Format 3: a hard-link group; every path of it is this one inode.
     Group(SnapshotId, u64),
 }
@@ -100,9 +103,6 @@ struct SnapMeta {
     format: u32,
 }
 
-/// A path inside a snapshot, names joined by `/`.
-type SnapPath = Arc<[u8]>;
-
 /// A directory's entries as readdir gives them.
 type Listing = Arc<Vec<(Vec<u8>, Key, Type)>>;
 
@@ -113,10 +113,87 @@ struct State {
     refreshed: Option<Instant>,
 }
 
+/// Inodes of `Path` keys are numbered from here (their index in `Paths`).
+const PATH_BASE: u64 = 1 << 40;
+
 #[derive(Default)]
 struct Inodes {
+    /// Every key but `Path`: few (the root, format 2 snapshots, groups).
     by_ino: HashMap<u64, Key>,
     by_key: HashMap<Key, u64>,
+    paths: Paths,
+}
+
+/// The `Path` inodes: the mount never forgets an inode (the kernel may come
+/// back with any number it was given), so after `find` over a million files
+/// they are a million. Each is one fixed-size record and its name in one
+/// arena, found again through a table of indexes hashed by (parent, name).
+#[derive(Default)]
+struct Paths {
+    nodes: Vec<PathNode>,
+    names: Vec<u8>,
+    index: hashbrown::HashTable<u64>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+struct PathNode {
+    snap: SnapshotId,
+    parent: u64,
+    name_at: u64,
+    name_len: u32,
+}
+
+impl Paths {
+    fn name(&self, n: &PathNode) -> &[u8] {
+        let at = usize::try_from(n.name_at).unwrap_or(usize::MAX);
+        self.names
+            .get(at..at.saturating_add(n.name_len as usize))
+            .unwrap_or_default()
+    }
+
+    fn find(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let h = self.hasher.hash_one((parent, name));
+        self.index
+            .find(h, |&i| {
+                self.nodes
+                    .get(i as usize)
+                    .is_some_and(|n| n.parent == parent && self.name(n) == name)
+            })
+            .copied()
+    }
+
+    /// The index of (parent, name), added if new.
+    fn insert(&mut self, snap: SnapshotId, parent: u64, name: &[u8]) -> u64 {
+        if let Some(i) = self.find(parent, name) {
+            return i;
+        }
+        let i = self.nodes.len() as u64;
+        self.nodes.push(PathNode {
+            snap,
+            parent,
+            name_at: self.names.len() as u64,
+            name_len: u32::try_from(name.len()).unwrap_or(u32::MAX),
+        });
+        self.names.extend_from_slice(name);
+        let Paths {
+            nodes,
+            names,
+            index,
+            hasher,
+        } = self;
+        let h = hasher.hash_one((parent, name));
+        index.insert_unique(h, i, |&j| {
+            let n = &nodes[j as usize];
+            let at = n.name_at as usize;
+            hasher.hash_one((n.parent, &names[at..at + n.name_len as usize]))
+        });
+        i
+    }
+
+    fn key(&self, i: u64) -> Option<Key> {
+        let n = self.nodes.get(usize::try_from(i).ok()?)?;
+        Some(Key::Path(n.snap, n.parent, Arc::from(self.name(n))))
+    }
 }
 
 pub struct Tree {
@@ -143,8 +220,9 @@ pub struct Tree {
     /// Listings of the directories read last (readdir comes back with an
     /// offset several times per directory).
     listings: Mutex<lru::LruCache<u64, Listing>>,
-    /// A path of each hard-link group met, to find its entry again.
-    groups: Mutex<HashMap<(SnapshotId, u64), SnapPath>>,
+    /// A path of each hard-link group met (its `Path` key), to find its
+    /// entry again.
+    groups: Mutex<HashMap<(SnapshotId, u64), Key>>,
 }
 
 /// Entries and listings kept in memory.
@@ -165,17 +243,6 @@ fn entry_type(e: &Entry) -> Type {
         Payload::Symlink(_) => Type::Symlink,
         _ => Type::special(e.mode),
     }
-}
-
-/// `dir/name`, or `name` at a snapshot's root.
-fn join(dir: &[u8], name: &[u8]) -> Arc<[u8]> {
-    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
-    if !dir.is_empty() {
-        p.extend_from_slice(dir);
-        p.push(b'/');
-    }
-    p.extend_from_slice(name);
-    p.into()
 }
 
 impl Tree {
@@ -214,6 +281,20 @@ impl Tree {
             }
             return ROOT_INO;
         }
+        if let Key::Path(snap, parent, name) = key {
+            if let Some(n) = self
+                .inodes
+                .read()
+                .ok()
+                .and_then(|i| i.paths.find(*parent, name))
+            {
+                return PATH_BASE + n;
+            }
+            return match self.inodes.write() {
+                Ok(mut i) => PATH_BASE + i.paths.insert(*snap, *parent, name),
+                Err(_) => 0,
+            };
+        }
         if let Some(&n) = self
             .inodes
             .read()
@@ -238,7 +319,35 @@ impl Tree {
     }
 
     pub fn key(&self, ino: u64) -> Option<Key> {
-        self.inodes.read().ok()?.by_ino.get(&ino).cloned()
+        let i = self.inodes.read().ok()?;
+        match ino.checked_sub(PATH_BASE) {
+            Some(n) => i.paths.key(n),
+            None => i.by_ino.get(&ino).cloned(),
+        }
+    }
+
+    /// The path inside its snapshot of a format 3 inode (names joined by
+    /// `/`), from the chain of its parents.
+    fn path_of(&self, mut ino: u64) -> Option<Vec<u8>> {
+        let mut names = Vec::new();
+        loop {
+            match self.key(ino)? {
+                Key::Path(_, parent, name) => {
+                    names.push(name);
+                    ino = parent;
+                }
+                Key::Dir(_, None) => break,
+                _ => return None,
+            }
+        }
+        let mut p = Vec::new();
+        for n in names.iter().rev() {
+            if !p.is_empty() {
+                p.push(b'/');
+            }
+            p.extend_from_slice(n);
+        }
+        Some(p)
     }
 
     /// Re-reads the list of snapshots if it is older than a second (or `force`).
@@ -361,21 +470,24 @@ impl Tree {
 
     /// Looks the entry of `ino` up by its path.
     fn load_entry(&self, ino: u64, fresh: bool) -> Result<Option<Arc<Entry>>, Error> {
-        let (id, path) = match self.key(ino) {
-            Some(Key::Path(id, p)) => (id, p),
-            Some(Key::Group(id, g)) => {
-                let p = self
-                    .groups
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(&(id, g)).cloned());
-                match p {
-                    Some(p) => (id, p),
-                    None => return Ok(None),
-                }
-            }
-            _ => return Ok(None),
+        let key = match self.key(ino) {
+            Some(Key::Group(id, g)) => self
+                .groups
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&(id, g)).cloned()),
+            k => k,
         };
+        let Some(Key::Path(id, parent, name)) = key else {
+            return Ok(None);
+        };
+        let Some(mut path) = self.path_of(parent) else {
+            return Ok(None);
+        };
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(&name);
         let root = self.root3(id, fresh)?;
         let Some(e) = browse::resolve(&self.repo, &root, &path)? else {
             return Ok(None);
@@ -398,31 +510,31 @@ impl Tree {
         e
     }
 
-    /// The key of entry `e` of the directory at `dir` (format 3), noting a
-    /// hard-link group's path.
-    fn key_of(&self, id: SnapshotId, dir: &[u8], e: &Entry) -> Key {
-        let path = join(dir, &e.name);
+    /// The key of entry `e` of directory inode `dir` (format 3), noting a
+    /// hard-link group's first path.
+    fn key_of(&self, id: SnapshotId, dir: u64, e: &Entry) -> Key {
+        let path = Key::Path(id, dir, Arc::from(&e.name[..]));
         if e.link_group != 0 && matches!(e.payload, Payload::File(_)) {
             if let Ok(mut g) = self.groups.lock() {
                 g.entry((id, e.link_group)).or_insert(path);
             }
             return Key::Group(id, e.link_group);
         }
-        Key::Path(id, path)
+        path
     }
 
-    /// The list and path of a format 3 directory inode.
-    fn dir3(&self, key: &Key, ino: u64) -> Option<(SnapshotId, Arc<[u8]>, List<Entry>)> {
+    /// The snapshot and list of a format 3 directory inode.
+    fn dir3(&self, key: &Key, ino: u64) -> Option<(SnapshotId, List<Entry>)> {
         match key {
             Key::Dir(id, None) => {
                 let root = self
                     .root3(*id, false)
                     .map_err(|e| crate::log(&format!("snapshot {id}: {e}")))
                     .ok()?;
-                Some((*id, Arc::from(&b""[..]), root))
+                Some((*id, root))
             }
-            Key::Path(id, p) => match &self.entry(ino)?.payload {
-                Payload::Dir(l) => Some((*id, p.clone(), l.clone())),
+            Key::Path(id, ..) => match &self.entry(ino)?.payload {
+                Payload::Dir(l) => Some((*id, l.clone())),
                 _ => None,
             },
             _ => None,
@@ -434,10 +546,10 @@ impl Tree {
         if let Some(l) = self.listings.lock().ok()?.get(&ino) {
             return Some(l.clone());
         }
-        let (id, path, list) = self.dir3(key, ino)?;
+        let (id, list) = self.dir3(key, ino)?;
         let mut out = Vec::new();
         browse::for_each(&self.repo, &list, &mut |e| {
-            let k = self.key_of(id, &path, &e);
+            let k = self.key_of(id, ino, &e);
             let t = entry_type(&e);
             let child = self.ino(&k);
             let name = e.name.clone();
@@ -448,7 +560,7 @@ impl Tree {
         .map_err(|e| {
             crate::log(&format!(
                 "snapshot {id} {}: {e}",
-                String::from_utf8_lossy(&path)
+                String::from_utf8_lossy(&self.path_of(ino).unwrap_or_default())
             ))
         })
         .ok()?;
@@ -471,7 +583,7 @@ impl Tree {
     pub fn list(&self, ino: u64) -> Option<Listing> {
         let key = self.key(ino)?;
         match &key {
-            Key::Dir(id, None) | Key::Path(id, _) if self.meta(*id)?.format >= 3 => {
+            Key::Dir(id, None) | Key::Path(id, ..) if self.meta(*id)?.format >= 3 => {
                 return self.list3(&key, ino)
             }
             _ => {}
@@ -535,7 +647,7 @@ impl Tree {
             };
         }
         let key = self.key(parent)?;
-        if let Key::Dir(id, None) | Key::Path(id, _) = &key {
+        if let Key::Dir(id, None) | Key::Path(id, ..) = &key {
             if self.meta(*id)?.format >= 3 {
                 // One lookup in the directory's list, unless it was listed.
                 if let Some(l) = self.listings.lock().ok()?.get(&parent) {
@@ -544,11 +656,11 @@ impl Tree {
                         .find(|(n, _, _)| n == name)
                         .map(|(_, k, _)| k.clone());
                 }
-                let (id, path, list) = self.dir3(&key, parent)?;
+                let (id, list) = self.dir3(&key, parent)?;
                 let e = browse::lookup(&self.repo, &list, name)
                     .map_err(|e| crate::log(&format!("snapshot {id}: {e}")))
                     .ok()??;
-                let k = self.key_of(id, &path, &e);
+                let k = self.key_of(id, parent, &e);
                 let child = self.ino(&k);
                 if let Ok(mut m) = self.entries.lock() {
                     m.put(child, Arc::new(e));
@@ -619,7 +731,7 @@ impl Tree {
                 })?;
                 Ok(Arc::new(VersionReader::open_node(&self.repo, &s, node)?))
             }
-            Some(Key::Path(id, _) | Key::Group(id, _)) => self.open3(id, ino),
+            Some(Key::Path(id, ..) | Key::Group(id, _)) => self.open3(id, ino),
             _ => Err(Error::InvalidInput("not a file".into())),
         }
     }
@@ -800,6 +912,42 @@ impl Tree {
                     immutable: true,
                 })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_give_one_index_per_parent_and_name_and_their_key_back() {
+        let mut p = Paths::default();
+        let s = SnapshotId(7);
+        let mut given = Vec::new();
+        for parent in [2u64, 3, PATH_BASE] {
+            for name in [&b"a"[..], b"b", b"", b"\xff/x", b"a"] {
+                given.push((parent, name, p.insert(s, parent, name)));
+            }
+        }
+        // "a" twice under each parent: the same index.
+        assert_eq!(p.nodes.len(), 12);
+        for (parent, name, i) in given {
+            assert_eq!(p.find(parent, name), Some(i));
+            assert_eq!(p.key(i), Some(Key::Path(s, parent, Arc::from(name))));
+        }
+        assert_eq!(p.find(4, b"a"), None);
+        assert_eq!(p.key(12), None);
+        // Many more than the table's first capacity: it grows and rehashes.
+        for n in 0..10_000u32 {
+            p.insert(s, 9, &n.to_le_bytes());
+        }
+        for n in 0..10_000u32 {
+            let i = p.find(9, &n.to_le_bytes()).expect("found");
+            assert_eq!(
+                p.key(i),
+                Some(Key::Path(s, 9, Arc::from(&n.to_le_bytes()[..])))
+            );
         }
     }
 }
