@@ -1406,6 +1406,34 @@ fn a_moved_or_renamed_file_is_stored_as_a_delta_of_its_old_path() {
 }
 
 #[test]
+fn a_copy_of_a_stored_file_shares_its_data() {
+    let env = Env::new();
+    let repo = env.repo();
+    let t = env.path("t");
+    // Two files of one size (the copy must find the right one by content),
+    // one of more than a chunk (stored as a delta against a file of its
+    // size), and a small one.
+    write(&t.join("a/one.bin"), &pseudo(300_000, 71));
+    write(&t.join("a/two.bin"), &pseudo(300_000, 72));
+    write(&t.join("a/big.bin"), &pseudo(40 << 20, 73));
+    backup(&env, &repo, &[&t], &[]);
+    // Copies elsewhere, under other names and mtimes.
+    write(&t.join("b/copy-of-two"), &pseudo(300_000, 72));
+    write(&t.join("b/c/copy-of-big"), &pseudo(40 << 20, 73));
+    let before = env.path("before");
+    tool("cp", &["-a", s(&t), s(&before)]);
+    let v = backup(&env, &repo, &[&t], &[]);
+    assert_clean(&v);
+    assert!(
+        num(&v, "bytes_added") < 100_000,
+        "copies of stored files were stored again: {v}"
+    );
+    let out = env.path("out");
+    restore(&env, &repo, "latest", &out, &[]);
+    assert_same(&before, &out.join("t"));
+}
+
+#[test]
 fn restore_delta_writes_only_the_blocks_that_differ() {
     let env = Env::new();
     let repo = env.repo();

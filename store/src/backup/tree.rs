@@ -110,6 +110,10 @@ enum Task {
     Skipped(String),
     /// A warning that leaves the snapshot complete.
     Note(String),
+    /// The previous snapshot's files by content (sent once, when the rename
+    /// index is built): a file read with one of these contents shares its
+    /// stored data.
+    Known(Arc<Known>),
     /// The walk failed as a whole (the writer stops with this error).
     Failed(Error),
 }
@@ -264,16 +268,26 @@ struct Walker<'a> {
 /// Where a file met at a new path finds its delta basis: the previous
 /// snapshot's file with the same size and mtime (a rename or a move keeps
 /// both), else with the same base name (`disk.img` moved into a directory
-/// after an edit). Only files with a signature are indexed (smaller ones are
-/// stored whole anyway), at most [`RENAMES_MAX`] of each key.
+/// after an edit), else with the same size (a copy: when it is identical,
+/// the delta finds every block and stores none). Only files with a
+/// signature are indexed (smaller ones are stored whole anyway), at most
+/// [`RENAMES_MAX`] of each key. The same pass collects the files by content
+/// for the writer ([`Known`]).
 enum Renames {
     /// The previous snapshot's list of this tree, not read yet.
     Unbuilt(Option<List<Entry>>),
     Built {
-        by_stat: HashMap<(u64, i64), FileData>,
-        by_name: HashMap<Vec<u8>, FileData>,
+        by_stat: HashMap<(u64, i64), Arc<FileData>>,
+        by_name: HashMap<Vec<u8>, Arc<FileData>>,
+        by_size: HashMap<u64, Arc<FileData>>,
+        /// Given to the writer once.
+        known: Option<Arc<Known>>,
     },
 }
+
+/// The previous snapshot's files (those with a signature, at most
+/// [`RENAMES_MAX`]) by (whole-file hash, size).
+type Known = HashMap<([u8; 32], u64), Arc<FileData>>;
 
 /// The most files a rename index holds per key: its memory stays a few
 /// tens of MB whatever the tree's size.
@@ -286,18 +300,45 @@ impl Renames {
             let root = root.take();
             *self = Renames::build(repo, root)?;
         }
-        let Renames::Built { by_stat, by_name } = self else {
+        let Renames::Built {
+            by_stat,
+            by_name,
+            by_size,
+            ..
+        } = self
+        else {
             return Ok(None);
         };
         Ok(by_stat
             .get(&(st.size, st.mtime_ns))
             .or_else(|| by_name.get(name))
-            .cloned())
+            .or_else(|| by_size.get(&st.size))
+            .map(|d| (**d).clone()))
+    }
+
+    /// The index of files by content, the first time it is asked after the
+    /// build.
+    fn take_known(&mut self) -> Option<Arc<Known>> {
+        match self {
+            Renames::Built { known, .. } => known.take(),
+            Renames::Unbuilt(_) => None,
+        }
+    }
+
+    fn empty() -> Renames {
+        Renames::Built {
+            by_stat: HashMap::new(),
+            by_name: HashMap::new(),
+            by_size: HashMap::new(),
+            known: None,
+        }
     }
 
     /// Reads the previous tree once, one directory list at a time.
     fn build(repo: &Repo, root: Option<List<Entry>>) -> Result<Renames> {
-        let (mut by_stat, mut by_name) = (HashMap::new(), HashMap::new());
+        let (mut by_stat, mut by_name, mut by_size) =
+            (HashMap::new(), HashMap::new(), HashMap::new());
+        let mut known = Known::new();
         let mut lists: Vec<List<Entry>> = root.into_iter().collect();
         while let Some(l) = lists.pop() {
             for e in crate::tree3::read_list(repo, &l)? {
@@ -306,20 +347,32 @@ impl Renames {
                     Payload::File(d)
                         if d.size >= crate::tree3::SIG_MIN_SIZE && e.error.is_empty() =>
                     {
+                        let d = Arc::new(d);
                         if by_stat.len() < RENAMES_MAX {
                             by_stat
                                 .entry((d.size, e.mtime_ns))
                                 .or_insert_with(|| d.clone());
                         }
                         if by_name.len() < RENAMES_MAX {
-                            by_name.entry(e.name).or_insert(d);
+                            by_name.entry(e.name).or_insert_with(|| d.clone());
+                        }
+                        if by_size.len() < RENAMES_MAX {
+                            by_size.entry(d.size).or_insert_with(|| d.clone());
+                        }
+                        if known.len() < RENAMES_MAX {
+                            known.entry((d.hash, d.size)).or_insert(d);
                         }
                     }
                     _ => {}
                 }
             }
         }
-        Ok(Renames::Built { by_stat, by_name })
+        Ok(Renames::Built {
+            by_stat,
+            by_name,
+            by_size,
+            known: Some(Arc::new(known)),
+        })
     }
 }
 
@@ -602,12 +655,14 @@ impl Walker<'_> {
         path: &Path,
     ) -> std::result::Result<Option<FileData>, Gone> {
         match self.renames.find(self.repo, name, st) {
-            Ok(d) => Ok(d),
+            Ok(d) => {
+                if let Some(k) = self.renames.take_known() {
+                    self.send(Task::Known(k))?;
+                }
+                Ok(d)
+            }
             Err(e) => {
-                self.renames = Renames::Built {
-                    by_stat: HashMap::new(),
-                    by_name: HashMap::new(),
-                };
+                self.renames = Renames::empty();
                 self.send(Task::Note(format!(
                     "{}: previous snapshot unreadable, renamed files are read whole: {e}",
                     path.display()
@@ -701,6 +756,9 @@ struct Store<'w, 'r> {
     /// Small files stored by this backup, by (hash, size): an identical
     /// file is stored once.
     same: lru::LruCache<([u8; 32], u64), FileData>,
+    /// The previous snapshot's files by content, once a new path made the
+    /// walker read them.
+    known: Option<Arc<Known>>,
     stats: TreeStats,
     done: Option<Entry>,
 }
@@ -716,6 +774,7 @@ impl<'w, 'r> Store<'w, 'r> {
             same: lru::LruCache::new(
                 std::num::NonZeroUsize::new(1 << 16).unwrap_or(std::num::NonZeroUsize::MIN),
             ),
+            known: None,
             stats: TreeStats::default(),
             done: None,
         }
@@ -889,6 +948,7 @@ impl<'w, 'r> Store<'w, 'r> {
             },
             Task::Skipped(s) => self.warn(s),
             Task::Note(s) => self.stats.warnings.push(s),
+            Task::Known(k) => self.known = Some(k),
             Task::Failed(e) => return Err(e),
             Task::Read(j) => match out {
                 Some((o, prev)) => self.small(*j, o, prev)?,
@@ -932,14 +992,21 @@ impl<'w, 'r> Store<'w, 'r> {
             }
             h.finish(size)
         };
-        // The same bytes as this backup stored already, or as the basis (a
+        // The same bytes as this backup stored already, as the basis (a
         // file touched or copied back, or moved, whose content is
-        // unchanged): its stored data is shared, nothing is written.
+        // unchanged) or as another file of the previous snapshot (a copy):
+        // its stored data is shared, nothing is written.
         let basis = j
             .prev
             .as_ref()
             .filter(|d| d.hash == hash && d.size == size && d.block_size == cfg.block_size);
-        if let Some(d) = self.same.get(&(hash, size)).or(basis) {
+        let known = self
+            .known
+            .as_ref()
+            .and_then(|k| k.get(&(hash, size)))
+            .map(|d| &**d)
+            .filter(|d| d.block_size == cfg.block_size);
+        if let Some(d) = self.same.get(&(hash, size)).or(basis).or(known) {
             entry.payload = Payload::File(d.clone());
             if let Some(c) = chunk {
                 self.stats.bytes_read += c.read;
