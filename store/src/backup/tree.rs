@@ -21,7 +21,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
@@ -379,6 +380,27 @@ impl Renames {
 /// The walker stops: the writer has gone.
 struct Gone;
 
+/// Directories with at least this many names are lstat'ed on the pool.
+const PAR_STAT_MIN: usize = 32;
+
+/// The lstat of each of `names` (as read from `dir`, with their inode
+/// numbers), in their order. A large directory's are asked in parallel and
+/// in inode order, the order file systems keep inodes on disk: a cold walk
+/// keeps the disk busy with several requests near one another.
+fn stat_all(dir: BorrowedFd<'_>, names: &[(Vec<u8>, u64)]) -> Vec<io::Result<Stat>> {
+    if names.len() < PAR_STAT_MIN {
+        return names.iter().map(|(n, _)| source::stat_at(dir, n)).collect();
+    }
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_unstable_by_key(|&k| names[k].1);
+    let mut got: Vec<(usize, io::Result<Stat>)> = order
+        .into_par_iter()
+        .map(|k| (k, source::stat_at(dir, &names[k].0)))
+        .collect();
+    got.sort_unstable_by_key(|(k, _)| *k);
+    got.into_iter().map(|(_, st)| st).collect()
+}
+
 impl Walker<'_> {
     fn send(&self, t: Task) -> std::result::Result<(), Gone> {
         self.tx.send(t).map_err(|_| Gone)
@@ -463,6 +485,7 @@ impl Walker<'_> {
         prev: Option<&List<Entry>>,
     ) -> std::result::Result<(), Gone> {
         names.sort_unstable();
+        let mut stats = stat_all(dir.as_fd(), &names);
         // The previous list is read along with the names (both in name
         // order), one page at a time: a directory's previous entries are
         // never all decoded at once, nor the inline lists they hold.
@@ -471,18 +494,20 @@ impl Walker<'_> {
             let mut gone = false;
             let reader = crate::meta::ListReader::new(self.repo.cache());
             let read = reader.for_each(l, &mut |e: Entry| {
-                let mut one = |w: &mut Self, name: &[u8], before| {
-                    w.one(&dir, path, name.to_vec(), before).map_err(|Gone| {
-                        gone = true;
-                        Error::Internal("the writer stopped".into())
-                    })
+                let mut one = |w: &mut Self, i: usize, before| {
+                    let st = std::mem::replace(&mut stats[i], Err(io::ErrorKind::Other.into()));
+                    w.one(&dir, path, names[i].0.clone(), st, before)
+                        .map_err(|Gone| {
+                            gone = true;
+                            Error::Internal("the writer stopped".into())
+                        })
                 };
                 while i < names.len() && names[i].0 < e.name {
-                    one(self, &names[i].0, None)?;
+                    one(self, i, None)?;
                     i += 1;
                 }
                 if i < names.len() && names[i].0 == e.name {
-                    one(self, &names[i].0, Some(&e))?;
+                    one(self, i, Some(&e))?;
                     i += 1;
                 }
                 Ok(())
@@ -497,23 +522,24 @@ impl Walker<'_> {
                 )))?;
             }
         }
-        for (name, _) in names.drain(i..) {
-            self.one(&dir, path, name, None)?;
+        for ((name, _), st) in names.drain(i..).zip(stats.drain(i..)) {
+            self.one(&dir, path, name, st, None)?;
         }
         Ok(())
     }
 
-    /// The node `name` of `dir` (at `path` in the source): its task, with
-    /// `before` its entry in the previous snapshot.
+    /// The node `name` of `dir` (at `path` in the source, `st` its lstat):
+    /// its task, with `before` its entry in the previous snapshot.
     fn one(
         &mut self,
         dir: &Arc<OwnedFd>,
         path: &Path,
         name: Vec<u8>,
+        st: io::Result<Stat>,
         before: Option<&Entry>,
     ) -> std::result::Result<(), Gone> {
         let child = path.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&name));
-        let st = match source::stat_at(dir.as_fd(), &name) {
+        let st = match st {
             Ok(st) => st,
             Err(e) => {
                 self.skipped(&child, &e)?;
