@@ -100,6 +100,19 @@ Example: dsync prune /backup/vms --keep-daily 7 --keep-weekly 4 --keep-monthly 1
     /// it and `prune --repack-below 1` would free).
     #[command(after_help = "Example: dsync du /backup/vms")]
     Du(DuArgs),
+    /// Make DST the same as SRC on this machine, as rsync does: what is
+    /// missing is copied, what is the same skipped, a changed file rebuilt
+    /// from its old version (only differing ranges read from SRC).
+    #[command(
+        after_help = "SRC/ syncs the contents of SRC into DST; SRC without the slash syncs SRC itself into DST/SRC's-name (rsync's meaning). A changed file is written beside the old one and renamed over it: a reader or a crash sees the old file or the new one, never a mix.
+
+Exit codes (rsync's): 0 success, 1 error, 2 bad usage, 23 some files or attributes were not transferred, 24 some source files vanished, 25 --max-delete stopped deletions.
+
+Examples:\n  dsync sync -a --delete /home/alice/ /mnt/backup/alice/\n  \
+dsync sync -aHAX -n -i /etc/ /srv/etc-copy/   # what would change\n  \
+dsync sync -a ~/vms/disk.qcow2 /mnt/usb/"
+    )]
+    Sync(SyncArgs),
     /// Write shell completions to standard output, or man pages into a directory.
     #[command(
         after_help = "Examples:\n  dsync generate completions bash > /etc/bash_completion.d/dsync\n  \
@@ -352,6 +365,122 @@ pub struct DiffArgs {
     /// Only this file.
     pub path: Option<String>,
     /// One JSON object per file, one per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync sync` (its help: [`Command::Sync`]); rsync's
+/// names and meanings.
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// SRC... DST
+    #[arg(required = true, num_args = 2.., value_name = "SRC... DST")]
+    pub paths: Vec<PathBuf>,
+    /// -rlptgoD: recursive, symlinks, permissions, times, group, owner,
+    /// devices and specials (not -H, -A, -X).
+    #[arg(short, long)]
+    pub archive: bool,
+    /// Into directories.
+    #[arg(short, long)]
+    pub recursive: bool,
+    /// Symlinks as symlinks.
+    #[arg(short, long)]
+    pub links: bool,
+    /// Permissions.
+    #[arg(short, long)]
+    pub perms: bool,
+    /// Modification times.
+    #[arg(short, long)]
+    pub times: bool,
+    /// Groups.
+    #[arg(short, long)]
+    pub group: bool,
+    /// Owners (as root).
+    #[arg(short, long)]
+    pub owner: bool,
+    /// --devices --specials.
+    #[arg(short = 'D')]
+    pub devices_specials: bool,
+    /// Character and block devices (as root).
+    #[arg(long)]
+    pub devices: bool,
+    /// Fifos and sockets.
+    #[arg(long)]
+    pub specials: bool,
+    /// Hard links as hard links.
+    #[arg(short = 'H', long)]
+    pub hard_links: bool,
+    /// POSIX ACLs.
+    #[arg(short = 'A', long)]
+    pub acls: bool,
+    /// Extended attributes.
+    #[arg(short = 'X', long)]
+    pub xattrs: bool,
+    /// Holes of new files stay holes.
+    #[arg(short = 'S', long)]
+    pub sparse: bool,
+    /// Owners by number (locally the same as by name).
+    #[arg(long)]
+    pub numeric_ids: bool,
+    /// Delete what DST has and SRC has not (after the transfer, and only if
+    /// SRC was read without error).
+    #[arg(long)]
+    pub delete: bool,
+    /// Delete excluded names from DST too.
+    #[arg(long)]
+    pub delete_excluded: bool,
+    /// Delete at most N names (exit code 25 when more were due).
+    #[arg(long, value_name = "N")]
+    pub max_delete: Option<u64>,
+    /// Delete even when a SRC directory is empty and DST's is not (refused
+    /// otherwise: the typo that empties a backup).
+    #[arg(long)]
+    pub force_delete: bool,
+    /// Compare contents, not size and time.
+    #[arg(short, long)]
+    pub checksum: bool,
+    /// Compare sizes only.
+    #[arg(long)]
+    pub size_only: bool,
+    /// Skip files that are newer in DST.
+    #[arg(short, long)]
+    pub update: bool,
+    /// Skip files that exist in DST.
+    #[arg(long)]
+    pub ignore_existing: bool,
+    /// Times this many seconds apart are equal.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub modify_window: u32,
+    /// Leave out names matching PATTERN (rsync's patterns).
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Keep names matching PATTERN (the first matching rule wins).
+    #[arg(long, value_name = "PATTERN")]
+    pub include: Vec<String>,
+    /// Exclude patterns from FILE, one a line.
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+    /// Include patterns from FILE, one a line.
+    #[arg(long, value_name = "FILE")]
+    pub include_from: Vec<PathBuf>,
+    /// A filter rule: `- PATTERN`, `+ PATTERN`, `merge FILE`, `. FILE`, `!`.
+    #[arg(short, long, value_name = "RULE")]
+    pub filter: Vec<String>,
+    /// The rules above in command-line order (filled in from clap's
+    /// indices: rsync's first match depends on it).
+    #[arg(skip)]
+    pub rules: Vec<(String, String)>,
+    /// Change nothing; say what would be done (with -i).
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// One line per change, rsync's `YXcstpoguax PATH`.
+    #[arg(short, long)]
+    pub itemize_changes: bool,
+    /// Copy changed files whole.
+    #[arg(short = 'W', long)]
+    pub whole_file: bool,
+    /// One JSON object per change, one per line, then a summary
+    /// (docs/JSON.md).
     #[arg(long)]
     pub json: bool,
 }

@@ -11,7 +11,6 @@ mod progress;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use dsync_store::Error;
 
 use cli::{Cli, Command};
@@ -39,7 +38,7 @@ fn main() -> ExitCode {
     raise_open_file_limit();
     let args = std::env::args_os().collect();
     let cli = match cli::with_repo(args, std::env::var_os("DSYNC_REPO")) {
-        Ok(args) => Cli::parse_from(args),
+        Ok(args) => parse(args),
         Err(msg) => {
             diag!("dsync: {msg}");
             return ExitCode::from(2);
@@ -79,6 +78,7 @@ fn run(command: Command, quiet: bool) -> anyhow::Result<()> {
         Command::Prune(o) => cmd::prune::run(o, quiet, &mut out)?,
         Command::Diff(o) => cmd::diff::run(o, quiet, &mut out)?,
         Command::Du(o) => cmd::du::run(o, &mut out)?,
+        Command::Sync(o) => cmd::sync::run(o, quiet, &mut out)?,
         Command::Generate(o) => cmd::generate::run(o, quiet, &mut out)?,
         Command::ImportRdiffBackup(o) => cmd::import::run(o, quiet, &mut out)?,
         Command::Unlock(o) => cmd::unlock::run(o, quiet, &mut out)?,
@@ -87,6 +87,19 @@ fn run(command: Command, quiet: bool) -> anyhow::Result<()> {
     // Stdout is line-buffered: what is left must fail here, not silently at exit.
     out.flush()?;
     Ok(())
+}
+
+/// The command line parsed; `sync`'s filter rules also in the order given
+/// (rsync's first match depends on it, and clap keeps each option's
+/// values apart).
+fn parse(args: Vec<std::ffi::OsString>) -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches_from(args);
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Sync(o), Some(m)) = (&mut cli.command, matches.subcommand_matches("sync")) {
+        o.rules = cmd::sync::rules_in_order(m);
+    }
+    cli
 }
 
 /// Whether `e` is, somewhere in its chain, a write to a closed pipe.
@@ -107,6 +120,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
     if e.downcast_ref::<cmd::backup::Incomplete>().is_some() {
         return 5;
+    }
+    if let Some(p) = e.downcast_ref::<cmd::sync::Partial>() {
+        return p.code;
     }
     match e.downcast_ref::<Error>() {
         Some(e) if e.is_damage() => 3,

@@ -69,6 +69,30 @@ impl Bar {
             b.finish_and_clear();
         }
     }
+
+    /// A bar over `total` bytes known before the work starts (`sync`).
+    pub fn start_total(&self, name: &str, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_message(name.to_string());
+            b.set_length(total);
+        }
+    }
+
+    /// Counts `bytes` done.
+    pub fn add(&self, bytes: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+
+    /// Runs `f` with the bar hidden (a line printed meanwhile is not
+    /// mixed into it).
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        match &self.bar {
+            Some(b) => b.suspend(f),
+            None => f(),
+        }
+    }
 }
 
 /// A tree while its scan runs: no bar yet (its end is not known, and a bar

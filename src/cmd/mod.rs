@@ -16,4 +16,5 @@ pub mod ls;
 pub mod mount;
 pub mod prune;
 pub mod restore;
+pub mod sync;
 pub mod unlock;

@@ -22,6 +22,7 @@ pub(crate) mod read;
 pub(crate) mod repo;
 pub(crate) mod restore;
 pub(crate) mod source;
+pub mod sync;
 pub mod testdata;
 pub mod time;
 pub(crate) mod tree3;

@@ -1,0 +1,523 @@
+//! One file's transfer: the plan (which ranges of the new file are the old
+//! file's bytes, and which are new) and the writing of it.
+//!
+//! The plan starts with the cheap comparison that local files allow: SRC and
+//! DST's old file read side by side, block by block at the same offsets (a VM
+//! image changes in place: this finds nearly everything at memory speed,
+//! with no hashing). When a quarter or more of the file differs that way, or
+//! the sizes differ by more than the appended tail (an insertion shifted the
+//! rest), the rsync search runs instead: the old file's signature computed
+//! in parallel, SRC diffed against it in parallel, so shifted data is found
+//! at any byte offset.
+//!
+//! Writing copies both kinds of range in the kernel (`copy_file_range`), from
+//! the old file or from SRC: on btrfs and XFS the kernel clones what it can,
+//! so an unchanged range costs no data written at all; elsewhere it is still
+//! copied without passing through dsync.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+
+use rayon::prelude::*;
+
+use crate::delta::signature::{digest_many, entry};
+use crate::delta::{diff_chunk, rollsum, Chunk, Op, Signature};
+
+/// Bytes per block compared or hashed.
+pub(crate) const BLOCK: u64 = 4096;
+/// Bytes read per parallel task.
+const CHUNK: u64 = 4 << 20;
+
+/// A range of the new file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// The old file's bytes at `from`.
+    Old { from: u64, len: u64 },
+    /// SRC's bytes at `from` (the same offset as in the new file).
+    New { from: u64, len: u64 },
+}
+
+impl Piece {
+    pub fn len(&self) -> u64 {
+        match *self {
+            Piece::Old { len, .. } | Piece::New { len, .. } => len,
+        }
+    }
+}
+
+/// How a file was brought over, in bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Moved {
+    /// Taken from SRC (what rsync calls literal data).
+    pub literal: u64,
+    /// Taken from the old file.
+    pub matched: u64,
+    /// Read, from SRC and the old file, to plan it.
+    pub read: u64,
+}
+
+/// Appends a piece, merging it with the last one when they continue.
+fn push(out: &mut Vec<Piece>, p: Piece) {
+    if p.len() == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        match (last, p) {
+            (Piece::Old { from, len }, Piece::Old { from: f, len: l }) if *from + *len == f => {
+                *len += l;
+                return;
+            }
+            (Piece::New { from, len }, Piece::New { from: f, len: l }) if *from + *len == f => {
+                *len += l;
+                return;
+            }
+            _ => {}
+        }
+    }
+    out.push(p);
+}
+
+fn read_full(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], at + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The plan of `src` (`size` bytes) over `old` (`old_size` bytes), from
+/// `start` on (a resumed transfer has the rest already).
+///
+/// # Errors
+/// A read error of either file.
+pub(crate) fn plan(
+    src: &File,
+    size: u64,
+    old: &File,
+    old_size: u64,
+    start: u64,
+) -> io::Result<(Vec<Piece>, Moved)> {
+    let (aligned, mut moved) = plan_aligned(src, size, old, old_size, start)?;
+    let differ: u64 = aligned
+        .iter()
+        .filter_map(|p| match p {
+            Piece::New { from, len } if *from < old_size => Some((*len).min(old_size - from)),
+            _ => None,
+        })
+        .sum();
+    let common = size.min(old_size).saturating_sub(start);
+    if differ * 4 < common.max(1) || common == 0 {
+        return Ok((aligned, moved));
+    }
+    let (searched, m) = plan_search(src, size, old, old_size, start)?;
+    moved.read += m.read;
+    Ok((searched, m_with_read(m, moved.read)))
+}
+
+fn m_with_read(mut m: Moved, read: u64) -> Moved {
+    m.read = read;
+    m
+}
+
+fn count(pieces: &[Piece]) -> Moved {
+    let mut m = Moved::default();
+    for p in pieces {
+        match p {
+            Piece::Old { len, .. } => m.matched += len,
+            Piece::New { len, .. } => m.literal += len,
+        }
+    }
+    m
+}
+
+/// Blocks compared at the same offsets.
+fn plan_aligned(
+    src: &File,
+    size: u64,
+    old: &File,
+    old_size: u64,
+    start: u64,
+) -> io::Result<(Vec<Piece>, Moved)> {
+    let common = size.min(old_size);
+    let first = start / CHUNK;
+    let chunks = if start >= common {
+        0
+    } else {
+        common.div_ceil(CHUNK) - first
+    };
+    let parts: Vec<io::Result<Vec<Piece>>> = (first..first + chunks)
+        .into_par_iter()
+        .map_init(
+            || (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]),
+            |(a, b), c| {
+                let at = (c * CHUNK).max(start);
+                let len = ((c + 1) * CHUNK).min(common) - at;
+                let (a, b) = (&mut a[..len as usize], &mut b[..len as usize]);
+                let na = read_full(src, a, at)?;
+                let nb = read_full(old, b, at)?;
+                if na != a.len() || nb != b.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file shrank while it was read",
+                    ));
+                }
+                let mut out = Vec::new();
+                let mut off = 0usize;
+                while off < a.len() {
+                    let end = (off + BLOCK as usize).min(a.len());
+                    let p = if a[off..end] == b[off..end] {
+                        Piece::Old {
+                            from: at + off as u64,
+                            len: (end - off) as u64,
+                        }
+                    } else {
+                        Piece::New {
+                            from: at + off as u64,
+                            len: (end - off) as u64,
+                        }
+                    };
+                    push(&mut out, p);
+                    off = end;
+                }
+                Ok(out)
+            },
+        )
+        .collect();
+    let mut out = Vec::new();
+    for part in parts {
+        for p in part? {
+            push(&mut out, p);
+        }
+    }
+    let tail_from = common.max(start);
+    push(
+        &mut out,
+        Piece::New {
+            from: tail_from,
+            len: size.saturating_sub(tail_from),
+        },
+    );
+    let mut m = count(&out);
+    m.read = 2 * common.saturating_sub(start) + size.saturating_sub(tail_from);
+    Ok((out, m))
+}
+
+/// The rsync search: the old file's signature, then SRC diffed against it.
+fn plan_search(
+    src: &File,
+    size: u64,
+    old: &File,
+    old_size: u64,
+    start: u64,
+) -> io::Result<(Vec<Piece>, Moved)> {
+    let bs = BLOCK as u32;
+    // The old file's signature, a chunk per task.
+    let parts: Vec<io::Result<Vec<u8>>> = (0..old_size.div_ceil(CHUNK))
+        .into_par_iter()
+        .map_init(
+            || vec![0u8; CHUNK as usize],
+            |buf, c| {
+                let at = c * CHUNK;
+                let len = (old_size - at).min(CHUNK) as usize;
+                let n = read_full(old, &mut buf[..len], at)?;
+                if n != len {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the file shrank while it was read",
+                    ));
+                }
+                let blocks: Vec<&[u8]> = buf[..len].chunks(BLOCK as usize).collect();
+                let mut d = Vec::with_capacity(blocks.len());
+                digest_many(&blocks, &mut d);
+                let mut out = Vec::with_capacity(blocks.len() * crate::format::sig::ENTRY_SIZE);
+                for (b, d) in blocks.iter().zip(&d) {
+                    out.extend_from_slice(&entry(rollsum::weak(b), d));
+                }
+                Ok(out)
+            },
+        )
+        .collect();
+    let mut entries = Vec::new();
+    for p in parts {
+        entries.extend_from_slice(&p?);
+    }
+    let sig = Signature {
+        block_size: bs,
+        file_size: old_size,
+        entries,
+    };
+    let view = sig.view();
+    // SRC's chunks, each with a block of context before it (a shifted
+    // match across the border is still found).
+    let first = start / CHUNK;
+    let chunks = size.div_ceil(CHUNK).saturating_sub(first);
+    let parts: Vec<io::Result<Vec<Piece>>> = (first..first + chunks)
+        .into_par_iter()
+        .map(|c| {
+            let off = c * CHUNK;
+            let len = (size - off).min(CHUNK);
+            let lo = off.saturating_sub(BLOCK - 1);
+            let hi = (off + len + BLOCK - 1).min(size);
+            let mut data = vec![0u8; (hi - lo) as usize];
+            if read_full(src, &mut data, lo)? != data.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file shrank while it was read",
+                ));
+            }
+            let chunk = Chunk {
+                data: &data,
+                start: (off - lo) as usize,
+                len: len as usize,
+                offset: off,
+                file_size: size,
+                holes: &[],
+            };
+            let d = diff_chunk(&chunk, bs, Some(&view));
+            let mut out = Vec::new();
+            let mut pos = off;
+            for op in d.ops {
+                let p = match op {
+                    Op::Copy { from, len } => Piece::Old { from, len },
+                    Op::Literal { len, .. } | Op::Hole { len } => Piece::New { from: pos, len },
+                };
+                pos += op.len();
+                push(&mut out, p);
+            }
+            Ok(out)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for part in parts {
+        for p in part? {
+            push(&mut out, p);
+        }
+    }
+    // A resumed transfer starts mid-chunk: cut what came before `start`.
+    let out = skip_before(out, start - first * CHUNK);
+    let mut m = count(&out);
+    m.read = old_size + size.saturating_sub(first * CHUNK);
+    Ok((out, m))
+}
+
+/// The pieces after the first `n` bytes.
+fn skip_before(pieces: Vec<Piece>, mut n: u64) -> Vec<Piece> {
+    let mut out = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        if n >= p.len() {
+            n -= p.len();
+            continue;
+        }
+        let q = match p {
+            Piece::Old { from, len } => Piece::Old {
+                from: from + n,
+                len: len - n,
+            },
+            Piece::New { from, len } => Piece::New {
+                from: from + n,
+                len: len - n,
+            },
+        };
+        n = 0;
+        push(&mut out, q);
+    }
+    out
+}
+
+/// Copies `len` bytes of `from` at `src_at` to `to` at `dst_at`, in the
+/// kernel when it can (a clone on btrfs and XFS), else through a buffer.
+///
+/// # Errors
+/// A read or write error; reading past the end of `from` (it shrank).
+pub(crate) fn copy_range(
+    from: &File,
+    src_at: u64,
+    to: &File,
+    dst_at: u64,
+    len: u64,
+) -> io::Result<()> {
+    let (mut s, mut d, mut left) = (src_at, dst_at, len);
+    while left > 0 {
+        let mut so = s;
+        let mut dof = d;
+        let want = left.min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(
+            from.as_fd(),
+            Some(&mut so),
+            to.as_fd(),
+            Some(&mut dof),
+            want,
+        ) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file shrank while it was read",
+                ))
+            }
+            Ok(n) => {
+                s += n as u64;
+                d += n as u64;
+                left -= n as u64;
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::PERM,
+            ) => return copy_buffered(from, s, to, d, left),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_buffered(from: &File, mut s: u64, to: &File, mut d: u64, mut left: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; left.min(1 << 20) as usize];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        let got = read_full(from, &mut buf[..n], s)?;
+        if got != n {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file shrank while it was read",
+            ));
+        }
+        to.write_all_at(&buf[..n], d)?;
+        s += n as u64;
+        d += n as u64;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Copies all of `src` (`size` bytes) into the empty `out`; with `sparse`,
+/// only its data segments (holes stay holes).
+///
+/// # Errors
+/// A read or write error.
+pub(crate) fn copy_all(src: &File, size: u64, out: &File, sparse: bool) -> io::Result<()> {
+    if sparse {
+        let mut at = 0;
+        while at < size {
+            let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(at)) {
+                Ok(d) => d,
+                // No data after `at`: the rest is a hole.
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(_) => return copy_range(src, 0, out, 0, size),
+            };
+            let hole = match rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data)) {
+                Ok(h) => h.min(size),
+                Err(_) => size,
+            };
+            if data >= size {
+                break;
+            }
+            copy_range(src, data, out, data, hole - data)?;
+            at = hole;
+        }
+        out.set_len(size)?;
+        return Ok(());
+    }
+    copy_range(src, 0, out, 0, size)
+}
+
+/// Writes the plan into `out` (a new file); `at` is where it starts.
+///
+/// # Errors
+/// A read or write error.
+pub(crate) fn write_plan(
+    pieces: &[Piece],
+    src: &File,
+    old: &File,
+    out: &File,
+    mut at: u64,
+    mut done: impl FnMut(u64) -> io::Result<()>,
+) -> io::Result<()> {
+    for p in pieces {
+        match *p {
+            Piece::Old { from, len } => copy_range(old, from, out, at, len)?,
+            Piece::New { from, len } => copy_range(src, from, out, at, len)?,
+        }
+        at += p.len();
+        done(at)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdata::pseudo;
+
+    fn file(dir: &Path, name: &str, data: &[u8]) -> File {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        File::open(p).unwrap()
+    }
+    use std::path::Path;
+
+    fn rebuild(src: &[u8], old: &[u8]) -> (Vec<u8>, Moved) {
+        let d = tempfile::tempdir().unwrap();
+        let s = file(d.path(), "s", src);
+        let o = file(d.path(), "o", old);
+        let (pieces, m) = plan(&s, src.len() as u64, &o, old.len() as u64, 0).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(d.path().join("n"))
+            .unwrap();
+        write_plan(&pieces, &s, &o, &out, 0, |_| Ok(())).unwrap();
+        (std::fs::read(d.path().join("n")).unwrap(), m)
+    }
+
+    #[test]
+    fn an_edit_in_place_is_found_block_by_block() {
+        let old = pseudo(10 << 20, 1);
+        let mut new = old.clone();
+        new[5_000_000..5_000_100].copy_from_slice(&[7; 100]);
+        new.extend_from_slice(&pseudo(10_000, 2));
+        let (got, m) = rebuild(&new, &old);
+        assert_eq!(got, new);
+        assert_eq!(m.literal, BLOCK + 10_000, "{m:?}");
+    }
+
+    #[test]
+    fn an_insertion_is_found_by_the_search() {
+        let old = pseudo(6 << 20, 3);
+        let mut new = old[..1_000_003].to_vec();
+        new.extend_from_slice(&pseudo(777, 4));
+        new.extend_from_slice(&old[1_000_003..]);
+        let (got, m) = rebuild(&new, &old);
+        assert_eq!(got, new);
+        assert!(m.literal < 4 * BLOCK, "{m:?}");
+    }
+
+    #[test]
+    fn shorter_longer_and_empty_files() {
+        for (n, o) in [(0, 5000), (5000, 0), (100, 100_000), (100_000, 100), (1, 1)] {
+            let old = pseudo(o, 5);
+            let new = pseudo(n, 6);
+            assert_eq!(rebuild(&new, &old).0, new, "{n} over {o}");
+        }
+    }
+
+    #[test]
+    fn skip_before_cuts_inside_a_piece() {
+        let p = vec![
+            Piece::Old { from: 0, len: 10 },
+            Piece::New { from: 10, len: 10 },
+        ];
+        assert_eq!(skip_before(p, 15), vec![Piece::New { from: 15, len: 5 }]);
+    }
+}
