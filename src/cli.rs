@@ -479,6 +479,12 @@ pub struct SyncArgs {
     /// Copy changed files whole.
     #[arg(short = 'W', long)]
     pub whole_file: bool,
+    /// Write only the changed ranges into DST's files themselves (for VM
+    /// images on file systems without reflinks), safely: data that moved is
+    /// copied before it is overwritten, and a journal of what is overwritten
+    /// lets the next sync roll back a crash.
+    #[arg(long)]
+    pub inplace: bool,
     /// One JSON object per change, one per line, then a summary
     /// (docs/JSON.md).
     #[arg(long)]

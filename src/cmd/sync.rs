@@ -86,6 +86,7 @@ fn options(o: &SyncArgs) -> anyhow::Result<SyncOptions> {
         filters,
         dry_run: o.dry_run,
         whole_file: o.whole_file,
+        inplace: o.inplace,
         threads: 0,
     })
 }
@@ -222,6 +223,7 @@ fn report(r: &SyncReport, style: Style, dry_run: bool, out: &mut dyn Write) -> a
                 "literal_bytes": r.literal_bytes,
                 "matched_bytes": r.matched_bytes,
                 "read_bytes": r.read_bytes,
+                "written_bytes": r.written_bytes,
                 "created": r.created,
                 "deleted": r.deleted,
                 "delete_skipped": r.delete_skipped,

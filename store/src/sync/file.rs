@@ -37,12 +37,16 @@ pub(crate) enum Piece {
     Old { from: u64, len: u64 },
     /// SRC's bytes at `from` (the same offset as in the new file).
     New { from: u64, len: u64 },
+    /// Zeros that are a hole in both SRC and the old file at this offset:
+    /// nothing to write (the new file's unwritten bytes are zeros, and the
+    /// old file in place has them).
+    Zero { len: u64 },
 }
 
 impl Piece {
     pub fn len(&self) -> u64 {
         match *self {
-            Piece::Old { len, .. } | Piece::New { len, .. } => len,
+            Piece::Old { len, .. } | Piece::New { len, .. } | Piece::Zero { len } => len,
         }
     }
 }
@@ -70,6 +74,10 @@ fn push(out: &mut Vec<Piece>, p: Piece) {
                 return;
             }
             (Piece::New { from, len }, Piece::New { from: f, len: l }) if *from + *len == f => {
+                *len += l;
+                return;
+            }
+            (Piece::Zero { len }, Piece::Zero { len: l }) => {
                 *len += l;
                 return;
             }
@@ -130,7 +138,7 @@ fn count(pieces: &[Piece]) -> Moved {
     let mut m = Moved::default();
     for p in pieces {
         match p {
-            Piece::Old { len, .. } => m.matched += len,
+            Piece::Old { len, .. } | Piece::Zero { len } => m.matched += len,
             Piece::New { len, .. } => m.literal += len,
         }
     }
@@ -152,22 +160,48 @@ fn plan_aligned(
     } else {
         common.div_ceil(CHUNK) - first
     };
-    let parts: Vec<io::Result<Vec<Piece>>> = (first..first + chunks)
+    // Holes are not read: a hole in both is equal, and a hole in one
+    // compares as zeros.
+    let (src_data, old_data) = (data_segments(src, common), data_segments(old, common));
+    let zeros = vec![0u8; CHUNK as usize];
+    let parts: Vec<io::Result<(Vec<Piece>, u64)>> = (first..first + chunks)
         .into_par_iter()
         .map_init(
             || (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]),
             |(a, b), c| {
                 let at = (c * CHUNK).max(start);
                 let len = ((c + 1) * CHUNK).min(common) - at;
-                let (a, b) = (&mut a[..len as usize], &mut b[..len as usize]);
-                let na = read_full(src, a, at)?;
-                let nb = read_full(old, b, at)?;
-                if na != a.len() || nb != b.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the file shrank while it was read",
-                    ));
+                let (sd, od) = (
+                    has_data(&src_data, at, at + len),
+                    has_data(&old_data, at, at + len),
+                );
+                if !sd && !od {
+                    return Ok((vec![Piece::Zero { len }], 0));
                 }
+                let read = len * (u64::from(sd) + u64::from(od));
+                let fill = |f: &File, buf: &mut [u8], data: bool| -> io::Result<()> {
+                    if !data {
+                        buf.fill(0);
+                    } else if read_full(f, buf, at)? != buf.len() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the file shrank while it was read",
+                        ));
+                    }
+                    Ok(())
+                };
+                let a: &[u8] = if sd {
+                    fill(src, &mut a[..len as usize], true)?;
+                    &a[..len as usize]
+                } else {
+                    &zeros[..len as usize]
+                };
+                let b: &[u8] = if od {
+                    fill(old, &mut b[..len as usize], true)?;
+                    &b[..len as usize]
+                } else {
+                    &zeros[..len as usize]
+                };
                 let mut out = Vec::new();
                 let mut off = 0usize;
                 while off < a.len() {
@@ -186,13 +220,16 @@ fn plan_aligned(
                     push(&mut out, p);
                     off = end;
                 }
-                Ok(out)
+                Ok((out, read))
             },
         )
         .collect();
     let mut out = Vec::new();
+    let mut read = 0;
     for part in parts {
-        for p in part? {
+        let (pieces, r) = part?;
+        read += r;
+        for p in pieces {
             push(&mut out, p);
         }
     }
@@ -205,8 +242,36 @@ fn plan_aligned(
         },
     );
     let mut m = count(&out);
-    m.read = 2 * common.saturating_sub(start) + size.saturating_sub(tail_from);
+    m.read = read + size.saturating_sub(tail_from);
     Ok((out, m))
+}
+
+/// The data segments of `f` below `end`, as (start, end); the whole range
+/// when the file system cannot say.
+fn data_segments(f: &File, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < end {
+        let data = match rustix::fs::seek(f, rustix::fs::SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return vec![(at, end)],
+        };
+        if data >= end {
+            break;
+        }
+        let hole =
+            rustix::fs::seek(f, rustix::fs::SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
+        out.push((data, hole));
+        at = hole;
+    }
+    out
+}
+
+/// Whether any segment meets [a, b).
+fn has_data(segs: &[(u64, u64)], a: u64, b: u64) -> bool {
+    let i = segs.partition_point(|&(_, e)| e <= a);
+    segs.get(i).is_some_and(|&(s, _)| s < b)
 }
 
 /// The rsync search: the old file's signature, then SRC diffed against it.
@@ -324,6 +389,7 @@ fn skip_before(pieces: Vec<Piece>, mut n: u64) -> Vec<Piece> {
                 from: from + n,
                 len: len - n,
             },
+            Piece::Zero { len } => Piece::Zero { len: len - n },
         };
         n = 0;
         push(&mut out, q);
@@ -399,35 +465,56 @@ fn copy_buffered(from: &File, mut s: u64, to: &File, mut d: u64, mut left: u64) 
     Ok(())
 }
 
-/// Copies all of `src` (`size` bytes) into the empty `out`; with `sparse`,
-/// only its data segments (holes stay holes).
+/// Copies `src` (`size` bytes) from `start` on into `out`, which holds
+/// the bytes before it; with `sparse`, only data segments (holes stay
+/// holes). `done` is told each offset reached (a checkpoint may be taken).
 ///
 /// # Errors
 /// A read or write error.
-pub(crate) fn copy_all(src: &File, size: u64, out: &File, sparse: bool) -> io::Result<()> {
-    if sparse {
-        let mut at = 0;
-        while at < size {
-            let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(at)) {
-                Ok(d) => d,
-                // No data after `at`: the rest is a hole.
-                Err(rustix::io::Errno::NXIO) => break,
-                Err(_) => return copy_range(src, 0, out, 0, size),
-            };
-            let hole = match rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data)) {
-                Ok(h) => h.min(size),
-                Err(_) => size,
-            };
-            if data >= size {
-                break;
-            }
-            copy_range(src, data, out, data, hole - data)?;
-            at = hole;
+pub(crate) fn copy_all(
+    src: &File,
+    size: u64,
+    out: &File,
+    sparse: bool,
+    start: u64,
+    mut done: impl FnMut(u64) -> io::Result<()>,
+) -> io::Result<()> {
+    const STEP: u64 = 256 << 20;
+    let mut at = start;
+    while at < size {
+        let end = (at + STEP).min(size);
+        if sparse {
+            copy_data(src, at, end, out)?;
+        } else {
+            copy_range(src, at, out, at, end - at)?;
         }
-        out.set_len(size)?;
-        return Ok(());
+        at = end;
+        done(at)?;
     }
-    copy_range(src, 0, out, 0, size)
+    if sparse {
+        out.set_len(size)?;
+    }
+    Ok(())
+}
+
+/// The data segments of `src` in [at, end) copied to the same offsets.
+fn copy_data(src: &File, mut at: u64, end: u64, out: &File) -> io::Result<()> {
+    while at < end {
+        let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(at)) {
+            Ok(d) => d,
+            // No data after `at`.
+            Err(rustix::io::Errno::NXIO) => return Ok(()),
+            Err(_) => return copy_range(src, at, out, at, end - at),
+        };
+        if data >= end {
+            return Ok(());
+        }
+        let hole =
+            rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
+        copy_range(src, data, out, data, hole - data)?;
+        at = hole;
+    }
+    Ok(())
 }
 
 /// Writes the plan into `out` (a new file); `at` is where it starts.
@@ -446,6 +533,7 @@ pub(crate) fn write_plan(
         match *p {
             Piece::Old { from, len } => copy_range(old, from, out, at, len)?,
             Piece::New { from, len } => copy_range(src, from, out, at, len)?,
+            Piece::Zero { .. } => {}
         }
         at += p.len();
         done(at)?;
