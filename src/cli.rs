@@ -448,14 +448,21 @@ pub struct SyncArgs {
     /// Skip files that exist in DST.
     #[arg(long)]
     pub ignore_existing: bool,
-    /// Times this many seconds apart are equal.
-    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
-    pub modify_window: u32,
+    /// Times this many seconds apart are equal; 0 (the default, as rsync)
+    /// compares whole seconds, -1 nanoseconds too.
+    #[arg(
+        long,
+        short = '@',
+        value_name = "SECONDS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub modify_window: i64,
     /// Leave out names matching PATTERN (rsync's patterns).
-    #[arg(long, value_name = "PATTERN")]
+    #[arg(long, value_name = "PATTERN", allow_hyphen_values = true)]
     pub exclude: Vec<String>,
     /// Keep names matching PATTERN (the first matching rule wins).
-    #[arg(long, value_name = "PATTERN")]
+    #[arg(long, value_name = "PATTERN", allow_hyphen_values = true)]
     pub include: Vec<String>,
     /// Exclude patterns from FILE, one a line.
     #[arg(long, value_name = "FILE")]
@@ -464,7 +471,7 @@ pub struct SyncArgs {
     #[arg(long, value_name = "FILE")]
     pub include_from: Vec<PathBuf>,
     /// A filter rule: `- PATTERN`, `+ PATTERN`, `merge FILE`, `. FILE`, `!`.
-    #[arg(short, long, value_name = "RULE")]
+    #[arg(short, long, value_name = "RULE", allow_hyphen_values = true)]
     pub filter: Vec<String>,
     /// The rules above in command-line order (filled in from clap's
     /// indices: rsync's first match depends on it).

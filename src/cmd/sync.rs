@@ -48,6 +48,28 @@ pub fn rules_in_order(m: &clap::ArgMatches) -> Vec<(String, String)> {
     all.into_iter().map(|(_, k, v)| (k, v)).collect()
 }
 
+/// A name as rsync prints it: printable UTF-8 as is, every other byte
+/// (controls, bytes that are not UTF-8) as `\#ooo`.
+fn rsync_name(b: &[u8]) -> String {
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                let mut buf = [0u8; 4];
+                for byte in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("\\#{byte:03o}"));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\#{byte:03o}"));
+        }
+    }
+    out
+}
+
 fn options(o: &SyncArgs) -> anyhow::Result<SyncOptions> {
     let a = o.archive;
     let mut filters = Filters::default();
@@ -82,7 +104,7 @@ fn options(o: &SyncArgs) -> anyhow::Result<SyncOptions> {
         size_only: o.size_only,
         update: o.update,
         ignore_existing: o.ignore_existing,
-        modify_window_ns: i64::from(o.modify_window) * 1_000_000_000,
+        modify_window: o.modify_window,
         filters,
         dry_run: o.dry_run,
         whole_file: o.whole_file,
@@ -123,10 +145,10 @@ impl SyncEvents for Events<'_> {
                 v.to_string()
             }
             _ if self.itemize => {
-                let mut l = format!("{} {}", item.code, String::from_utf8_lossy(item.path));
+                let mut l = format!("{} {}", item.code, rsync_name(item.path));
                 if let Some((kind, to)) = item.link {
                     l.push_str(kind);
-                    l.push_str(&String::from_utf8_lossy(to));
+                    l.push_str(&rsync_name(to));
                 }
                 l
             }
@@ -137,6 +159,17 @@ impl SyncEvents for Events<'_> {
             .suspend(|| writeln!(std::io::stdout().lock(), "{line}"));
         if r.is_err() {
             self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn message(&self, msg: &str) {
+        if self.itemize && self.style != Style::Json && !self.broken.load(Ordering::Relaxed) {
+            let r = self
+                .bar
+                .suspend(|| writeln!(std::io::stdout().lock(), "{msg}"));
+            if r.is_err() {
+                self.broken.store(true, Ordering::Relaxed);
+            }
         }
     }
 
@@ -250,4 +283,14 @@ fn report(r: &SyncReport, style: Style, dry_run: bool, out: &mut dyn Write) -> a
         _ => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_print_as_rsync_prints_them() {
+        assert_eq!(super::rsync_name(b"caf\xe9"), "caf\\#351");
+        assert_eq!(super::rsync_name(b"new\nline"), "new\\#012line");
+        assert_eq!(super::rsync_name("ütf8 sp\\".as_bytes()), "ütf8 sp\\");
+    }
 }

@@ -14,5 +14,6 @@ mod prune;
 mod prune_readers;
 mod readme;
 mod sources;
+mod sync;
 mod tree;
 mod util;

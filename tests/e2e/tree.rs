@@ -38,7 +38,7 @@ fn package(prog: &str) -> &'static str {
 }
 
 /// Runs a tool the test needs and requires success; returns its stdout.
-fn tool(prog: &str, args: &[&str]) -> String {
+pub(super) fn tool(prog: &str, args: &[&str]) -> String {
     let o = Command::new(prog).args(args).output().unwrap_or_else(|e| {
         panic!(
             "cannot run {prog} ({e}): this test needs it; install the {} package \
@@ -57,7 +57,7 @@ fn tool(prog: &str, args: &[&str]) -> String {
 
 /// What rsync would change to make `copy` like `orig` (empty: they are
 /// the same), directories compared as their contents.
-fn rsync_diff(orig: &Path, copy: &Path, extra: &[&str]) -> String {
+pub(super) fn rsync_diff(orig: &Path, copy: &Path, extra: &[&str]) -> String {
     let (a, b) = (format!("{}/", s(orig)), format!("{}/", s(copy)));
     let mut args = vec!["-anciHAX", "--modify-window=-1", "--delete"];
     args.extend_from_slice(extra);
@@ -66,7 +66,7 @@ fn rsync_diff(orig: &Path, copy: &Path, extra: &[&str]) -> String {
     tool("rsync", &args)
 }
 
-fn show(diff: &str) -> String {
+pub(super) fn show(diff: &str) -> String {
     let lines: Vec<&str> = diff.lines().collect();
     let more = lines.len().saturating_sub(60);
     let mut out = lines[..lines.len().min(60)].join("\n");
@@ -78,7 +78,7 @@ fn show(diff: &str) -> String {
 
 /// `copy` is `orig` as rsync sees it (both directories).
 #[track_caller]
-fn assert_same(orig: &Path, copy: &Path) {
+pub(super) fn assert_same(orig: &Path, copy: &Path) {
     let d = rsync_diff(orig, copy, &[]);
     assert!(
         d.is_empty(),
@@ -134,23 +134,23 @@ fn restore(env: &Env, repo: &Path, snap: &str, dest: &Path, extra: &[&str]) -> S
     env.ok(&args)
 }
 
-fn mkdirs(p: &Path) {
+pub(super) fn mkdirs(p: &Path) {
     std::fs::create_dir_all(p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
 }
 
-fn write(p: &Path, data: &[u8]) {
+pub(super) fn write(p: &Path, data: &[u8]) {
     if let Some(d) = p.parent() {
         mkdirs(d);
     }
     std::fs::write(p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
 }
 
-fn chmod(p: &Path, mode: u32) {
+pub(super) fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// Sets the mtime (and atime) of `p` itself, a symlink included.
-fn touch(p: &Path, when: &str) {
+pub(super) fn touch(p: &Path, when: &str) {
     tool("touch", &["-h", "-d", when, s(p)]);
 }
 
@@ -232,13 +232,13 @@ fn fingerprint(root: &Path) -> Vec<String> {
     out
 }
 
-fn unix_socket(p: &Path) {
+pub(super) fn unix_socket(p: &Path) {
     drop(std::os::unix::net::UnixListener::bind(p).expect("bind a unix socket"));
     assert!(std::fs::symlink_metadata(p).is_ok());
 }
 
 /// A sparse file of `size` bytes with 64 KiB of data at each of `at`.
-fn sparse(p: &Path, size: u64, at: &[u64], seed: u64) {
+pub(super) fn sparse(p: &Path, size: u64, at: &[u64], seed: u64) {
     let f = std::fs::File::create(p).unwrap();
     f.set_len(size).unwrap();
     for (k, &o) in at.iter().enumerate() {
@@ -253,7 +253,7 @@ fn allocated(p: &Path) -> u64 {
 
 /// Every kind of node and attribute a file system keeps, under `k`
 /// (needs root: device nodes, owners, trusted xattrs).
-fn add_every_kind(k: &Path) {
+pub(super) fn add_every_kind(k: &Path) {
     // Hard links across directories, one of a file read in chunks (over
     // 4 MiB) and one of an empty file.
     write(&k.join("links/a/orig"), &pseudo(20_000, 1));
@@ -393,7 +393,7 @@ fn add_every_kind(k: &Path) {
 }
 
 /// The first `/usr/lib/python3.N` directory.
-fn python_lib() -> PathBuf {
+pub(super) fn python_lib() -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -1112,7 +1112,7 @@ fn unreadable_file_and_directory_make_an_incomplete_snapshot() {
 }
 
 /// Paths of the files process `pid` has open.
-fn open_files(pid: u32) -> Vec<PathBuf> {
+pub(super) fn open_files(pid: u32) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -1122,7 +1122,7 @@ fn open_files(pid: u32) -> Vec<PathBuf> {
 
 /// Stops or continues every thread of `pid`; a stop returns once all of
 /// them are stopped.
-fn signal(pid: u32, sig: &str) {
+pub(super) fn signal(pid: u32, sig: &str) {
     // The shell's kill: no procps needed.
     tool("sh", &["-c", &format!("kill -{sig} {pid}")]);
     if sig != "STOP" {

@@ -29,6 +29,8 @@ use crate::delta::{diff_chunk, rollsum, Chunk, Op, Signature};
 pub(crate) const BLOCK: u64 = 4096;
 /// Bytes read per parallel task.
 const CHUNK: u64 = 4 << 20;
+/// Bytes copied between two reports of progress (checkpoints).
+const STEP: u64 = 16 << 20;
 
 /// A range of the new file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -479,7 +481,6 @@ pub(crate) fn copy_all(
     start: u64,
     mut done: impl FnMut(u64) -> io::Result<()>,
 ) -> io::Result<()> {
-    const STEP: u64 = 256 << 20;
     let mut at = start;
     while at < size {
         let end = (at + STEP).min(size);
@@ -530,13 +531,18 @@ pub(crate) fn write_plan(
     mut done: impl FnMut(u64) -> io::Result<()>,
 ) -> io::Result<()> {
     for p in pieces {
-        match *p {
-            Piece::Old { from, len } => copy_range(old, from, out, at, len)?,
-            Piece::New { from, len } => copy_range(src, from, out, at, len)?,
-            Piece::Zero { .. } => {}
+        let mut off = 0;
+        while off < p.len() {
+            let n = (p.len() - off).min(STEP);
+            match *p {
+                Piece::Old { from, .. } => copy_range(old, from + off, out, at, n)?,
+                Piece::New { from, .. } => copy_range(src, from + off, out, at, n)?,
+                Piece::Zero { .. } => {}
+            }
+            at += n;
+            off += n;
+            done(at)?;
         }
-        at += p.len();
-        done(at)?;
     }
     Ok(())
 }

@@ -86,8 +86,9 @@ pub struct SyncOptions {
     pub update: bool,
     /// `--ignore-existing`.
     pub ignore_existing: bool,
-    /// `--modify-window`: times this close are equal (nanoseconds).
-    pub modify_window_ns: i64,
+    /// `--modify-window`: times this many seconds apart are equal; as in
+    /// rsync, 0 compares whole seconds and a negative value nanoseconds.
+    pub modify_window: i64,
     pub filters: Filters,
     /// `-n`: change nothing, say what would be done.
     pub dry_run: bool,
@@ -120,6 +121,8 @@ pub trait SyncEvents: Sync {
     fn warn(&self, msg: &str);
     /// Bytes of regular files dealt with (for a progress bar).
     fn advance(&self, _bytes: u64) {}
+    /// What rsync says besides items (`created directory DST`).
+    fn message(&self, _msg: &str) {}
 }
 
 /// What a sync did.
@@ -224,6 +227,11 @@ pub fn sync(
             }
         }
         created_root = true;
+        let shown = String::from_utf8_lossy(dst_bytes);
+        ev.message(&format!(
+            "created directory {}",
+            shown.trim_end_matches('/')
+        ));
     }
     let dst_root = if opts.dry_run && created_root {
         None
@@ -525,8 +533,11 @@ fn temp_name(name: &[u8]) -> Vec<u8> {
 /// from its last checkpoint (rsync's `--partial` starts over, re-reading
 /// everything).
 const RESUME_MIN: u64 = 64 << 20;
-/// A checkpoint is taken after this many bytes.
-const CHECKPOINT_EVERY: u64 = 256 << 20;
+/// A checkpoint (an fdatasync) is taken after each 16th of a big file,
+/// between 16 and 256 MiB.
+fn checkpoint_every(size: u64) -> u64 {
+    (size / 16).clamp(16 << 20, 256 << 20)
+}
 
 /// Brings one regular file over: in place (`--inplace`), or written beside
 /// the old one and renamed over it.
@@ -606,7 +617,7 @@ fn transfer(s: &Shared<'_>, j: &Job) -> io::Result<()> {
     let r = (|| -> io::Result<()> {
         let mut last = start;
         let mut checkpoint = |at: u64| -> io::Result<()> {
-            if big && at - last >= CHECKPOINT_EVERY && at < st.size {
+            if big && at - last >= checkpoint_every(st.size) && at < st.size {
                 out.sync_data()?;
                 write_checkpoint(dir, &j.dname, &Checkpoint::of(&st, old.as_ref(), at)?)?;
                 last = at;
@@ -1162,7 +1173,7 @@ impl Walker<'_, '_> {
                 _ => false,
             };
         }
-        times_equal(st.mtime_ns, d.mtime_ns, o.modify_window_ns)
+        times_equal(st.mtime_ns, d.mtime_ns, o.modify_window)
     }
 
     /// rsync's `cstpoguax` columns for a node that exists in DST.
@@ -1180,7 +1191,7 @@ impl Walker<'_, '_> {
         };
         let c = if content { 'c' } else { '.' };
         let sz = if file && st.size != d.size { 's' } else { '.' };
-        let t = if !times_equal(st.mtime_ns, d.mtime_ns, o.modify_window_ns) {
+        let t = if !times_equal(st.mtime_ns, d.mtime_ns, o.modify_window) {
             if o.times {
                 't'
             } else {
@@ -1556,14 +1567,11 @@ impl Walker<'_, '_> {
         st: &Stat,
     ) -> io::Result<()> {
         let s = self.s;
-        let xattrs = if st.file_type() == libc::S_IFLNK {
-            None
-        } else {
-            s.xattrs_of(XattrSource::Path(&proc_path(Target::At(
-                sdir.as_fd(),
-                sname,
-            ))))?
-        };
+        // Symlinks too (root may give one `trusted.*` attributes).
+        let xattrs = s.xattrs_of(XattrSource::Path(&proc_path(Target::At(
+            sdir.as_fd(),
+            sname,
+        ))))?;
         s.attrs(Target::At(d.as_fd(), tmp), st, xattrs.as_ref(), true)?;
         rustix::fs::renameat(d.as_fd(), tmp, d.as_fd(), dname)?;
         s.count(|r| r.created += 1);
@@ -1708,6 +1716,8 @@ impl Walker<'_, '_> {
                     }
                     match remove_tree(dir.as_fd(), &name, &mut budget) {
                         Ok(n) => s.count(|r| r.deleted += n),
+                        // Gone meanwhile (a journal a transfer used up).
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) if e.raw_os_error() == Some(libc::EDQUOT) => skipped += 1,
                         Err(e) => s.error(format!("{}: cannot delete: {e}", show(&rel))),
                     }
@@ -1746,8 +1756,13 @@ impl Walker<'_, '_> {
     }
 }
 
-/// Times equal within `window` nanoseconds.
+/// Times (in nanoseconds) equal as rsync's `--modify-window` says: within
+/// `window` whole seconds, or exactly when it is negative.
 fn times_equal(a: i64, b: i64, window: i64) -> bool {
+    if window < 0 {
+        return a == b;
+    }
+    let (a, b) = (a.div_euclid(1_000_000_000), b.div_euclid(1_000_000_000));
     (a - b).abs() <= window
 }
 
