@@ -270,6 +270,7 @@ pub fn sync(
         deletions: Vec::new(),
         src_errors: 0,
         root: dst_root.clone(),
+        changes: 0,
     };
     std::thread::scope(|scope| -> Result<()> {
         for _ in 0..threads {
@@ -850,6 +851,9 @@ struct Walker<'s, 'a> {
     src_errors: u64,
     /// DST's directory (none in a dry run that would create it).
     root: Option<Arc<OwnedFd>>,
+    /// Changes made (or queued) in DST so far: a directory whose count
+    /// moved while its entries were done gets its attributes set again.
+    changes: u64,
 }
 
 /// The node DST has at a name.
@@ -862,15 +866,31 @@ fn dst_stat(dir: Option<&Arc<OwnedFd>>, name: &[u8]) -> io::Result<Option<Stat>>
     }
 }
 
-/// The lstat of each name, in order; a large directory's in parallel.
-fn stat_all(dir: BorrowedFd<'_>, names: &[(Vec<u8>, u64)]) -> Vec<io::Result<Stat>> {
-    if names.len() < 32 {
-        return names.iter().map(|(n, _)| source::stat_at(dir, n)).collect();
+/// Each name's lstat in SRC's directory and in DST's, in order; in
+/// parallel but for the smallest directories (rsync's sender and receiver
+/// stat their sides at once too).
+type Pair = (io::Result<Stat>, io::Result<Option<Stat>>);
+
+fn stat_pairs(
+    src: BorrowedFd<'_>,
+    dst: Option<BorrowedFd<'_>>,
+    names: &[(Vec<u8>, u64)],
+) -> Vec<Pair> {
+    let one = |(n, _): &(Vec<u8>, u64)| -> Pair {
+        let old = match dst {
+            None => Ok(None),
+            Some(d) => match source::stat_at(d, n) {
+                Ok(st) => Ok(Some(st)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            },
+        };
+        (source::stat_at(src, n), old)
+    };
+    if names.len() < 8 {
+        return names.iter().map(one).collect();
     }
-    names
-        .par_iter()
-        .map(|(n, _)| source::stat_at(dir, n))
-        .collect()
+    names.par_iter().with_min_len(16).map(one).collect()
 }
 
 impl Walker<'_, '_> {
@@ -959,7 +979,8 @@ impl Walker<'_, '_> {
         };
         let dname = file_name.map_or_else(|| name.clone(), <[u8]>::to_vec);
         let rel = dname.clone();
-        self.node(&sdir, &name, dst_root, &dname, &rel, st)
+        let old = dst_stat(dst_root, &dname);
+        self.node(&sdir, &name, dst_root, &dname, &rel, st, old)
     }
 
     /// A node of SRC (`sname` in `sdir`) and what DST has for it.
@@ -971,10 +992,11 @@ impl Walker<'_, '_> {
         dname: &[u8],
         rel: &[u8],
         st: Stat,
+        old: io::Result<Option<Stat>>,
     ) -> Result<()> {
         let s = self.s;
         let o = s.opts;
-        let old = match dst_stat(ddir, dname) {
+        let old = match old {
             Ok(o) => o,
             Err(e) => {
                 s.error(format!("{}: {e}", show(rel)));
@@ -1028,6 +1050,7 @@ impl Walker<'_, '_> {
         match r {
             Ok(n) => {
                 s.count(|r| r.deleted += n);
+                self.changes += 1;
                 true
             }
             Err(e) => {
@@ -1081,6 +1104,7 @@ impl Walker<'_, '_> {
                             return Ok(());
                         }
                     }
+                    self.changes += 1;
                     self.later_links.push(LaterLink {
                         first,
                         rel: rel.to_vec(),
@@ -1124,15 +1148,18 @@ impl Walker<'_, '_> {
                 }
             }
             match ddir {
-                Some(d) if !o.dry_run => self.send(Job {
-                    sdir: sdir.clone(),
-                    sname: sname.to_vec(),
-                    ddir: d.clone(),
-                    dname: dname.to_vec(),
-                    rel: rel.to_vec(),
-                    st,
-                    old: old.filter(|d| d.file_type() == libc::S_IFREG),
-                })?,
+                Some(d) if !o.dry_run => {
+                    self.changes += 1;
+                    self.send(Job {
+                        sdir: sdir.clone(),
+                        sname: sname.to_vec(),
+                        ddir: d.clone(),
+                        dname: dname.to_vec(),
+                        rel: rel.to_vec(),
+                        st,
+                        old: old.filter(|d| d.file_type() == libc::S_IFREG),
+                    })?
+                }
                 _ => s.ev.advance(st.size),
             }
             return Ok(());
@@ -1362,6 +1389,7 @@ impl Walker<'_, '_> {
             rel.to_vec()
         };
         path.push(b'/');
+        let mut differs = new;
         if new {
             s.item("cd+++++++++", &path, None, 0);
         } else if let Some(d) = dst {
@@ -1376,16 +1404,22 @@ impl Walker<'_, '_> {
             let f = self.flags(&st, old.as_ref(), false, x, false);
             if f.chars().any(|c| c != '.' && c != 'T') {
                 s.item(&format!(".d{f}"), &path, None, 0);
+                differs = true;
             }
         }
-        let xattrs = match s.xattrs_of(XattrSource::Fd(src.as_fd())) {
-            Ok(x) => x,
-            Err(e) => {
-                s.error(format!("{}: {e}", show(rel)));
-                None
-            }
-        };
-        if dst.is_some() && !s.opts.dry_run {
+        let changes = self.changes;
+        self.entries(src, dst, rel, top)?;
+        // Its attributes once everything in it is written (what is
+        // written there moves its mtime), when they differ or something
+        // was written.
+        if dst.is_some() && !s.opts.dry_run && (differs || self.changes > changes) {
+            let xattrs = match s.xattrs_of(XattrSource::Fd(src.as_fd())) {
+                Ok(x) => x,
+                Err(e) => {
+                    s.error(format!("{}: {e}", show(rel)));
+                    None
+                }
+            };
             self.dirs.push(DirFix {
                 rel: rel.to_vec(),
                 st,
@@ -1393,6 +1427,22 @@ impl Walker<'_, '_> {
                 new,
             });
         }
+        if new {
+            // A new directory changed its parent.
+            self.changes += 1;
+        }
+        Ok(())
+    }
+
+    /// A directory's entries, in name order.
+    fn entries(
+        &mut self,
+        src: &Arc<OwnedFd>,
+        dst: Option<&Arc<OwnedFd>>,
+        rel: &[u8],
+        top: bool,
+    ) -> Result<()> {
+        let s = self.s;
         let mut names = match source::read_names(src.as_fd()) {
             Ok(n) => n,
             Err(e) => {
@@ -1401,14 +1451,15 @@ impl Walker<'_, '_> {
             }
         };
         names.sort_unstable();
-        let stats = stat_all(src.as_fd(), &names);
-        let mut kept: Vec<(Vec<u8>, Stat)> = Vec::with_capacity(names.len());
-        for ((name, _), st) in names.into_iter().zip(stats) {
+        let stats = stat_pairs(src.as_fd(), dst.map(|d| d.as_fd()), &names);
+        let mut kept: Vec<(Vec<u8>, Stat, io::Result<Option<Stat>>)> =
+            Vec::with_capacity(names.len());
+        for ((name, _), (st, old)) in names.into_iter().zip(stats) {
             let child = join(rel, &name);
             match st {
                 Ok(st) => {
                     if !self.excluded(&child, st.is_dir()) {
-                        kept.push((name, st));
+                        kept.push((name, st, old));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -1424,9 +1475,9 @@ impl Walker<'_, '_> {
                 self.extraneous(d, rel, &kept, top)?;
             }
         }
-        for (name, st) in kept {
+        for (name, st, old) in kept {
             let child = join(rel, &name);
-            self.node(src, &name, dst, &name, &child, st)?;
+            self.node(src, &name, dst, &name, &child, st, old)?;
         }
         Ok(())
     }
@@ -1438,7 +1489,7 @@ impl Walker<'_, '_> {
         &mut self,
         d: &Arc<OwnedFd>,
         rel: &[u8],
-        kept: &[(Vec<u8>, Stat)],
+        kept: &[(Vec<u8>, Stat, io::Result<Option<Stat>>)],
         top: bool,
     ) -> Result<()> {
         let s = self.s;
@@ -1459,7 +1510,10 @@ impl Walker<'_, '_> {
         let mut extra: Vec<Vec<u8>> = names
             .into_iter()
             .map(|(n, _)| n)
-            .filter(|n| kept.binary_search_by(|(k, _)| k.as_slice().cmp(n)).is_err())
+            .filter(|n| {
+                kept.binary_search_by(|(k, ..)| k.as_slice().cmp(n))
+                    .is_err()
+            })
             .collect();
         extra.sort_unstable();
         for n in extra {
@@ -1470,6 +1524,7 @@ impl Walker<'_, '_> {
             }
             self.deleting(d.as_fd(), &n, &child, is_dir, true);
             self.deletions.push(child);
+            self.changes += 1;
         }
         Ok(())
     }
@@ -1544,6 +1599,7 @@ impl Walker<'_, '_> {
                 return Ok(());
             }
         }
+        self.changes += 1;
         let tmp = temp_name(dname);
         let r = rustix::fs::symlinkat(target.as_slice(), d.as_fd(), tmp.as_slice())
             .map_err(io::Error::from)
@@ -1620,6 +1676,7 @@ impl Walker<'_, '_> {
                 return Ok(());
             }
         }
+        self.changes += 1;
         let tmp = temp_name(dname);
         let r = rustix::fs::mknodat(
             d.as_fd(),
@@ -1730,7 +1787,8 @@ impl Walker<'_, '_> {
                 }
             }
         }
-        for d in std::mem::take(&mut self.dirs).into_iter().rev() {
+        // Deepest first (each was noted after its entries).
+        for d in std::mem::take(&mut self.dirs) {
             let r = if d.rel.is_empty() {
                 match root {
                     Some(root) => {
