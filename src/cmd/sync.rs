@@ -129,20 +129,23 @@ impl SyncEvents for Events<'_> {
         }
         let line = match self.style {
             Style::Json => {
-                let mut v = serde_json::json!({
+                let (mut target, mut hard) = (String::new(), String::new());
+                if let Some((kind, to)) = item.link {
+                    let to = String::from_utf8_lossy(to).into_owned();
+                    if kind.contains("->") {
+                        target = to;
+                    } else {
+                        hard = to;
+                    }
+                }
+                serde_json::json!({
                     "item": item.code,
                     "path": String::from_utf8_lossy(item.path),
                     "size": item.size,
-                });
-                if let Some((kind, to)) = item.link {
-                    let key = if kind.contains("->") {
-                        "target"
-                    } else {
-                        "hard_link_to"
-                    };
-                    v[key] = String::from_utf8_lossy(to).into();
-                }
-                v.to_string()
+                    "target": target,
+                    "hard_link_to": hard,
+                })
+                .to_string()
             }
             _ if self.itemize => {
                 let mut l = format!("{} {}", item.code, rsync_name(item.path));

@@ -177,6 +177,14 @@ fn json_output_matches_the_document() {
     check_command(&doc, "backup --files", &files.join("\n"));
     let v: Value = serde_json::from_str(summary[0]).unwrap();
     assert_eq!(v["tree_files"], 2, "{out}");
+    // sync: a change of each kind with a link field, then the summary.
+    let (src, dst) = (env.path("sync-src"), env.path("sync-dst"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"data").unwrap();
+    std::fs::hard_link(src.join("a"), src.join("b")).unwrap();
+    std::os::unix::fs::symlink("a", src.join("l")).unwrap();
+    let (a, b) = (format!("{}/", s(&src)), format!("{}/", s(&dst)));
+    check_command(&doc, "sync", &env.ok(&["sync", "-aH", &a, &b, "--json"]));
     // Every documented command was run.
     assert_eq!(
         doc.keys().map(String::as_str).collect::<Vec<_>>(),
@@ -190,7 +198,8 @@ fn json_output_matches_the_document() {
             "list",
             "ls",
             "prune",
-            "restore"
+            "restore",
+            "sync"
         ]
     );
 }

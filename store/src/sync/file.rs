@@ -499,26 +499,35 @@ pub(crate) fn copy_all(
 }
 
 /// The data segments of `src` in [at, end) copied to the same offsets.
-fn copy_data(src: &File, mut at: u64, end: u64, out: &File) -> io::Result<()> {
+fn copy_data(src: &File, at: u64, end: u64, out: &File) -> io::Result<()> {
+    copy_data_to(src, at, end - at, out, at)
+}
+
+/// The data segments of `f`'s `len` bytes at `from` copied to `to` on:
+/// its holes stay holes in `out` (a new file, zeros where unwritten).
+fn copy_data_to(f: &File, from: u64, len: u64, out: &File, to: u64) -> io::Result<()> {
+    let end = from + len;
+    let mut at = from;
     while at < end {
-        let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(at)) {
+        let data = match rustix::fs::seek(f, rustix::fs::SeekFrom::Data(at)) {
             Ok(d) => d,
             // No data after `at`.
             Err(rustix::io::Errno::NXIO) => return Ok(()),
-            Err(_) => return copy_range(src, at, out, at, end - at),
+            Err(_) => return copy_range(f, at, out, to + (at - from), end - at),
         };
         if data >= end {
             return Ok(());
         }
         let hole =
-            rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
-        copy_range(src, data, out, data, hole - data)?;
+            rustix::fs::seek(f, rustix::fs::SeekFrom::Hole(data)).map_or(end, |h| h.min(end));
+        copy_range(f, data, out, to + (data - from), hole - data)?;
         at = hole;
     }
     Ok(())
 }
 
-/// Writes the plan into `out` (a new file); `at` is where it starts.
+/// Writes the plan into `out` (a new file); `at` is where it starts. With
+/// `sparse`, holes of either file stay holes.
 ///
 /// # Errors
 /// A read or write error.
@@ -528,15 +537,20 @@ pub(crate) fn write_plan(
     old: &File,
     out: &File,
     mut at: u64,
+    sparse: bool,
     mut done: impl FnMut(u64) -> io::Result<()>,
 ) -> io::Result<()> {
+    let copy = |f: &File, from: u64, n: u64, to: u64| match sparse {
+        true => copy_data_to(f, from, n, out, to),
+        false => copy_range(f, from, out, to, n),
+    };
     for p in pieces {
         let mut off = 0;
         while off < p.len() {
             let n = (p.len() - off).min(STEP);
             match *p {
-                Piece::Old { from, .. } => copy_range(old, from + off, out, at, n)?,
-                Piece::New { from, .. } => copy_range(src, from + off, out, at, n)?,
+                Piece::Old { from, .. } => copy(old, from + off, n, at)?,
+                Piece::New { from, .. } => copy(src, from + off, n, at)?,
                 Piece::Zero { .. } => {}
             }
             at += n;
@@ -571,7 +585,7 @@ mod tests {
             .write(true)
             .open(d.path().join("n"))
             .unwrap();
-        write_plan(&pieces, &s, &o, &out, 0, |_| Ok(())).unwrap();
+        write_plan(&pieces, &s, &o, &out, 0, false, |_| Ok(())).unwrap();
         (std::fs::read(d.path().join("n")).unwrap(), m)
     }
 

@@ -271,6 +271,7 @@ pub fn sync(
         src_errors: 0,
         root: dst_root.clone(),
         changes: 0,
+        prefetched: HashMap::new(),
     };
     std::thread::scope(|scope| -> Result<()> {
         for _ in 0..threads {
@@ -530,6 +531,10 @@ fn temp_name(name: &[u8]) -> Vec<u8> {
     t
 }
 
+/// Smaller files are copied whole: reading the old one to compare costs
+/// more than copying them (rsync copies local files whole too).
+const DELTA_MIN: u64 = 1 << 20;
+
 /// Files this big are written to a partial file that a later sync resumes
 /// from its last checkpoint (rsync's `--partial` starts over, re-reading
 /// everything).
@@ -548,14 +553,14 @@ fn transfer(s: &Shared<'_>, j: &Job) -> io::Result<()> {
     let xattrs = s.xattrs_of(XattrSource::Fd(src.as_fd()))?;
     let dir = j.ddir.as_fd();
     // A crash in an earlier `--inplace` run: the old file comes back first.
-    if inplace::recover(dir, &j.dname)? {
+    if j.old.is_some() && inplace::recover(dir, &j.dname)? {
         s.ev.warn(&format!(
             "{}: rolled back an interrupted in-place update",
             show(&j.rel)
         ));
     }
     let old = match j.old {
-        Some(o) if o.size > 0 && st.size > 0 && !s.opts.whole_file => {
+        Some(o) if o.size > 0 && st.size >= DELTA_MIN && !s.opts.whole_file => {
             let flags = if s.opts.inplace {
                 OFlags::RDWR
             } else {
@@ -629,7 +634,15 @@ fn transfer(s: &Shared<'_>, j: &Job) -> io::Result<()> {
             Some(old) => {
                 let old_size = source::stat_fd(old.as_fd())?.size;
                 let (pieces, m) = file::plan(&src, st.size, old, old_size, start)?;
-                file::write_plan(&pieces, &src, old, &out, start, &mut checkpoint)?;
+                file::write_plan(
+                    &pieces,
+                    &src,
+                    old,
+                    &out,
+                    start,
+                    s.opts.sparse,
+                    &mut checkpoint,
+                )?;
                 out.set_len(st.size)?;
                 s.count(|r| {
                     r.literal_bytes += m.literal;
@@ -854,6 +867,28 @@ struct Walker<'s, 'a> {
     /// Changes made (or queued) in DST so far: a directory whose count
     /// moved while its entries were done gets its attributes set again.
     changes: u64,
+    /// Subdirectories opened and listed ahead, by path.
+    prefetched: HashMap<Vec<u8>, Prefetched>,
+}
+
+/// A directory's names (sorted) and each name's SRC and DST lstat.
+type Listing = (Vec<(Vec<u8>, u64)>, Vec<Pair>);
+
+/// A subdirectory listed ahead: its SRC and DST descriptors and listing.
+type Prefetched = (Arc<OwnedFd>, Option<Arc<OwnedFd>>, Listing);
+
+/// An entry of a directory being synced: name, SRC lstat, DST lstat.
+type Kept = (Vec<u8>, Stat, io::Result<Option<Stat>>);
+
+/// Subdirectories listed ahead at once.
+const PREFETCH: usize = 32;
+
+/// A directory's sorted names and their lstats on both sides.
+fn list(src: &Arc<OwnedFd>, dst: Option<&Arc<OwnedFd>>) -> io::Result<Listing> {
+    let mut names = source::read_names(src.as_fd())?;
+    names.sort_unstable();
+    let pairs = stat_pairs(src.as_fd(), dst.map(|d| d.as_fd()), &names);
+    Ok((names, pairs))
 }
 
 /// The node DST has at a name.
@@ -946,7 +981,7 @@ impl Walker<'_, '_> {
                     .map_err(|e| Error::io(src, e))?,
             );
             let sst = source::stat_fd(sdir.as_fd()).map_err(|e| Error::io(src, e))?;
-            return self.dir_contents(&sdir, dst_root, b"", sst, created_root, true);
+            return self.dir_contents(&sdir, dst_root, b"", sst, created_root, true, None);
         }
         // SRC itself: its name in its parent.
         let name = match src.file_name() {
@@ -984,6 +1019,7 @@ impl Walker<'_, '_> {
     }
 
     /// A node of SRC (`sname` in `sdir`) and what DST has for it.
+    #[allow(clippy::too_many_arguments)]
     fn node(
         &mut self,
         sdir: &Arc<OwnedFd>,
@@ -1254,6 +1290,9 @@ impl Walker<'_, '_> {
     ) -> bool {
         let s = self.s;
         let Some(ddir) = ddir else { return false };
+        if !s.opts.xattrs && !s.opts.acls {
+            return false;
+        }
         let a = s.xattrs_of(XattrSource::Path(&proc_path(Target::At(
             sdir.as_fd(),
             sname,
@@ -1283,6 +1322,19 @@ impl Walker<'_, '_> {
         kind: char,
     ) -> Result<()> {
         let s = self.s;
+        let o = s.opts;
+        // Most files of a rerun: nothing kept differs (no allocation).
+        if !o.xattrs
+            && !o.acls
+            && (!o.times || times_equal(st.mtime_ns, old.mtime_ns, o.modify_window))
+            && (!o.perms
+                || st.file_type() == libc::S_IFLNK
+                || st.mode & 0o7777 == old.mode & 0o7777)
+            && (!o.owner || !s.root || st.uid == old.uid)
+            && (!o.group || st.gid == old.gid)
+        {
+            return Ok(());
+        }
         let x = self.xattrs_differ(sdir, sname, Some(ddir), dname, st);
         let f = self.flags(st, Some(old), false, x, false);
         // `T`: times differ but are not kept: nothing to do.
@@ -1325,6 +1377,7 @@ impl Walker<'_, '_> {
         old: Option<Stat>,
     ) -> Result<()> {
         let s = self.s;
+        let pre = self.prefetched.remove(rel);
         let mut new = true;
         if let (Some(d), Some(old)) = (ddir, &old) {
             if old.is_dir() {
@@ -1341,7 +1394,14 @@ impl Walker<'_, '_> {
                 }
             }
         }
+        // What `prefetch` opened and listed holds if DST's side is as it
+        // saw it: an existing directory, or none (then made empty now).
+        let (pre_src, pre_dst, listing) = match pre {
+            Some((sfd, dfd, l)) if dfd.is_some() != new => (Some(sfd), dfd, Some(l)),
+            _ => (None, None, None),
+        };
         let child_dir = match ddir {
+            Some(_) if pre_dst.is_some() => pre_dst,
             Some(d) if !s.opts.dry_run || !new => {
                 if new {
                     if let Err(e) =
@@ -1362,17 +1422,21 @@ impl Walker<'_, '_> {
             }
             _ => None,
         };
-        let src = match source::open_dir(Some(sdir.as_fd()), sname) {
-            Ok(fd) => Arc::new(fd),
+        let src = match pre_src.map_or_else(
+            || source::open_dir(Some(sdir.as_fd()), sname).map(Arc::new),
+            Ok,
+        ) {
+            Ok(fd) => fd,
             Err(e) => {
                 self.src_error(format!("{}: cannot open directory: {e}", show(rel)));
                 return Ok(());
             }
         };
-        self.dir_contents(&src, child_dir.as_ref(), rel, st, new, false)
+        self.dir_contents(&src, child_dir.as_ref(), rel, st, new, false, listing)
     }
 
     /// A directory's own item and attributes, then its entries.
+    #[allow(clippy::too_many_arguments)]
     fn dir_contents(
         &mut self,
         src: &Arc<OwnedFd>,
@@ -1381,6 +1445,7 @@ impl Walker<'_, '_> {
         st: Stat,
         new: bool,
         top: bool,
+        listing: Option<Listing>,
     ) -> Result<()> {
         let s = self.s;
         let mut path = if rel.is_empty() {
@@ -1408,7 +1473,7 @@ impl Walker<'_, '_> {
             }
         }
         let changes = self.changes;
-        self.entries(src, dst, rel, top)?;
+        self.entries(src, dst, rel, top, listing)?;
         // Its attributes once everything in it is written (what is
         // written there moves its mtime), when they differ or something
         // was written.
@@ -1434,26 +1499,28 @@ impl Walker<'_, '_> {
         Ok(())
     }
 
-    /// A directory's entries, in name order.
+    /// A directory's entries, in name order (`listing`: already read).
     fn entries(
         &mut self,
         src: &Arc<OwnedFd>,
         dst: Option<&Arc<OwnedFd>>,
         rel: &[u8],
         top: bool,
+        listing: Option<Listing>,
     ) -> Result<()> {
         let s = self.s;
-        let mut names = match source::read_names(src.as_fd()) {
-            Ok(n) => n,
+        let listing = match listing {
+            Some(l) => Ok(l),
+            None => list(src, dst),
+        };
+        let (names, stats) = match listing {
+            Ok(l) => l,
             Err(e) => {
                 self.src_error(format!("{}: cannot read directory: {e}", show(rel)));
                 return Ok(());
             }
         };
-        names.sort_unstable();
-        let stats = stat_pairs(src.as_fd(), dst.map(|d| d.as_fd()), &names);
-        let mut kept: Vec<(Vec<u8>, Stat, io::Result<Option<Stat>>)> =
-            Vec::with_capacity(names.len());
+        let mut kept: Vec<Kept> = Vec::with_capacity(names.len());
         for ((name, _), (st, old)) in names.into_iter().zip(stats) {
             let child = join(rel, &name);
             match st {
@@ -1475,23 +1542,80 @@ impl Walker<'_, '_> {
                 self.extraneous(d, rel, &kept, top)?;
             }
         }
-        for (name, st, old) in kept {
-            let child = join(rel, &name);
-            self.node(src, &name, dst, &name, &child, st, old)?;
+        let mut fetched_to = 0;
+        for i in 0..kept.len() {
+            if i >= fetched_to && kept[i].1.is_dir() && s.opts.recursive {
+                fetched_to = self.prefetch(src, dst, rel, &kept, i);
+            }
+            let (name, st, old) = &kept[i];
+            let old = match old {
+                Ok(o) => Ok(*o),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            };
+            let child = join(rel, name);
+            self.node(src, name, dst, name, &child, *st, old)?;
         }
         Ok(())
+    }
+
+    /// Opens and lists, in parallel, the next subdirectories of `kept`
+    /// from `from` on (at most [`PREFETCH`] of them), on both sides, for
+    /// [`Walker::dir`] to take: the walk itself stays in name order, but
+    /// the system calls of many small directories overlap. Returns where
+    /// it stopped.
+    fn prefetch(
+        &mut self,
+        src: &Arc<OwnedFd>,
+        dst: Option<&Arc<OwnedFd>>,
+        rel: &[u8],
+        kept: &[Kept],
+        from: usize,
+    ) -> usize {
+        let mut todo = Vec::new();
+        let mut i = from;
+        while i < kept.len() && todo.len() < PREFETCH {
+            if kept[i].1.is_dir() {
+                todo.push(i);
+            }
+            i += 1;
+        }
+        if todo.len() < 2 {
+            return i;
+        }
+        let got: Vec<(usize, Option<Prefetched>)> = todo
+            .par_iter()
+            .map(|&k| {
+                let (name, _, old) = &kept[k];
+                let Ok(sfd) = source::open_dir(Some(src.as_fd()), name) else {
+                    // Reported when the walk gets there.
+                    return (k, None);
+                };
+                let dfd = match (dst, old) {
+                    (Some(d), Ok(Some(o))) if o.is_dir() => {
+                        match source::open_dir(Some(d.as_fd()), name) {
+                            Ok(fd) => Some(Arc::new(fd)),
+                            Err(_) => return (k, None),
+                        }
+                    }
+                    _ => None,
+                };
+                let sfd = Arc::new(sfd);
+                let l = list(&sfd, dfd.as_ref()).ok();
+                (k, l.map(|l| (sfd, dfd, l)))
+            })
+            .collect();
+        for (k, p) in got {
+            if let Some(p) = p {
+                self.prefetched.insert(join(rel, &kept[k].0), p);
+            }
+        }
+        i
     }
 
     /// Notes what DST's directory has that SRC's has not, to delete at the
     /// end; refuses when SRC's directory is empty and DST's is not (the
     /// typo that empties a backup), unless `--force-delete`.
-    fn extraneous(
-        &mut self,
-        d: &Arc<OwnedFd>,
-        rel: &[u8],
-        kept: &[(Vec<u8>, Stat, io::Result<Option<Stat>>)],
-        top: bool,
-    ) -> Result<()> {
+    fn extraneous(&mut self, d: &Arc<OwnedFd>, rel: &[u8], kept: &[Kept], top: bool) -> Result<()> {
         let s = self.s;
         let names = match source::read_names(d.as_fd()) {
             Ok(n) => n,
