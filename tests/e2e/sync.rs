@@ -103,10 +103,14 @@ fn roll_back(dir: &Path, name: &str) {
         return;
     };
     let u = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().unwrap());
-    if j.len() < 24 || &j[..8] != b"DSYNCJ1\n" {
+    if j.len() < 24 || &j[..8] != b"DSYNCJ2\n" {
         return;
     }
-    let (old_size, mut at) = (u(&j[8..]), 24);
+    let old_size = u(&j[8..]);
+    // The records are one zstd frame; a frame cut short decodes to less.
+    let mut body = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut zstd::Decoder::new(&j[24..]).unwrap(), &mut body);
+    let (j, mut at) = (body, 0);
     let mut records = Vec::new();
     let mut ended = false;
     while at + 16 <= j.len() {
