@@ -52,6 +52,9 @@ fn options(caps: Caps, checksum: bool) -> SyncOptions {
         xattrs: caps.xattrs,
         sparse: true,
         delete: true,
+        // A round may empty the tree: the refusal that guards against
+        // that typo is tested on its own (tests/e2e/sync.rs).
+        force_delete: true,
         checksum,
         modify_window: -1,
         ..SyncOptions::default()

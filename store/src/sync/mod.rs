@@ -262,7 +262,7 @@ pub fn sync(
     let rx = Mutex::new(rx);
     let mut walker = Walker {
         s: &shared,
-        matcher,
+        matcher: matcher.as_ref(),
         tx: Some(tx),
         links: HashMap::new(),
         dirs: Vec::new(),
@@ -852,7 +852,7 @@ struct LaterLink {
 /// to the workers.
 struct Walker<'s, 'a> {
     s: &'s Shared<'a>,
-    matcher: Option<filter::Matcher>,
+    matcher: Option<&'s filter::Matcher>,
     tx: Option<std::sync::mpsc::SyncSender<Job>>,
     /// (dev, ino) of SRC files with several names → the first's path, and
     /// whether it was written this run.
@@ -928,14 +928,53 @@ fn stat_pairs(
     names.par_iter().with_min_len(16).map(one).collect()
 }
 
-impl Walker<'_, '_> {
-    fn send(&self, j: Job) -> Result<()> {
-        match &self.tx {
-            Some(tx) => tx
-                .send(j)
-                .map_err(|_| Error::Internal("the sync workers stopped".into())),
-            None => Err(Error::Internal("the sync workers stopped".into())),
+impl<'s, 'a> Walker<'s, 'a> {
+    fn send(&self, mut j: Job) -> Result<()> {
+        let gone = || Error::Internal("the sync workers stopped".into());
+        let tx = self.tx.as_ref().ok_or_else(gone)?;
+        // On a pool thread (a subtree walked in parallel), never block: a
+        // worker may be waiting for the pool (a big file's plan).
+        if rayon::current_thread_index().is_none() {
+            return tx.send(j).map_err(|_| gone());
         }
+        loop {
+            match tx.try_send(j) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::TrySendError::Full(back)) => {
+                    j = back;
+                    if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                        std::thread::sleep(std::time::Duration::from_micros(100));
+                    }
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(gone()),
+            }
+        }
+    }
+
+    /// A walker for a subtree walked on the pool beside its siblings.
+    fn child(&self) -> Walker<'s, 'a> {
+        Walker {
+            s: self.s,
+            matcher: self.matcher,
+            tx: self.tx.clone(),
+            links: HashMap::new(),
+            dirs: Vec::new(),
+            later_links: Vec::new(),
+            deletions: Vec::new(),
+            src_errors: 0,
+            root: self.root.clone(),
+            changes: 0,
+            prefetched: HashMap::new(),
+        }
+    }
+
+    /// Takes in what a subtree's walker found.
+    fn merge(&mut self, c: Walker<'s, 'a>) {
+        self.dirs.extend(c.dirs);
+        self.later_links.extend(c.later_links);
+        self.deletions.extend(c.deletions);
+        self.src_errors += c.src_errors;
+        self.changes += c.changes;
     }
 
     fn src_error(&mut self, msg: String) {
@@ -1542,6 +1581,13 @@ impl Walker<'_, '_> {
                 self.extraneous(d, rel, &kept, top)?;
             }
         }
+        // Subdirectories on the pool, in parallel, when their walks are
+        // independent (hard links need one walk: a group's first name is
+        // the first met); the rest here, in name order.
+        let subdirs = kept.iter().filter(|k| k.1.is_dir()).count();
+        if s.opts.recursive && !s.opts.hard_links && subdirs >= 2 {
+            return self.entries_parallel(src, dst, rel, kept);
+        }
         let mut fetched_to = 0;
         for i in 0..kept.len() {
             if i >= fetched_to && kept[i].1.is_dir() && s.opts.recursive {
@@ -1554,6 +1600,36 @@ impl Walker<'_, '_> {
             };
             let child = join(rel, name);
             self.node(src, name, dst, name, &child, *st, old)?;
+        }
+        Ok(())
+    }
+
+    /// A directory's entries: its other nodes here, in name order, then its
+    /// subdirectories each by its own walker on the pool.
+    fn entries_parallel(
+        &mut self,
+        src: &Arc<OwnedFd>,
+        dst: Option<&Arc<OwnedFd>>,
+        rel: &[u8],
+        kept: Vec<Kept>,
+    ) -> Result<()> {
+        let (dirs, others): (Vec<Kept>, Vec<Kept>) = kept.into_iter().partition(|k| k.1.is_dir());
+        for (name, st, old) in others {
+            let child = join(rel, &name);
+            self.node(src, &name, dst, &name, &child, st, old)?;
+        }
+        let walked: Vec<Result<Walker<'s, 'a>>> = dirs
+            .into_par_iter()
+            .map(|(name, st, old)| {
+                let mut w = self.child();
+                let child = join(rel, &name);
+                w.node(src, &name, dst, &name, &child, st, old)?;
+                Ok(w)
+            })
+            .collect();
+        for w in walked {
+            let w = w?;
+            self.merge(w);
         }
         Ok(())
     }
