@@ -278,12 +278,23 @@ pub fn sync(
             let (shared, rx) = (&shared, &rx);
             scope.spawn(move || worker(shared, rx));
         }
-        let r = (|| {
-            for src in srcs {
-                walker.top(src, dst_root.as_ref(), file_name.as_deref(), created_root)?;
-            }
-            Ok(())
-        })();
+        // The walk recurses once per directory level, and a pool thread
+        // waiting for its subtrees runs other subtrees' walks on its own
+        // stack: its own pool, with stacks to match.
+        let r = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .stack_size(WALK_STACK)
+            .thread_name(|i| format!("dsync-walk-{i}"))
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start the walk's threads: {e}")))
+            .and_then(|pool| {
+                pool.install(|| {
+                    for src in srcs {
+                        walker.top(src, dst_root.as_ref(), file_name.as_deref(), created_root)?;
+                    }
+                    Ok(())
+                })
+            });
         // The workers end when the channel closes.
         walker.tx = None;
         r
@@ -530,6 +541,9 @@ fn temp_name(name: &[u8]) -> Vec<u8> {
     t.extend_from_slice(format!(".{:06x}", crate::id::random_u64() & 0xff_ffff).as_bytes());
     t
 }
+
+/// Stack of each walk thread (address space; only what is used is memory).
+const WALK_STACK: usize = 256 << 20;
 
 /// Smaller files are copied whole: reading the old one to compare costs
 /// more than copying them (rsync copies local files whole too).
