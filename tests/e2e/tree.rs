@@ -1417,7 +1417,10 @@ fn a_copy_of_a_stored_file_shares_its_data() {
     write(&t.join("a/two.bin"), &pseudo(300_000, 72));
     write(&t.join("a/big.bin"), &pseudo(40 << 20, 73));
     backup(&env, &repo, &[&t], &[]);
-    // Copies elsewhere, under other names and mtimes.
+    write(&t.join("a/small.txt"), &pseudo(3000, 74));
+    backup(&env, &repo, &[&t], &[]);
+    // Copies elsewhere, under other names and mtimes (a small one too).
+    write(&t.join("b/copy-of-small"), &pseudo(3000, 74));
     write(&t.join("b/copy-of-two"), &pseudo(300_000, 72));
     write(&t.join("b/c/copy-of-big"), &pseudo(40 << 20, 73));
     let before = env.path("before");
@@ -1431,6 +1434,14 @@ fn a_copy_of_a_stored_file_shares_its_data() {
     let out = env.path("out");
     restore(&env, &repo, "latest", &out, &[]);
     assert_same(&before, &out.join("t"));
+    // One small copy alone: its 3,000 incompressible bytes are not stored
+    // again (what the backup adds is the new directory list).
+    write(&t.join("b/another-small-copy"), &pseudo(3000, 74));
+    let v = backup(&env, &repo, &[&t], &[]);
+    assert!(
+        num(&v, "bytes_added") < 2500,
+        "a small copy of a stored file was stored again: {v}"
+    );
 }
 
 #[test]

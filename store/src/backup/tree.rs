@@ -286,8 +286,8 @@ enum Renames {
     },
 }
 
-/// The previous snapshot's files (those with a signature, at most
-/// [`RENAMES_MAX`]) by (whole-file hash, size).
+/// The previous snapshot's files (at most [`RENAMES_MAX`]) by (whole-file
+/// hash, size).
 type Known = HashMap<([u8; 32], u64), Arc<FileData>>;
 
 /// The most files a rename index holds per key: its memory stays a few
@@ -345,10 +345,14 @@ impl Renames {
             for e in crate::tree3::read_list(repo, &l)? {
                 match e.payload {
                     Payload::Dir(sub) => lists.push(sub),
-                    Payload::File(d)
-                        if d.size >= crate::tree3::SIG_MIN_SIZE && e.error.is_empty() =>
-                    {
+                    Payload::File(d) if e.error.is_empty() => {
                         let d = Arc::new(d);
+                        if known.len() < RENAMES_MAX {
+                            known.entry((d.hash, d.size)).or_insert_with(|| d.clone());
+                        }
+                        if d.size < crate::tree3::SIG_MIN_SIZE {
+                            continue;
+                        }
                         if by_stat.len() < RENAMES_MAX {
                             by_stat
                                 .entry((d.size, e.mtime_ns))
@@ -358,10 +362,7 @@ impl Renames {
                             by_name.entry(e.name).or_insert_with(|| d.clone());
                         }
                         if by_size.len() < RENAMES_MAX {
-                            by_size.entry(d.size).or_insert_with(|| d.clone());
-                        }
-                        if known.len() < RENAMES_MAX {
-                            known.entry((d.hash, d.size)).or_insert(d);
+                            by_size.entry(d.size).or_insert(d);
                         }
                     }
                     _ => {}
@@ -577,9 +578,12 @@ impl Walker<'_> {
                     _ => None,
                 };
                 let moved = match prev_data {
-                    None if st.size >= crate::tree3::SIG_MIN_SIZE => {
-                        self.renamed(&name, &st, &child)?
-                    }
+                    // Any new path has the index built (once), which also
+                    // hands the writer the previous files by content; only
+                    // a file with a signature takes a delta basis from it.
+                    None => self
+                        .renamed(&name, &st, &child)?
+                        .filter(|_| st.size >= crate::tree3::SIG_MIN_SIZE),
                     _ => None,
                 };
                 if let (Some(b), Some(d)) = (before, prev_data) {
