@@ -636,3 +636,67 @@ fn inplace_writes_only_the_changed_blocks() {
         "{written} bytes written for {changed} changed: {v}"
     );
 }
+
+/// An XFS file system with reflinks in a loop file, mounted at `dir`
+/// (root), unmounted when dropped.
+struct Xfs(PathBuf);
+
+impl Xfs {
+    fn new(env: &Env) -> Xfs {
+        let img = env.path("xfs.img");
+        let dir = env.path("xfs");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        tool("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", s(&img)]);
+        mkdirs(&dir);
+        tool("mount", &["-o", "loop", s(&img), s(&dir)]);
+        Xfs(dir)
+    }
+
+    /// Bytes in use, as the file system counts them.
+    fn used(&self) -> u64 {
+        let out = tool("df", &["-B1", "--output=used", s(&self.0)]);
+        out.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn on_xfs_unchanged_ranges_are_cloned_not_written() {
+    if skip_root_test("mounting an XFS loop file") {
+        return;
+    }
+    let env = Env::new();
+    let fs = Xfs::new(&env);
+    let (src, dst) = (fs.0.join("src"), fs.0.join("dst"));
+    mkdirs(&src);
+    mkdirs(&dst);
+    let data = pseudo(64 << 20, 21);
+    write(&dst.join("disk.img"), &data);
+    touch(&dst.join("disk.img"), "2024-01-01");
+    let mut new = data;
+    for k in 0..20usize {
+        let at = k * 3_000_000 & !4095;
+        new[at..at + 4096].copy_from_slice(&pseudo(4096, 100 + k as u64));
+    }
+    write(&src.join("disk.img"), &new);
+    tool("sync", &[]);
+    let before = fs.used();
+    let v = sync_json(&env, &["-a", &slash(&src), &slash(&dst)], 0);
+    tool("sync", &[]);
+    assert_same(&src, &dst);
+    // SRC and DST on one file system: both the old file's ranges and
+    // SRC's are clones, so the new file takes (almost) no new space.
+    let grew = fs.used().saturating_sub(before);
+    assert!(
+        grew < 4 << 20,
+        "the 64 MiB file took {grew} new bytes on XFS: {v}"
+    );
+}

@@ -33,6 +33,7 @@ fn package(prog: &str) -> &'static str {
         "setfattr" | "getfattr" => "attr",
         "setpriv" => "util-linux",
         "mount" | "umount" => "mount",
+        "mkfs.xfs" => "xfsprogs",
         _ => "coreutils",
     }
 }
