@@ -683,7 +683,7 @@ fn on_xfs_unchanged_ranges_are_cloned_not_written() {
     touch(&dst.join("disk.img"), "2024-01-01");
     let mut new = data;
     for k in 0..20usize {
-        let at = k * 3_000_000 & !4095;
+        let at = (k * 3_000_000) & !4095;
         new[at..at + 4096].copy_from_slice(&pseudo(4096, 100 + k as u64));
     }
     write(&src.join("disk.img"), &new);
