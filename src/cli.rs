@@ -37,6 +37,19 @@ pub struct Cli {
     /// Print nothing but errors (no progress bars).
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// The program that reaches a remote repository's host (default ssh;
+    /// words split at spaces: `-e "ssh -i key"`), as rsync's -e.
+    #[arg(
+        short = 'e',
+        long,
+        global = true,
+        env = "DSYNC_RSH",
+        value_name = "CMD"
+    )]
+    pub rsh: Option<String>,
+    /// The dsync program on a remote repository's host (default dsync).
+    #[arg(long, global = true, env = "DSYNC_REMOTE_DSYNC", value_name = "PATH")]
+    pub remote_dsync: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -113,6 +126,16 @@ dsync sync -aHAX -n -i /etc/ /srv/etc-copy/   # what would change\n  \
 dsync sync -a ~/vms/disk.qcow2 /mnt/usb/"
     )]
     Sync(SyncArgs),
+    /// Serve a repository on standard input and output, for a dsync on
+    /// another machine (started by it through ssh; see PROTOCOL.md).
+    #[command(
+        after_help = "A remote REPO is ssh://[user@]host[:port]/path or [user@]host:path; dsync \
+runs `ssh [user@]host dsync serve` (-e/--rsh or DSYNC_RSH replaces ssh, --remote-dsync the far \
+side's dsync).\n\n\
+For a key that may only add backups, in ~/.ssh/authorized_keys on the server:\n  \
+restrict,command=\"dsync serve --append-only --restrict-to-path /srv/backups\" ssh-ed25519 AAAA... client"
+    )]
+    Serve(ServeArgs),
     /// Write shell completions to standard output, or man pages into a directory.
     #[command(
         after_help = "Examples:\n  dsync generate completions bash > /etc/bash_completion.d/dsync\n  \
@@ -496,6 +519,21 @@ pub struct SyncArgs {
     /// (docs/JSON.md).
     #[arg(long)]
     pub json: bool,
+}
+
+/// The options of `dsync serve` (its help: [`Command::Serve`]).
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Refuse every delete and overwrite: backups work, forget and prune
+    /// fail.
+    #[arg(long)]
+    pub append_only: bool,
+    /// Refuse every write.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Serve only repositories inside DIR.
+    #[arg(long, value_name = "DIR")]
+    pub restrict_to_path: Option<PathBuf>,
 }
 
 /// The options of `dsync du` (its help: [`Command::Du`]).

@@ -44,6 +44,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Read by the store when it reaches a remote repository; set while
+    // this is the only thread.
+    if let Some(rsh) = &cli.rsh {
+        std::env::set_var("DSYNC_RSH", rsh);
+    }
+    if let Some(far) = &cli.remote_dsync {
+        std::env::set_var("DSYNC_REMOTE_DSYNC", far);
+    }
     let command = match cli.command {
         // Fork before any thread exists; the parent returns once the child's
         // mount is ready (or failed).
@@ -79,6 +87,7 @@ fn run(command: Command, quiet: bool) -> anyhow::Result<()> {
         Command::Diff(o) => cmd::diff::run(o, quiet, &mut out)?,
         Command::Du(o) => cmd::du::run(o, &mut out)?,
         Command::Sync(o) => cmd::sync::run(o, quiet, &mut out)?,
+        Command::Serve(o) => cmd::serve::run(o)?,
         Command::Generate(o) => cmd::generate::run(o, quiet, &mut out)?,
         Command::ImportRdiffBackup(o) => cmd::import::run(o, quiet, &mut out)?,
         Command::Unlock(o) => cmd::unlock::run(o, quiet, &mut out)?,

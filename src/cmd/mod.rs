@@ -16,5 +16,6 @@ pub mod ls;
 pub mod mount;
 pub mod prune;
 pub mod restore;
+pub mod serve;
 pub mod sync;
 pub mod unlock;

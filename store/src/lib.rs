@@ -19,6 +19,7 @@ pub mod pack;
 pub(crate) mod pipeline;
 pub mod prune;
 pub(crate) mod read;
+pub mod remote;
 pub(crate) mod repo;
 pub(crate) mod restore;
 pub(crate) mod source;

@@ -48,6 +48,10 @@ impl Repo {
     /// [`Error::InvalidInput`] when `path` is a non-empty directory or a file,
     /// [`Error::Io`] when it cannot be written.
     pub fn init(path: &Path, config: Config) -> Result<Repo> {
+        if let Some(r) = crate::remote::Remote::parse(path) {
+            let b = crate::remote::RemoteBackend::connect(&r, crate::remote::hello::CREATE)?;
+            return Repo::init_on(Arc::new(b), config);
+        }
         Repo::init_on(Arc::new(LocalBackend::create_layout(path)?), config)
     }
 
@@ -81,6 +85,10 @@ impl Repo {
     /// # Errors
     /// See [`Repo::open`].
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Repo> {
+        if let Some(r) = crate::remote::Remote::parse(path) {
+            let b = crate::remote::RemoteBackend::connect(&r, crate::remote::hello::OPEN)?;
+            return Repo::open_on(Arc::new(b), cache_bytes);
+        }
         if !LocalBackend::holds_repository(path) {
             return Err(Error::NotARepository { path: path.into() });
         }
@@ -117,6 +125,16 @@ impl Repo {
     /// # Errors
     /// See [`Repo::init`] and [`Repo::open`].
     pub fn open_or_init(path: &Path) -> Result<Repo> {
+        if let Some(r) = crate::remote::Remote::parse(path) {
+            let b = Arc::new(crate::remote::RemoteBackend::connect(
+                &r,
+                crate::remote::hello::OPEN_OR_CREATE,
+            )?);
+            return match b.read(&Key::config()) {
+                Err(e) if e.is_not_found() => Repo::init_on(b, Config::default()),
+                _ => Repo::open_on(b, DEFAULT_CACHE),
+            };
+        }
         if LocalBackend::holds_repository(path) {
             Repo::open(path)
         } else {

@@ -13,6 +13,7 @@ mod mount;
 mod prune;
 mod prune_readers;
 mod readme;
+mod remote;
 mod sources;
 mod sync;
 mod tree;

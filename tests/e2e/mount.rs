@@ -71,7 +71,14 @@ impl Mount {
         let t = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "dsync mount exited with {status}");
+                let mut err = String::new();
+                if !status.success() {
+                    use std::io::Read;
+                    if let Some(mut e) = child.stderr.take() {
+                        let _ = e.read_to_string(&mut err);
+                    }
+                }
+                assert!(status.success(), "dsync mount exited with {status}: {err}");
                 break;
             }
             assert!(

@@ -64,7 +64,12 @@ impl Env {
 
     /// Snapshot ids, oldest first, from `dsync list --json`.
     pub fn ids(&self) -> Vec<String> {
-        let out = self.ok(&["list", self.repo().to_str().unwrap(), "--json"]);
+        self.ids_of(&self.repo())
+    }
+
+    /// The snapshot ids of the repository at `repo`, oldest first.
+    pub fn ids_of(&self, repo: &Path) -> Vec<String> {
+        let out = self.ok(&["list", repo.to_str().unwrap(), "--json"]);
         out.lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).expect("json line");

@@ -1,0 +1,229 @@
+//! Remote repositories (`host:path`, `ssh://host:port/path`) through the
+//! protocol of PROTOCOL.md, with a fake rsh that runs `dsync serve` here
+//! instead of on another machine (as rsync's test suite does): every
+//! command on a remote repository, compared with the originals by BLAKE2
+//! and rsync; the restricted modes of an `authorized_keys` forced command.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use super::tree::{assert_same, write};
+use super::util::*;
+
+/// A stand-in for ssh: drops `-p PORT` and the host, then runs the
+/// command (or, with `forced`, that command whatever was asked, as sshd
+/// does with an `authorized_keys` command="...").
+fn fake_rsh(env: &Env, name: &str, forced: Option<&str>) -> PathBuf {
+    let p = env.path(name);
+    let run = match forced {
+        Some(cmd) => format!("exec {cmd}"),
+        None => "exec \"$@\"".to_string(),
+    };
+    std::fs::write(
+        &p,
+        format!("#!/bin/sh\nwhile [ \"$1\" = -p ]; do shift 2; done\nshift\n{run}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// dsync with the fake rsh and this build as the far side's dsync.
+fn remote(env: &Env, rsh: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dsync"))
+        .args(args)
+        .env_remove("DSYNC_REPO")
+        .env("DSYNC_RSH", rsh)
+        .env("DSYNC_REMOTE_DSYNC", env!("CARGO_BIN_EXE_dsync"))
+        .current_dir(env.dir.path())
+        .output()
+        .expect("run dsync")
+}
+
+#[track_caller]
+fn ok(env: &Env, rsh: &Path, args: &[&str]) -> String {
+    let o = remote(env, rsh, args);
+    assert!(
+        o.status.success(),
+        "dsync {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn every_command_works_on_a_remote_repository() {
+    let env = Env::new();
+    let rsh = fake_rsh(&env, "rsh", None);
+    let repo_dir = env.path("far/repo");
+    std::fs::create_dir_all(env.path("far")).unwrap();
+    let repo = format!("backuphost:{}", s(&repo_dir));
+    let url = format!("ssh://backup@backuphost:2222{}", s(&repo_dir));
+    let img = env.path("disk.img");
+    make_image(&img, 16 << 20, 1);
+    let tree = env.path("tree");
+    write(&tree.join("a/b.txt"), b"a file in a tree");
+    write(&tree.join("c.bin"), &pseudo(300_000, 2));
+    ok(&env, &rsh, &["init", "-q", &repo]);
+    ok(&env, &rsh, &["backup", "-q", &repo, s(&img), s(&tree)]);
+    let first = blake2(&img);
+    change_image(&img, 1, 100);
+    // The URL form reaches the same repository.
+    ok(&env, &rsh, &["backup", "-q", &url, s(&img)]);
+    let list = ok(&env, &rsh, &["list", &repo, "--json"]);
+    let ids: Vec<String> = list
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "{list}");
+    // Restores are the originals.
+    let out = env.path("out");
+    ok(
+        &env,
+        &rsh,
+        &["restore", "-q", &repo, &ids[0], "--to", s(&out)],
+    );
+    assert_eq!(blake2(&out.join("disk.img")), first);
+    assert_same(&tree, &out.join("tree"));
+    let cat = remote(&env, &rsh, &["cat", &repo, "latest", "disk.img"]);
+    assert!(cat.status.success());
+    std::fs::write(env.path("cat.img"), &cat.stdout).unwrap();
+    assert_eq!(blake2(&env.path("cat.img")), blake2(&img));
+    // The reading commands.
+    ok(&env, &rsh, &["ls", &repo, &ids[0], "tree"]);
+    ok(&env, &rsh, &["diff", &repo, &ids[0], &ids[1], "disk.img"]);
+    ok(&env, &rsh, &["du", &repo]);
+    ok(&env, &rsh, &["check", &repo, "--read-data"]);
+    // Forget and prune: the repository shrinks, the kept snapshot reads.
+    ok(&env, &rsh, &["forget", "-q", &repo, &ids[0]]);
+    ok(&env, &rsh, &["prune", "-q", &repo]);
+    ok(&env, &rsh, &["check", &repo, "--read-data"]);
+    let out2 = env.path("out2");
+    ok(
+        &env,
+        &rsh,
+        &["restore", "-q", &repo, "latest", "--to", s(&out2)],
+    );
+    assert_eq!(blake2(&out2.join("disk.img")), blake2(&img));
+    // What the far side holds is an ordinary repository.
+    env.ok(&["check", s(&repo_dir)]);
+}
+
+#[test]
+fn append_only_refuses_forget_and_prune_and_keeps_backups_working() {
+    let env = Env::new();
+    let open = fake_rsh(&env, "rsh", None);
+    let repo_dir = env.path("repo");
+    let repo = format!("host:{}", s(&repo_dir));
+    let f = env.path("f");
+    std::fs::write(&f, pseudo(1 << 20, 3)).unwrap();
+    ok(&env, &open, &["backup", "-q", &repo, s(&f)]);
+    // The key's forced command, whatever the client asks.
+    let forced = fake_rsh(
+        &env,
+        "rsh-append-only",
+        Some(&format!(
+            "{} serve --append-only",
+            env!("CARGO_BIN_EXE_dsync")
+        )),
+    );
+    std::fs::write(&f, pseudo(1 << 20, 4)).unwrap();
+    ok(&env, &forced, &["backup", "-q", &repo, s(&f)]);
+    for args in [
+        vec!["forget", &repo, "latest"],
+        vec!["prune", &repo, "--keep-last", "1"],
+    ] {
+        let o = remote(&env, &forced, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("append-only"), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    // Both snapshots are still there and sound.
+    let ids = env.ids_of(&repo_dir);
+    assert_eq!(ids.len(), 2);
+    env.ok(&["check", s(&repo_dir), "--read-data"]);
+}
+
+#[test]
+fn read_only_and_restrict_to_path_refuse_with_one_line() {
+    let env = Env::new();
+    let open = fake_rsh(&env, "rsh", None);
+    let inside = env.path("allowed");
+    std::fs::create_dir_all(&inside).unwrap();
+    let repo = format!("host:{}", s(&inside.join("repo")));
+    let f = env.path("f");
+    std::fs::write(&f, pseudo(100_000, 5)).unwrap();
+    ok(&env, &open, &["backup", "-q", &repo, s(&f)]);
+    let ro = fake_rsh(
+        &env,
+        "rsh-ro",
+        Some(&format!(
+            "{} serve --read-only",
+            env!("CARGO_BIN_EXE_dsync")
+        )),
+    );
+    let o = remote(&env, &ro, &["backup", &repo, s(&f)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("read-only"), "{err}");
+    ok(
+        &env,
+        &ro,
+        &[
+            "restore",
+            "-q",
+            &repo,
+            "latest",
+            "--to",
+            s(&env.path("out")),
+        ],
+    );
+    let restricted = fake_rsh(
+        &env,
+        "rsh-restricted",
+        Some(&format!(
+            "{} serve --restrict-to-path {}",
+            env!("CARGO_BIN_EXE_dsync"),
+            s(&inside)
+        )),
+    );
+    ok(&env, &restricted, &["list", &repo]);
+    let elsewhere = format!("host:{}", s(&env.path("elsewhere")));
+    let o = remote(&env, &restricted, &["init", &elsewhere]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("outside"), "{err}");
+    assert!(!env.path("elsewhere").exists());
+}
+
+#[test]
+fn a_remote_command_that_fails_is_one_line() {
+    let env = Env::new();
+    let dead = env.path("dead-rsh");
+    std::fs::write(
+        &dead,
+        "#!/bin/sh\necho 'ssh: connect to host h: Connection refused' >&2\nexit 255\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&dead, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = remote(&env, &dead, &["list", "h:/srv/repo"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    // ssh's own line, then dsync's.
+    assert!(err.contains("Connection refused"), "{err}");
+    assert!(err.contains("connection lost"), "{err}");
+    let missing = fake_rsh(&env, "rsh", None);
+    let o = remote(
+        &env,
+        &missing,
+        &["list", &format!("h:{}", s(&env.path("none")))],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a dsync repository"), "{err}");
+}
