@@ -49,8 +49,8 @@ impl Repo {
     /// [`Error::Io`] when it cannot be written.
     pub fn init(path: &Path, config: Config) -> Result<Repo> {
         if let Some(r) = crate::remote::Remote::parse(path) {
-            let b = crate::remote::RemoteBackend::connect(&r, crate::remote::hello::CREATE)?;
-            return Repo::init_on(Arc::new(b), config);
+            let b = crate::remote::backend(&r, crate::remote::hello::CREATE, Some(config.repo_id))?;
+            return Repo::init_on(b, config);
         }
         Repo::init_on(Arc::new(LocalBackend::create_layout(path)?), config)
     }
@@ -86,8 +86,8 @@ impl Repo {
     /// See [`Repo::open`].
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Repo> {
         if let Some(r) = crate::remote::Remote::parse(path) {
-            let b = crate::remote::RemoteBackend::connect(&r, crate::remote::hello::OPEN)?;
-            return Repo::open_on(Arc::new(b), cache_bytes);
+            let b = crate::remote::backend(&r, crate::remote::hello::OPEN, None)?;
+            return Repo::open_on(b, cache_bytes);
         }
         if !LocalBackend::holds_repository(path) {
             return Err(Error::NotARepository { path: path.into() });
@@ -126,13 +126,21 @@ impl Repo {
     /// See [`Repo::init`] and [`Repo::open`].
     pub fn open_or_init(path: &Path) -> Result<Repo> {
         if let Some(r) = crate::remote::Remote::parse(path) {
-            let b = Arc::new(crate::remote::RemoteBackend::connect(
-                &r,
-                crate::remote::hello::OPEN_OR_CREATE,
-            )?);
+            let flags = crate::remote::hello::OPEN_OR_CREATE;
+            let b: Arc<dyn Backend> = Arc::new(crate::remote::RemoteBackend::connect(&r, flags)?);
             return match b.read(&Key::config()) {
-                Err(e) if e.is_not_found() => Repo::init_on(b, Config::default()),
-                _ => Repo::open_on(b, DEFAULT_CACHE),
+                Err(e) if e.is_not_found() => {
+                    let config = Config::default();
+                    let b = match crate::remote::cache::dir_for(config.repo_id) {
+                        Some(dir) => crate::remote::cache::CachedBackend::wrap(b, dir),
+                        None => b,
+                    };
+                    Repo::init_on(b, config)
+                }
+                _ => {
+                    drop(b);
+                    Repo::open_on(crate::remote::backend(&r, flags, None)?, DEFAULT_CACHE)
+                }
             };
         }
         if LocalBackend::holds_repository(path) {

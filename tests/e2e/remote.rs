@@ -227,3 +227,115 @@ fn a_remote_command_that_fails_is_one_line() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("not a dsync repository"), "{err}");
 }
+
+/// A stand-in for ssh that counts the bytes each way (an oracle apart
+/// from dsync): appends "SENT RECEIVED" to `$DSYNC_TEST_COUNT` at exit.
+fn counting_rsh(env: &Env) -> PathBuf {
+    let p = env.path("counting-rsh");
+    std::fs::write(
+        &p,
+        r#"#!/usr/bin/env python3
+import os, subprocess, sys, threading
+args = sys.argv[1:]
+while args and args[0] == "-p":
+    args = args[2:]
+args = args[1:]
+child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+counts = [0, 0]
+def pump(src, dst, i):
+    while True:
+        b = os.read(src.fileno(), 1 << 20)
+        if not b:
+            break
+        counts[i] += len(b)
+        dst.write(b)
+        dst.flush()
+    dst.close()
+up = threading.Thread(target=pump, args=(sys.stdin.buffer, child.stdin, 0))
+down = threading.Thread(target=pump, args=(child.stdout, sys.stdout.buffer, 1))
+up.start(); down.start(); up.join(); down.join()
+rc = child.wait()
+with open(os.environ["DSYNC_TEST_COUNT"], "a") as f:
+    f.write(f"{counts[0]} {counts[1]}\n")
+sys.exit(rc)
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// 1 MiB of new data in 256 scattered 4 KiB blocks.
+fn change_1mib(img: &Path, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    let size = f.metadata().unwrap().len();
+    for k in 0..256u64 {
+        let at = ((k * 1_048_583 + seed * 7919 * 4096) % (size - 4096)) & !4095;
+        f.write_all_at(&pseudo(4096, seed * 1000 + k), at).unwrap();
+    }
+}
+
+#[test]
+fn an_incremental_backup_sends_little_more_than_the_change() {
+    let env = Env::new();
+    let rsh = counting_rsh(&env);
+    let count = env.path("count");
+    let repo = format!("host:{}", s(&env.path("repo")));
+    let img = env.path("disk.img");
+    make_image(&img, 256 << 20, 9);
+    let backup = |what: &str| -> (u64, u64) {
+        let _ = std::fs::remove_file(&count);
+        let o = Command::new(env!("CARGO_BIN_EXE_dsync"))
+            .args(["backup", "-q", &repo, s(&img)])
+            .env_remove("DSYNC_REPO")
+            .env("DSYNC_RSH", &rsh)
+            .env("DSYNC_REMOTE_DSYNC", env!("CARGO_BIN_EXE_dsync"))
+            .env("DSYNC_CACHE_DIR", env.path("cache"))
+            .env("DSYNC_TEST_COUNT", &count)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let text = std::fs::read_to_string(&count).unwrap();
+        let mut sent = 0;
+        let mut received = 0;
+        for l in text.lines() {
+            let mut f = l.split(' ').map(|n| n.parse::<u64>().unwrap());
+            sent += f.next().unwrap();
+            received += f.next().unwrap();
+        }
+        (sent, received)
+    };
+    backup("first backup");
+    change_1mib(&img, 1);
+    backup("first incremental");
+    change_1mib(&img, 2);
+    let (sent, received) = backup("second incremental");
+    eprintln!("second incremental: {sent} bytes sent, {received} received");
+    let limit = (3 << 20) / 2 + (256 << 10);
+    assert!(
+        sent <= limit,
+        "the second incremental sent {sent} bytes for 1 MiB changed (at most {limit})"
+    );
+    // The previous version's signature came from the cache, not the wire.
+    assert!(
+        received <= 256 << 10,
+        "the second incremental received {received} bytes"
+    );
+    // And the repository restores it.
+    let out = env.path("out");
+    ok(
+        &env,
+        &rsh_plain(&env),
+        &["restore", "-q", &repo, "latest", "--to", s(&out)],
+    );
+    assert_eq!(blake2(&out.join("disk.img")), blake2(&img));
+}
+
+fn rsh_plain(env: &Env) -> PathBuf {
+    fake_rsh(env, "rsh-plain", None)
+}

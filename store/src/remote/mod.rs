@@ -6,6 +6,7 @@
 //! calls from many threads are in flight together. Everything above the
 //! backend (backup, restore, the mount, prune, check) works unchanged.
 
+pub mod cache;
 pub mod serve;
 pub mod wire;
 
@@ -187,6 +188,26 @@ impl Drop for Conn {
             let _ = c.wait();
         }
     }
+}
+
+/// The backend of a remote repository, its immutable objects cached
+/// ([`cache`]) under the repository's id (`id` for one being made; else
+/// read from its config).
+///
+/// # Errors
+/// As [`RemoteBackend::connect`].
+pub fn backend(remote: &Remote, flags: u8, id: Option<u64>) -> Result<Arc<dyn Backend>> {
+    let b: Arc<dyn Backend> = Arc::new(RemoteBackend::connect(remote, flags)?);
+    let id = id.or_else(|| {
+        let bytes = b.read(&Key::config()).ok()?;
+        crate::format::config::Config::decode(&bytes, "config")
+            .ok()
+            .map(|c| c.repo_id)
+    });
+    Ok(match id.and_then(cache::dir_for) {
+        Some(dir) => cache::CachedBackend::wrap(b, dir),
+        None => b,
+    })
 }
 
 /// A repository behind `dsync serve`.
