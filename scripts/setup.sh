@@ -5,7 +5,7 @@
 # scripts/bench-backup measures dsync against (borg, restic) and bc.
 set -euo pipefail
 
-pkgs=(e2fsprogs qemu-utils fuse3 python3 time rdiff-backup rsync attr acl xfsprogs)
+pkgs=(e2fsprogs qemu-utils fuse3 python3 time rdiff-backup rsync attr acl xfsprogs openssh-server openssh-client)
 if [ "${1:-}" = --bench ]; then
   pkgs+=(borgbackup restic bc)
 fi

@@ -339,3 +339,140 @@ fn an_incremental_backup_sends_little_more_than_the_change() {
 fn rsh_plain(env: &Env) -> PathBuf {
     fake_rsh(env, "rsh-plain", None)
 }
+
+/// A real sshd on 127.0.0.1, started by the test with its own host key,
+/// whose only authorized key is forced to `dsync serve --append-only`.
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+    client_key: PathBuf,
+}
+
+impl Sshd {
+    fn start(env: &Env, forced: &str) -> Sshd {
+        let sshd = Path::new("/usr/sbin/sshd");
+        assert!(
+            sshd.exists(),
+            "no /usr/sbin/sshd: install openssh-server (scripts/setup.sh does)"
+        );
+        let dir = env.path("sshd");
+        std::fs::create_dir_all(&dir).unwrap();
+        let keygen = |path: &Path| {
+            let o = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(path)
+                .output()
+                .expect("ssh-keygen (openssh-client)");
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        };
+        let (host_key, client_key) = (dir.join("host_key"), dir.join("client_key"));
+        keygen(&host_key);
+        keygen(&client_key);
+        let public = std::fs::read_to_string(client_key.with_extension("pub")).unwrap();
+        let auth = dir.join("authorized_keys");
+        std::fs::write(&auth, format!("restrict,command=\"{forced}\" {public}")).unwrap();
+        // Privilege separation wants its empty directory (as root).
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 PidFile {}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+                s(&host_key),
+                s(&auth),
+                s(&dir.join("sshd.pid"))
+            ),
+        )
+        .unwrap();
+        let child = Command::new(sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start sshd");
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "sshd did not listen on 127.0.0.1:{port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Sshd {
+            child,
+            port,
+            client_key,
+        }
+    }
+
+    /// The rsh: the system ssh with the test's key, no known_hosts.
+    fn rsh(&self) -> String {
+        format!(
+            "ssh -i {} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+            s(&self.client_key)
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn through_a_real_sshd_an_append_only_key_backs_up_but_cannot_prune() {
+    let env = Env::new();
+    let repo_dir = env.path("repo");
+    let forced = format!(
+        "{} serve --append-only --restrict-to-path {}",
+        env!("CARGO_BIN_EXE_dsync"),
+        s(env.dir.path())
+    );
+    let sshd = Sshd::start(&env, &forced);
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let repo = format!("ssh://{user}@127.0.0.1:{}{}", sshd.port, s(&repo_dir));
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_dsync"))
+            .args(args)
+            .env_remove("DSYNC_REPO")
+            .env("DSYNC_RSH", sshd.rsh())
+            .env("DSYNC_CACHE_DIR", env.path("cache"))
+            .output()
+            .unwrap()
+    };
+    let img = env.path("disk.img");
+    make_image(&img, 8 << 20, 31);
+    for day in 0..2 {
+        if day > 0 {
+            change_image(&img, day, 20);
+        }
+        let o = run(&["backup", "-q", &repo, s(&img)]);
+        assert!(
+            o.status.success(),
+            "backup over ssh: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    for args in [
+        vec!["forget", &repo, "latest"],
+        vec!["prune", &repo, "--keep-last", "1"],
+    ] {
+        let o = run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("append-only"), "{args:?}: {err}");
+    }
+    let out = env.path("out");
+    let o = run(&["restore", "-q", &repo, "latest", "--to", s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(blake2(&out.join("disk.img")), blake2(&img));
+    assert_eq!(env.ids_of(&repo_dir).len(), 2);
+}
