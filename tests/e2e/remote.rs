@@ -476,3 +476,90 @@ fn through_a_real_sshd_an_append_only_key_backs_up_but_cannot_prune() {
     assert_eq!(blake2(&out.join("disk.img")), blake2(&img));
     assert_eq!(env.ids_of(&repo_dir).len(), 2);
 }
+
+#[test]
+fn a_connection_killed_mid_backup_or_prune_loses_nothing() {
+    let env = Env::new();
+    // The fake rsh notes the server's pid (it becomes the server).
+    let rsh = env.path("rsh-pid");
+    std::fs::write(
+        &rsh,
+        "#!/bin/sh\nwhile [ \"$1\" = -p ]; do shift 2; done\nshift\necho $$ > \"$DSYNC_TEST_PIDFILE\"\nexec \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&rsh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pidfile = env.path("server.pid");
+    let repo_dir = env.path("repo");
+    let repo = format!("host:{}", s(&repo_dir));
+    let img = env.path("disk.img");
+    make_image(&img, 128 << 20, 41);
+    let start = |args: &[&str]| {
+        let _ = std::fs::remove_file(&pidfile);
+        Command::new(env!("CARGO_BIN_EXE_dsync"))
+            .args(args)
+            .env_remove("DSYNC_REPO")
+            .env("DSYNC_RSH", &rsh)
+            .env("DSYNC_REMOTE_DSYNC", env!("CARGO_BIN_EXE_dsync"))
+            .env("DSYNC_CACHE_DIR", env.path("cache"))
+            .env("DSYNC_TEST_PIDFILE", &pidfile)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let finish = |c: std::process::Child| {
+        let o = c.wait_with_output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert_eq!(finish(start(&["backup", "-q", &repo, s(&img)])).0, Some(0));
+    let mut seed = 7u64;
+    let mut killed = 0;
+    for round in 1..=8u64 {
+        change_image(&img, round, 50);
+        let args: Vec<String> = if round % 3 == 0 {
+            vec![
+                "prune".into(),
+                repo.clone(),
+                "--keep-last".into(),
+                "2".into(),
+            ]
+        } else {
+            vec![
+                "backup".into(),
+                "-q".into(),
+                repo.clone(),
+                s(&img).to_string(),
+            ]
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = start(&args);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(std::time::Duration::from_millis(2 + (seed >> 33) % 60));
+        if let Ok(pid) = std::fs::read_to_string(&pidfile) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+        let (code, err) = finish(child);
+        if code != Some(0) {
+            killed += 1;
+            assert_eq!(code, Some(1), "{args:?}: {err}");
+            assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+        }
+        // Whatever the moment, what the repository holds is sound.
+        env.ok(&["check", s(&repo_dir), "--read-data"]);
+    }
+    eprintln!("{killed} of 8 runs cut by the kill");
+    assert!(
+        killed >= 2,
+        "only {killed} of 8 runs were cut: the kill came too late"
+    );
+    // And the next backup works and restores.
+    assert_eq!(finish(start(&["backup", "-q", &repo, s(&img)])).0, Some(0));
+    let out = env.path("out");
+    env.ok(&["restore", "-q", s(&repo_dir), "latest", "--to", s(&out)]);
+    assert_eq!(blake2(&out.join("disk.img")), blake2(&img));
+}
