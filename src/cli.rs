@@ -117,6 +117,7 @@ Example: dsync prune /backup/vms --keep-daily 7 --keep-weekly 4 --keep-monthly 1
     /// missing is copied, what is the same skipped, a changed file rebuilt
     /// from its old version (only differing ranges read from SRC).
     #[command(
+        override_usage = "dsync sync [OPTIONS] SRC... DST",
         after_help = "SRC/ syncs the contents of SRC into DST; SRC without the slash syncs SRC itself into DST/SRC's-name (rsync's meaning). A changed file is written beside the old one and renamed over it: a reader or a crash sees the old file or the new one, never a mix.
 
 Exit codes (rsync's): 0 success, 1 error, 2 bad usage, 23 some files or attributes were not transferred, 24 some source files vanished, 25 --max-delete stopped deletions.
@@ -396,8 +397,8 @@ pub struct DiffArgs {
 /// names and meanings.
 #[derive(Args, Debug)]
 pub struct SyncArgs {
-    /// SRC... DST
-    #[arg(required = true, num_args = 2.., value_name = "SRC... DST")]
+    /// The sources, then the destination.
+    #[arg(required = true, num_args = 2.., value_name = "PATH")]
     pub paths: Vec<PathBuf>,
     /// -rlptgoD: recursive, symlinks, permissions, times, group, owner,
     /// devices and specials (not -H, -A, -X).
