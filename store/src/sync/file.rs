@@ -89,6 +89,14 @@ fn push(out: &mut Vec<Piece>, p: Piece) {
     out.push(p);
 }
 
+/// A file that ended before the length it had when the transfer began.
+fn shrank() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the file shrank while it was read",
+    )
+}
+
 fn read_full(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -185,10 +193,7 @@ fn plan_aligned(
                     if !data {
                         buf.fill(0);
                     } else if read_full(f, buf, at)? != buf.len() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the file shrank while it was read",
-                        ));
+                        return Err(shrank());
                     }
                     Ok(())
                 };
@@ -295,10 +300,7 @@ fn plan_search(
                 let len = (old_size - at).min(CHUNK) as usize;
                 let n = read_full(old, &mut buf[..len], at)?;
                 if n != len {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the file shrank while it was read",
-                    ));
+                    return Err(shrank());
                 }
                 let blocks: Vec<&[u8]> = buf[..len].chunks(BLOCK as usize).collect();
                 let mut d = Vec::with_capacity(blocks.len());
@@ -334,10 +336,7 @@ fn plan_search(
             let hi = (off + len + BLOCK - 1).min(size);
             let mut data = vec![0u8; (hi - lo) as usize];
             if read_full(src, &mut data, lo)? != data.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the file shrank while it was read",
-                ));
+                return Err(shrank());
             }
             let chunk = Chunk {
                 data: &data,
@@ -423,12 +422,7 @@ pub(crate) fn copy_range(
             Some(&mut dof),
             want,
         ) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the file shrank while it was read",
-                ))
-            }
+            Ok(0) => return Err(shrank()),
             Ok(n) => {
                 s += n as u64;
                 d += n as u64;
@@ -454,10 +448,7 @@ fn copy_buffered(from: &File, mut s: u64, to: &File, mut d: u64, mut left: u64) 
         let n = left.min(buf.len() as u64) as usize;
         let got = read_full(from, &mut buf[..n], s)?;
         if got != n {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the file shrank while it was read",
-            ));
+            return Err(shrank());
         }
         to.write_all_at(&buf[..n], d)?;
         s += n as u64;
