@@ -59,6 +59,33 @@ impl CachedBackend {
         std::fs::read(self.path(key)).ok()
     }
 
+    /// Copies `obj` into the cache by ranges; the copy, or none when the
+    /// cache cannot be written (the object is then read remotely).
+    fn fetch(&self, key: &Key, obj: &dyn Object) -> Result<Option<File>> {
+        let path = self.path(key);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let Ok(mut f) = File::create(&tmp) else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; 4 << 20];
+        let mut at = 0;
+        while at < obj.len() {
+            let n = (obj.len() - at).min(buf.len() as u64) as usize;
+            obj.read_at(at, &mut buf[..n])?;
+            if f.write_all(&buf[..n]).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+                return Ok(None);
+            }
+            at += n as u64;
+        }
+        drop(f);
+        if std::fs::rename(&tmp, &path).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(None);
+        }
+        Ok(File::open(&path).ok())
+    }
+
     /// Keeps a copy (a failure only costs the next read).
     fn keep(&self, key: &Key, bytes: &[u8]) {
         if !cached(key.kind) {
@@ -176,17 +203,18 @@ impl Backend for CachedBackend {
                     }));
                 }
             }
-            // Fetched whole once: a meta pack's blobs are read again and
-            // again (lists, maps, signature pages of every version).
-            let b = self.inner.read(key)?;
-            self.keep(key, &b);
-            if let Ok(file) = File::open(self.path(key)) {
+            // Fetched whole once, by range into the cache file (a meta
+            // pack may be large): its blobs are read again and again
+            // (lists, maps, signature pages of every version).
+            let obj = self.inner.open(key)?;
+            if let Some(file) = self.fetch(key, &*obj)? {
                 return Ok(Arc::new(LocalCopy {
                     file,
-                    len: b.len() as u64,
+                    len: obj.len(),
                     key: key.clone(),
                 }));
             }
+            return Ok(obj);
         }
         self.inner.open(key)
     }

@@ -386,6 +386,31 @@ impl Drop for RemoteLock {
     }
 }
 
+impl RemoteBackend {
+    /// A READ's answer; an object too big for one frame is read by range.
+    fn answer_or_by_range(
+        &self,
+        rx: &std::sync::mpsc::Receiver<Answer>,
+        key: &Key,
+    ) -> Result<Vec<u8>> {
+        match rx.recv() {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err((err::TOO_BIG, _))) => {
+                let obj = self.open(key)?;
+                let len = usize::try_from(obj.len())
+                    .map_err(|_| Error::Internal(format!("{key} does not fit in memory")))?;
+                let mut buf = vec![0u8; len];
+                obj.read_at(0, &mut buf)?;
+                Ok(buf)
+            }
+            Ok(Err((kind, msg))) => Err(self.conn.error(kind, msg, Some(key))),
+            Err(_) => Err(self
+                .conn
+                .lost(io::Error::from(io::ErrorKind::UnexpectedEof))),
+        }
+    }
+}
+
 impl Backend for RemoteBackend {
     fn location(&self) -> PathBuf {
         self.conn.location.clone()
@@ -393,7 +418,7 @@ impl Backend for RemoteBackend {
 
     fn read(&self, key: &Key) -> Result<Vec<u8>> {
         let rx = self.conn.send(op::READ, &Enc::default().key(key).0)?;
-        self.conn.wait(&rx, Some(key))
+        self.answer_or_by_range(&rx, key)
     }
 
     fn read_many(&self, keys: &[Key]) -> Vec<Result<Vec<u8>>> {
@@ -404,7 +429,7 @@ impl Backend for RemoteBackend {
             .collect();
         sent.into_iter()
             .zip(keys)
-            .map(|(rx, k)| self.conn.wait(&rx?, Some(k)))
+            .map(|(rx, k)| self.answer_or_by_range(&rx?, k))
             .collect()
     }
 

@@ -131,7 +131,21 @@ impl Server {
         let ok = Enc::default();
         match o {
             op::HELLO => self.hello(&mut d),
-            op::READ => Ok(self.backend()?.read(&d.key()?)?),
+            op::READ => {
+                let key = d.key()?;
+                let b = self.backend()?;
+                // Whole objects up to a frame; a bigger one is read by range
+                // (the client falls back), never answered with a frame the
+                // client would refuse.
+                let obj = b.open(&key)?;
+                if obj.len() > wire::MAX_PAYLOAD as u64 * 3 {
+                    return Err(Fail(
+                        err::TOO_BIG,
+                        format!("{key} is {} bytes: read it by range", obj.len()),
+                    ));
+                }
+                Ok(b.read(&key)?)
+            }
             op::OPEN => {
                 let obj = self.backend()?.open(&d.key()?)?;
                 let h = self.handle_id();
@@ -419,6 +433,35 @@ mod tests {
         let kinds: Vec<u8> = a.iter().map(|(o, _)| *o).collect();
         assert_eq!(kinds, [op::ERR, op::ERR, op::ERR, op::OK]);
         assert_eq!(a[1].1[0], err::REFUSED);
+    }
+
+    #[test]
+    fn an_object_bigger_than_a_frame_is_refused_by_read_and_served_by_range() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = d.path().join("r");
+        crate::Repo::init(&repo, Default::default()).unwrap();
+        let backend = LocalBackend::open(&repo).unwrap();
+        let key = crate::backend::Key::meta(crate::id::MetaId(0x51));
+        let big = vec![7u8; wire::MAX_PAYLOAD * 3 + 1];
+        backend.put(&key, &big).unwrap();
+        backend.sync().unwrap();
+        let a = run(
+            &ServeOptions::default(),
+            &[
+                (op::HELLO, hello_body(&repo, hello::OPEN)),
+                (op::READ, Enc::default().key(&key).0),
+                (op::OPEN, Enc::default().key(&key).0),
+                (
+                    op::READ_AT,
+                    Enc::default().u64(2).u64(big.len() as u64 - 5).u32(5).0,
+                ),
+            ],
+        );
+        assert_eq!(a[1].0, op::ERR);
+        assert_eq!(a[1].1[0], err::TOO_BIG);
+        assert_eq!(a[2].0, op::OK);
+        assert_eq!(Dec::new(&a[2].1).u64().unwrap(), 2, "the first handle");
+        assert_eq!(a[3], (op::OK, vec![7u8; 5]));
     }
 
     #[test]

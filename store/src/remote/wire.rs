@@ -46,6 +46,8 @@ pub mod err {
     pub const REFUSED: u8 = 4;
     pub const INVALID: u8 = 5;
     pub const NOT_A_REPOSITORY: u8 = 6;
+    /// READ of an object bigger than a frame: read it by OPEN and READ_AT.
+    pub const TOO_BIG: u8 = 7;
 }
 
 /// HELLO's flags: what to do when the path holds no repository.
