@@ -1,7 +1,7 @@
 //! `dsync serve`: a repository for a dsync on another machine, over
 //! standard input and output (store::remote::serve, PROTOCOL.md).
 
-use dsync_store::remote::serve::{serve, ServeOptions};
+use dsync_store::remote::serve::{serve_stdio, ServeOptions};
 
 use crate::cli::ServeArgs;
 
@@ -11,6 +11,6 @@ pub fn run(o: ServeArgs) -> anyhow::Result<()> {
         read_only: o.read_only,
         restrict_to: o.restrict_to_path,
     };
-    serve(&opts, std::io::stdin().lock(), std::io::stdout().lock())?;
+    serve_stdio(&opts)?;
     Ok(())
 }

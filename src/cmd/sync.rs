@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use dsync_store::remote::Remote;
 use dsync_store::sync::{self, Filters, Item, SyncEvents, SyncOptions, SyncReport};
 
 use crate::cli::SyncArgs;
@@ -200,7 +201,11 @@ pub fn run(o: SyncArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()> 
         bar: &bar,
         broken: AtomicBool::new(false),
     };
-    let r = sync::sync(srcs, dst, &opts, &ev);
+    let r = match sides(srcs, dst)? {
+        Sides::Local => sync::sync(srcs, dst, &opts, &ev),
+        Sides::Push(far) => sync::remote::push(srcs, &far, &opts, &ev),
+        Sides::Pull(far, paths) => sync::remote::pull(&far, &paths, dst, &opts, &ev),
+    };
     bar.done();
     let rep = r?;
     report(&rep, style, o.dry_run, out)?;
@@ -221,6 +226,44 @@ pub fn run(o: SyncArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()> 
             },
         }
         .into()),
+    }
+}
+
+/// Where SRC and DST are.
+enum Sides {
+    Local,
+    /// DST on another machine.
+    Push(Remote),
+    /// Every SRC on one other machine: the far paths.
+    Pull(Remote, Vec<Vec<u8>>),
+}
+
+fn sides(srcs: &[std::path::PathBuf], dst: &std::path::Path) -> anyhow::Result<Sides> {
+    let far_srcs: Vec<Option<Remote>> = srcs.iter().map(|s| Remote::parse(s)).collect();
+    let any_far_src = far_srcs.iter().any(Option::is_some);
+    match Remote::parse(dst) {
+        Some(_) if any_far_src => {
+            anyhow::bail!("the source and the destination cannot both be remote")
+        }
+        Some(far) => Ok(Sides::Push(far)),
+        None if !any_far_src => Ok(Sides::Local),
+        None => {
+            let first = far_srcs[0].clone();
+            let Some(first) = first.filter(|f| {
+                far_srcs.iter().all(|o| {
+                    o.as_ref()
+                        .is_some_and(|o| o.host == f.host && o.port == f.port)
+                })
+            }) else {
+                anyhow::bail!("every source must be on the same machine, or every one here");
+            };
+            let paths = far_srcs
+                .into_iter()
+                .flatten()
+                .map(|r| r.path.into_bytes())
+                .collect();
+            Ok(Sides::Pull(first, paths))
+        }
     }
 }
 

@@ -16,5 +16,6 @@ mod readme;
 mod remote;
 mod sources;
 mod sync;
+mod sync_remote;
 mod tree;
 mod util;

@@ -14,7 +14,7 @@ use super::util::*;
 /// A stand-in for ssh: drops `-p PORT` and the host, then runs the
 /// command (or, with `forced`, that command whatever was asked, as sshd
 /// does with an `authorized_keys` command="...").
-fn fake_rsh(env: &Env, name: &str, forced: Option<&str>) -> PathBuf {
+pub(super) fn fake_rsh(env: &Env, name: &str, forced: Option<&str>) -> PathBuf {
     let p = env.path(name);
     let run = match forced {
         Some(cmd) => format!("exec {cmd}"),
@@ -230,7 +230,7 @@ fn a_remote_command_that_fails_is_one_line() {
 
 /// A stand-in for ssh that counts the bytes each way (an oracle apart
 /// from dsync): appends "SENT RECEIVED" to `$DSYNC_TEST_COUNT` at exit.
-fn counting_rsh(env: &Env) -> PathBuf {
+pub(super) fn counting_rsh(env: &Env) -> PathBuf {
     let p = env.path("counting-rsh");
     std::fs::write(
         &p,
@@ -266,7 +266,7 @@ sys.exit(rc)
 }
 
 /// 1 MiB of new data in 256 scattered 4 KiB blocks.
-fn change_1mib(img: &Path, seed: u64) {
+pub(super) fn change_1mib(img: &Path, seed: u64) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
     let size = f.metadata().unwrap().len();

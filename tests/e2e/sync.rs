@@ -77,7 +77,7 @@ fn items_except(
 
 /// Paths (from `root`, as rsync prints them when plain) of regular files
 /// with several names.
-fn hard_linked(root: &Path) -> BTreeSet<String> {
+pub(super) fn hard_linked(root: &Path) -> BTreeSet<String> {
     fn walk(dir: &Path, rel: &str, out: &mut BTreeSet<String>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
@@ -168,7 +168,7 @@ fn contents(root: &Path) -> BTreeMap<String, String> {
 }
 
 /// Edits of every kind to a tree made by `tree_of_every_kind`.
-fn change(t: &Path) {
+pub(super) fn change(t: &Path) {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(t.join("data/image.raw"))
@@ -194,7 +194,7 @@ fn change(t: &Path) {
 
 /// Real files of the machine and every kind of node, plus files `change`
 /// edits.
-fn tree_of_every_kind(t: &Path) {
+pub(super) fn tree_of_every_kind(t: &Path) {
     mkdirs(t);
     tool(
         "cp",

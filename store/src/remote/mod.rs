@@ -13,7 +13,7 @@ pub mod wire;
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
@@ -210,6 +210,34 @@ pub fn backend(remote: &Remote, flags: u8, id: Option<u64>) -> Result<Arc<dyn Ba
     })
 }
 
+/// Starts `RSH [-p PORT] HOST REMOTE_DSYNC serve` (the far side's
+/// standard error is ours).
+///
+/// # Errors
+/// The command cannot start.
+pub fn spawn(remote: &Remote) -> Result<(Child, ChildStdin, ChildStdout)> {
+    let rsh = std::env::var("DSYNC_RSH").unwrap_or_else(|_| "ssh".into());
+    let far = std::env::var("DSYNC_REMOTE_DSYNC").unwrap_or_else(|_| "dsync".into());
+    let mut words = rsh.split_whitespace();
+    let prog = words
+        .next()
+        .ok_or_else(|| Error::InvalidInput("DSYNC_RSH is empty".into()))?;
+    let mut cmd = Command::new(prog);
+    cmd.args(words);
+    if let Some(p) = remote.port {
+        cmd.arg("-p").arg(p.to_string());
+    }
+    cmd.arg(&remote.host).arg(&far).arg("serve");
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::InvalidInput(format!("{remote}: cannot start {prog}: {e}")))?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err(Error::Internal("no pipes to the remote command".into()));
+    };
+    Ok((child, stdin, stdout))
+}
+
 /// A repository behind `dsync serve`.
 pub struct RemoteBackend {
     conn: Arc<Conn>,
@@ -225,26 +253,8 @@ impl RemoteBackend {
     /// The command cannot start, the far side refuses, or it is not a
     /// repository (with `hello::OPEN`).
     pub fn connect(remote: &Remote, flags: u8) -> Result<RemoteBackend> {
-        let rsh = std::env::var("DSYNC_RSH").unwrap_or_else(|_| "ssh".into());
-        let far = std::env::var("DSYNC_REMOTE_DSYNC").unwrap_or_else(|_| "dsync".into());
-        let mut words = rsh.split_whitespace();
-        let prog = words
-            .next()
-            .ok_or_else(|| Error::InvalidInput("DSYNC_RSH is empty".into()))?;
-        let mut cmd = Command::new(prog);
-        cmd.args(words);
-        if let Some(p) = remote.port {
-            cmd.arg("-p").arg(p.to_string());
-        }
-        cmd.arg(&remote.host).arg(&far).arg("serve");
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         let location = PathBuf::from(remote.to_string());
-        let mut child = cmd.spawn().map_err(|e| {
-            Error::InvalidInput(format!("{}: cannot start {prog}: {e}", location.display()))
-        })?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(Error::Internal("no pipes to the remote command".into()));
-        };
+        let (child, stdin, stdout) = spawn(remote)?;
         let waiting: Arc<Mutex<HashMap<u64, Sender<Answer>>>> =
             Arc::new(Mutex::new(HashMap::new()));
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));

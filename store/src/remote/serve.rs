@@ -105,6 +105,47 @@ pub fn serve(opts: &ServeOptions, input: impl Read, output: impl Write) -> io::R
     w.flush()
 }
 
+/// `dsync serve` on standard input and output: a repository's server, or
+/// (the first frame is SYNC) one side of a sync (`crate::sync::remote`).
+///
+/// # Errors
+/// As [`serve`].
+pub fn serve_stdio(opts: &ServeOptions) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let input = std::fs::File::from(io::stdin().as_fd().try_clone_to_owned()?);
+    let output = std::fs::File::from(io::stdout().as_fd().try_clone_to_owned()?);
+    let mut r = BufReader::with_capacity(1 << 20, input);
+    let Some((o, id, body)) = wire::read_frame(&mut r)? else {
+        return Ok(());
+    };
+    if o == crate::sync::remote::op::SYNC {
+        let server = Server {
+            opts: opts.clone(),
+            backend: None,
+            reading: HashMap::new(),
+            writing: HashMap::new(),
+            next: 1,
+            lock: None,
+        };
+        let check = |p: &[u8], writes: bool| -> Result<(), String> {
+            if writes && opts.read_only {
+                return Err(refused("a sync into this server", "read-only").1);
+            }
+            if writes && opts.append_only {
+                // A sync overwrites and deletes.
+                return Err(refused("a sync into this server", "append-only").1);
+            }
+            let path = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(p));
+            server.check_path(path).map_err(|f| f.1)
+        };
+        return crate::sync::remote::serve(&check, id, &body, r, Box::new(output));
+    }
+    // Not a sync: the repository's server, the first frame put back.
+    let mut first = Vec::new();
+    wire::write_frame(&mut first, o, id, &body)?;
+    serve(opts, io::Cursor::new(first).chain(r), output)
+}
+
 fn refused(what: &str, mode: &str) -> Fail {
     Fail(
         err::REFUSED,

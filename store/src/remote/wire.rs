@@ -176,6 +176,10 @@ impl<'a> Dec<'a> {
         let n = self.u32()? as usize;
         self.take(n)
     }
+    /// Whether every byte was read.
+    pub fn rest_is_empty(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
     pub fn rest(&mut self) -> &'a [u8] {
         let r = self.buf.get(self.pos..).unwrap_or_default();
         self.pos = self.buf.len();

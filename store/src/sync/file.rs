@@ -65,7 +65,7 @@ pub(crate) struct Moved {
 }
 
 /// Appends a piece, merging it with the last one when they continue.
-fn push(out: &mut Vec<Piece>, p: Piece) {
+pub(crate) fn push(out: &mut Vec<Piece>, p: Piece) {
     if p.len() == 0 {
         return;
     }
@@ -90,14 +90,14 @@ fn push(out: &mut Vec<Piece>, p: Piece) {
 }
 
 /// A file that ended before the length it had when the transfer began.
-fn shrank() -> io::Error {
+pub(crate) fn shrank() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
         "the file shrank while it was read",
     )
 }
 
-fn read_full(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+pub(crate) fn read_full(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read_at(&mut buf[n..], at + n as u64) {
@@ -289,8 +289,19 @@ fn plan_search(
     old_size: u64,
     start: u64,
 ) -> io::Result<(Vec<Piece>, Moved)> {
-    let bs = BLOCK as u32;
-    // The old file's signature, a chunk per task.
+    let sig = signature_of(old, old_size)?;
+    let out = search(src, size, start, &sig)?;
+    let mut m = count(&out);
+    m.read = old_size + size.saturating_sub(start / CHUNK * CHUNK);
+    Ok((out, m))
+}
+
+/// The signature of `old`'s `old_size` bytes, [`BLOCK`]-sized blocks, a
+/// chunk per task.
+///
+/// # Errors
+/// A read error; the file shrank.
+pub(crate) fn signature_of(old: &File, old_size: u64) -> io::Result<Signature> {
     let parts: Vec<io::Result<Vec<u8>>> = (0..old_size.div_ceil(CHUNK))
         .into_par_iter()
         .map_init(
@@ -302,14 +313,7 @@ fn plan_search(
                 if n != len {
                     return Err(shrank());
                 }
-                let blocks: Vec<&[u8]> = buf[..len].chunks(BLOCK as usize).collect();
-                let mut d = Vec::with_capacity(blocks.len());
-                digest_many(&blocks, &mut d);
-                let mut out = Vec::with_capacity(blocks.len() * crate::format::sig::ENTRY_SIZE);
-                for (b, d) in blocks.iter().zip(&d) {
-                    out.extend_from_slice(&entry(rollsum::weak(b), d));
-                }
-                Ok(out)
+                Ok(entries_of(&buf[..len]))
             },
         )
         .collect();
@@ -317,14 +321,34 @@ fn plan_search(
     for p in parts {
         entries.extend_from_slice(&p?);
     }
-    let sig = Signature {
-        block_size: bs,
+    Ok(Signature {
+        block_size: BLOCK as u32,
         file_size: old_size,
         entries,
-    };
+    })
+}
+
+/// The signature entries of `data`'s [`BLOCK`]-sized blocks.
+pub(crate) fn entries_of(data: &[u8]) -> Vec<u8> {
+    let blocks: Vec<&[u8]> = data.chunks(BLOCK as usize).collect();
+    let mut d = Vec::with_capacity(blocks.len());
+    digest_many(&blocks, &mut d);
+    let mut out = Vec::with_capacity(blocks.len() * crate::format::sig::ENTRY_SIZE);
+    for (b, d) in blocks.iter().zip(&d) {
+        out.extend_from_slice(&entry(rollsum::weak(b), d));
+    }
+    out
+}
+
+/// SRC (`size` bytes, from `start` on) diffed against `sig`: each chunk
+/// with a block of context before it (a shifted match across the border is
+/// still found), in parallel. New pieces are SRC's offsets.
+///
+/// # Errors
+/// A read error; SRC shrank.
+pub(crate) fn search(src: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Vec<Piece>> {
+    let bs = sig.block_size;
     let view = sig.view();
-    // SRC's chunks, each with a block of context before it (a shifted
-    // match across the border is still found).
     let first = start / CHUNK;
     let chunks = size.div_ceil(CHUNK).saturating_sub(first);
     let parts: Vec<io::Result<Vec<Piece>>> = (first..first + chunks)
@@ -367,14 +391,11 @@ fn plan_search(
         }
     }
     // A resumed transfer starts mid-chunk: cut what came before `start`.
-    let out = skip_before(out, start - first * CHUNK);
-    let mut m = count(&out);
-    m.read = old_size + size.saturating_sub(first * CHUNK);
-    Ok((out, m))
+    Ok(skip_before(out, start - first * CHUNK))
 }
 
 /// The pieces after the first `n` bytes.
-fn skip_before(pieces: Vec<Piece>, mut n: u64) -> Vec<Piece> {
+pub(crate) fn skip_before(pieces: Vec<Piece>, mut n: u64) -> Vec<Piece> {
     let mut out = Vec::with_capacity(pieces.len());
     for p in pieces {
         if n >= p.len() {
@@ -496,7 +517,7 @@ fn copy_data(src: &File, at: u64, end: u64, out: &File) -> io::Result<()> {
 
 /// The data segments of `f`'s `len` bytes at `from` copied to `to` on:
 /// its holes stay holes in `out` (a new file, zeros where unwritten).
-fn copy_data_to(f: &File, from: u64, len: u64, out: &File, to: u64) -> io::Result<()> {
+pub(crate) fn copy_data_to(f: &File, from: u64, len: u64, out: &File, to: u64) -> io::Result<()> {
     let end = from + len;
     let mut at = from;
     while at < end {

@@ -46,7 +46,13 @@ impl Filters {
         self.push(true, pattern);
     }
 
-    fn push(&mut self, include: bool, pattern: &str) {
+    /// The rules in order, as (include, pattern): what a remote side is
+    /// sent.
+    pub(crate) fn rules(&self) -> impl Iterator<Item = (bool, &str)> {
+        self.rules.iter().map(|r| (r.include, r.pattern.as_str()))
+    }
+
+    pub(crate) fn push(&mut self, include: bool, pattern: &str) {
         self.rules.push(Rule {
             include,
             pattern: pattern.to_string(),

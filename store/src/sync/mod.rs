@@ -23,6 +23,8 @@ mod attrs;
 mod file;
 pub mod filter;
 mod inplace;
+pub mod remote;
+mod src;
 mod transfer;
 mod walk;
 
@@ -184,7 +186,45 @@ pub fn sync(
     opts: &SyncOptions,
     ev: &dyn SyncEvents,
 ) -> Result<SyncReport> {
-    if srcs.is_empty() {
+    run(Srcs::Local(srcs), dst, opts, ev)
+}
+
+/// SRC: paths here, or what a remote sender said of its arguments.
+pub(super) enum Srcs<'p> {
+    Local(&'p [PathBuf]),
+    Remote(Arc<remote::Peer>, Vec<remote::Top>),
+}
+
+impl Srcs<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Srcs::Local(s) => s.len(),
+            Srcs::Remote(_, t) => t.len(),
+        }
+    }
+
+    /// One argument that is not a directory (nor `SRC/`).
+    fn single_file(&self) -> bool {
+        match self {
+            Srcs::Local(s) => {
+                s.len() == 1
+                    && !ends_with_slash(&s[0])
+                    && std::fs::symlink_metadata(&s[0]).is_ok_and(|m| !m.is_dir())
+            }
+            Srcs::Remote(_, t) => {
+                t.len() == 1 && !t[0].contents && t[0].entry.as_ref().is_ok_and(|e| !e.st.is_dir())
+            }
+        }
+    }
+}
+
+pub(super) fn run(
+    srcs: Srcs<'_>,
+    dst: &Path,
+    opts: &SyncOptions,
+    ev: &dyn SyncEvents,
+) -> Result<SyncReport> {
+    if srcs.len() == 0 {
         return Err(Error::InvalidInput("no source given".into()));
     }
     let matcher = opts.filters.matcher()?;
@@ -194,9 +234,7 @@ pub fn sync(
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(Error::io(dst, e)),
     };
-    let single_file = srcs.len() == 1
-        && !ends_with_slash(&srcs[0])
-        && std::fs::symlink_metadata(&srcs[0]).is_ok_and(|m| !m.is_dir());
+    let single_file = srcs.single_file();
     // Where the entries go: DST itself as a directory, or (one file to a
     // name that is not a directory) DST's parent.
     let (dst_dir_path, file_name): (PathBuf, Option<Vec<u8>>) =
@@ -289,8 +327,25 @@ pub fn sync(
             .map_err(|e| Error::Internal(format!("cannot start the walk's threads: {e}")))
             .and_then(|pool| {
                 pool.install(|| {
-                    for src in srcs {
-                        walker.top(src, dst_root.as_ref(), file_name.as_deref(), created_root)?;
+                    let (dst_root, file_name) = (dst_root.as_ref(), file_name.as_deref());
+                    match &srcs {
+                        Srcs::Local(srcs) => {
+                            for src in *srcs {
+                                walker.top(src, dst_root, file_name, created_root)?;
+                            }
+                        }
+                        Srcs::Remote(peer, tops) => {
+                            for (i, t) in tops.iter().enumerate() {
+                                walker.top_remote(
+                                    peer,
+                                    i as u32,
+                                    t,
+                                    dst_root,
+                                    file_name,
+                                    created_root,
+                                )?;
+                            }
+                        }
                     }
                     Ok(())
                 })

@@ -12,12 +12,13 @@ use std::sync::{Arc, Mutex};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use super::attrs::Target;
-use super::{file, inplace, show, Shared};
+use super::src::SrcDir;
+use super::{file, inplace, remote, show, Shared};
 use crate::source::{self, Stat, XattrSource};
 
 /// A regular file to transfer.
 pub(super) struct Job {
-    pub(super) sdir: Arc<OwnedFd>,
+    pub(super) sdir: SrcDir,
     pub(super) sname: Vec<u8>,
     pub(super) ddir: Arc<OwnedFd>,
     pub(super) dname: Vec<u8>,
@@ -47,7 +48,13 @@ pub(super) fn worker(s: &Shared<'_>, rx: &Mutex<Receiver<Job>>) {
 }
 
 pub(super) fn is_src_gone(job: &Job) -> bool {
-    matches!(source::stat_at(job.sdir.as_fd(), &job.sname), Err(e) if e.kind() == io::ErrorKind::NotFound)
+    match &job.sdir {
+        SrcDir::Local(d) => {
+            matches!(source::stat_at(d.as_fd(), &job.sname), Err(e) if e.kind() == io::ErrorKind::NotFound)
+        }
+        // The sender said so (its error is NotFound only then).
+        SrcDir::Remote(_) => true,
+    }
 }
 
 /// A temporary name beside `name` in its directory (rsync's `.NAME.XXXXXX`).
@@ -76,7 +83,11 @@ pub(super) fn checkpoint_every(size: u64) -> u64 {
 /// Brings one regular file over: in place (`--inplace`), or written beside
 /// the old one and renamed over it.
 pub(super) fn transfer(s: &Shared<'_>, j: &Job) -> io::Result<()> {
-    let src = source::open_file(j.sdir.as_fd(), &j.sname)?;
+    let sdir = match &j.sdir {
+        SrcDir::Local(d) => d,
+        SrcDir::Remote(d) => return remote::transfer(s, j, d),
+    };
+    let src = source::open_file(sdir.as_fd(), &j.sname)?;
     let st = source::stat_fd(src.as_fd())?;
     let xattrs = s.xattrs_of(XattrSource::Fd(src.as_fd()))?;
     let dir = j.ddir.as_fd();
@@ -127,37 +138,9 @@ pub(super) fn transfer(s: &Shared<'_>, j: &Job) -> io::Result<()> {
             }
         }
     }
-    let big = st.size >= RESUME_MIN;
-    let (tmp, out, start) = if big {
-        partial_open(dir, &j.dname, &st, old.as_ref())?
-    } else {
-        let tmp = temp_name(&j.dname);
-        let out = rustix::fs::openat(
-            dir,
-            tmp.as_slice(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )?;
-        (tmp, File::from(out), 0)
-    };
-    if start > 0 {
-        s.ev.warn(&format!(
-            "{}: resuming at {} of {} bytes",
-            show(&j.rel),
-            start,
-            st.size
-        ));
-    }
+    let (tmp, out, start, big) = open_out(s, &j.rel, &j.dname, &st, dir, old.as_ref())?;
     let r = (|| -> io::Result<()> {
-        let mut last = start;
-        let mut checkpoint = |at: u64| -> io::Result<()> {
-            if big && at - last >= checkpoint_every(st.size) && at < st.size {
-                out.sync_data()?;
-                write_checkpoint(dir, &j.dname, &Checkpoint::of(&st, old.as_ref(), at)?)?;
-                last = at;
-            }
-            Ok(())
-        };
+        let mut checkpoint = checkpointer(&st, &j.dname, dir, &out, old.as_ref(), big, start);
         match &old {
             Some(old) => {
                 let old_size = source::stat_fd(old.as_fd())?.size;
@@ -190,24 +173,85 @@ pub(super) fn transfer(s: &Shared<'_>, j: &Job) -> io::Result<()> {
         rustix::fs::renameat(dir, tmp.as_slice(), dir, j.dname.as_slice())?;
         Ok(())
     })();
-    match &r {
-        // A big file keeps its partial file and checkpoint for next time.
-        Err(_) if big => {}
-        Err(_) => {
-            let _ = rustix::fs::unlinkat(dir, tmp.as_slice(), AtFlags::empty());
-        }
-        Ok(()) if big => {
-            let _ =
-                rustix::fs::unlinkat(dir, checkpoint_name(&j.dname).as_slice(), AtFlags::empty());
-        }
-        Ok(()) => {}
-    }
+    clean_up(dir, &j.dname, &tmp, big, r.is_ok());
     r?;
     s.count(|r| {
         r.transferred += 1;
         r.written_bytes += st.size - start;
     });
     Ok(())
+}
+
+/// Where a file of `st` is written: a temporary name beside `name`, or for
+/// a big one its partial file, resumed where its checkpoint says. Returns
+/// the name, the file, where writing starts, and whether it is big.
+pub(super) fn open_out(
+    s: &Shared<'_>,
+    rel: &[u8],
+    name: &[u8],
+    st: &Stat,
+    dir: BorrowedFd<'_>,
+    old: Option<&File>,
+) -> io::Result<(Vec<u8>, File, u64, bool)> {
+    let big = st.size >= RESUME_MIN;
+    let (tmp, out, start) = if big {
+        partial_open(dir, name, st, old)?
+    } else {
+        let tmp = temp_name(name);
+        let out = rustix::fs::openat(
+            dir,
+            tmp.as_slice(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        (tmp, File::from(out), 0)
+    };
+    if start > 0 {
+        s.ev.warn(&format!(
+            "{}: resuming at {} of {} bytes",
+            show(rel),
+            start,
+            st.size
+        ));
+    }
+    Ok((tmp, out, start, big))
+}
+
+/// Told each offset written: a big file's data is made durable and its
+/// checkpoint written every [`checkpoint_every`] bytes.
+pub(super) fn checkpointer<'f>(
+    st: &'f Stat,
+    name: &'f [u8],
+    dir: BorrowedFd<'f>,
+    out: &'f File,
+    old: Option<&'f File>,
+    big: bool,
+    start: u64,
+) -> impl FnMut(u64) -> io::Result<()> + 'f {
+    let mut last = start;
+    move |at: u64| -> io::Result<()> {
+        if big && at - last >= checkpoint_every(st.size) && at < st.size {
+            out.sync_data()?;
+            write_checkpoint(dir, name, &Checkpoint::of(st, old, at)?)?;
+            last = at;
+        }
+        Ok(())
+    }
+}
+
+/// After a transfer: a failed one's temporary file goes, a big one's
+/// partial file stays for next time; a finished big one's checkpoint goes.
+pub(super) fn clean_up(dir: BorrowedFd<'_>, name: &[u8], tmp: &[u8], big: bool, ok: bool) {
+    match (ok, big) {
+        (false, true) => {}
+        (false, false) => {
+            let _ = rustix::fs::unlinkat(dir, tmp, AtFlags::empty());
+        }
+        (true, true) => {
+            let _ = rustix::fs::unlinkat(dir, checkpoint_name(name).as_slice(), AtFlags::empty());
+        }
+        (true, false) => {}
+    }
 }
 
 /// `.NAME.dsync-partial`: a big file being written.

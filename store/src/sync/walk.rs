@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use super::attrs::{proc_path, Target, Xattrs};
+use super::src::SrcDir;
 use super::transfer::{temp_name, Job};
 use super::{ends_with_slash, filter, join, show, Shared};
 use crate::error::{Error, Result};
@@ -40,7 +41,7 @@ pub(super) struct LaterLink {
 /// path from the transfer's root (for items and messages).
 #[derive(Clone, Copy)]
 pub(super) struct At<'w> {
-    sdir: &'w Arc<OwnedFd>,
+    sdir: &'w SrcDir,
     sname: &'w [u8],
     ddir: Option<&'w Arc<OwnedFd>>,
     dname: &'w [u8],
@@ -49,7 +50,7 @@ pub(super) struct At<'w> {
 
 impl<'w> At<'w> {
     fn new(
-        sdir: &'w Arc<OwnedFd>,
+        sdir: &'w SrcDir,
         sname: &'w [u8],
         ddir: Option<&'w Arc<OwnedFd>>,
         dname: &'w [u8],
@@ -92,21 +93,13 @@ pub(super) struct Walker<'s, 'a> {
 pub(super) type Listing = (Vec<(Vec<u8>, u64)>, Vec<Pair>);
 
 /// A subdirectory listed ahead: its SRC and DST descriptors and listing.
-pub(super) type Prefetched = (Arc<OwnedFd>, Option<Arc<OwnedFd>>, Listing);
+pub(super) type Prefetched = (SrcDir, Option<Arc<OwnedFd>>, Listing);
 
 /// An entry of a directory being synced: name, SRC lstat, DST lstat.
 pub(super) type Kept = (Vec<u8>, Stat, io::Result<Option<Stat>>);
 
 /// Subdirectories listed ahead at once.
 pub(super) const PREFETCH: usize = 32;
-
-/// A directory's sorted names and their lstats on both sides.
-pub(super) fn list(src: &Arc<OwnedFd>, dst: Option<&Arc<OwnedFd>>) -> io::Result<Listing> {
-    let mut names = source::read_names(src.as_fd())?;
-    names.sort_unstable();
-    let pairs = stat_pairs(src.as_fd(), dst.map(|d| d.as_fd()), &names);
-    Ok((names, pairs))
-}
 
 /// The node DST has at a name.
 pub(super) fn dst_stat(dir: Option<&Arc<OwnedFd>>, name: &[u8]) -> io::Result<Option<Stat>> {
@@ -118,32 +111,8 @@ pub(super) fn dst_stat(dir: Option<&Arc<OwnedFd>>, name: &[u8]) -> io::Result<Op
     }
 }
 
-/// Each name's lstat in SRC's directory and in DST's, in order; in
-/// parallel but for the smallest directories (rsync's sender and receiver
-/// stat their sides at once too).
+/// A name's lstat in SRC and in DST.
 pub(super) type Pair = (io::Result<Stat>, io::Result<Option<Stat>>);
-
-pub(super) fn stat_pairs(
-    src: BorrowedFd<'_>,
-    dst: Option<BorrowedFd<'_>>,
-    names: &[(Vec<u8>, u64)],
-) -> Vec<Pair> {
-    let one = |(n, _): &(Vec<u8>, u64)| -> Pair {
-        let old = match dst {
-            None => Ok(None),
-            Some(d) => match source::stat_at(d, n) {
-                Ok(st) => Ok(Some(st)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e),
-            },
-        };
-        (source::stat_at(src, n), old)
-    };
-    if names.len() < 8 {
-        return names.iter().map(one).collect();
-    }
-    names.par_iter().with_min_len(16).map(one).collect()
-}
 
 impl<'s, 'a> Walker<'s, 'a> {
     fn send(&self, mut j: Job) -> Result<()> {
@@ -237,6 +206,7 @@ impl<'s, 'a> Walker<'s, 'a> {
                     .map_err(|e| Error::io(src, e))?,
             );
             let sst = source::stat_fd(sdir.as_fd()).map_err(|e| Error::io(src, e))?;
+            let sdir = SrcDir::Local(sdir);
             return self.dir_contents(&sdir, dst_root, b"", sst, created_root, true, None);
         }
         // SRC itself: its name in its parent.
@@ -271,7 +241,56 @@ impl<'s, 'a> Walker<'s, 'a> {
         let dname = file_name.map_or_else(|| name.clone(), <[u8]>::to_vec);
         let rel = dname.clone();
         let old = dst_stat(dst_root, &dname);
+        let sdir = SrcDir::Local(sdir);
         self.node(At::new(&sdir, &name, dst_root, &dname, &rel), st, old)
+    }
+
+    /// One SRC argument that a remote sender listed.
+    pub(super) fn top_remote(
+        &mut self,
+        peer: &Arc<super::remote::Peer>,
+        arg: u32,
+        top: &super::remote::Top,
+        dst_root: Option<&Arc<OwnedFd>>,
+        file_name: Option<&[u8]>,
+        created_root: bool,
+    ) -> Result<()> {
+        let e = match &top.entry {
+            Ok(e) => e,
+            Err(m) => {
+                self.src_error(format!("{}: {m}", show(&top.shown)));
+                return Ok(());
+            }
+        };
+        // The argument's root: the directory itself, or a parent that
+        // holds only it.
+        let root = super::remote::Dir {
+            peer: peer.clone(),
+            arg,
+            rel: Vec::new(),
+            entries: Arc::new(if top.contents {
+                Vec::new()
+            } else {
+                vec![e.clone()]
+            }),
+            own_xattrs: e.xattrs.clone(),
+        };
+        if top.contents {
+            let sdir = match root.peer_listing() {
+                Ok(d) => SrcDir::Remote(Arc::new(d)),
+                Err(x) => {
+                    self.src_error(format!("{}: cannot read directory: {x}", show(&top.shown)));
+                    return Ok(());
+                }
+            };
+            return self.dir_contents(&sdir, dst_root, b"", e.st, created_root, true, None);
+        }
+        let name = e.name.clone();
+        let dname = file_name.map_or_else(|| name.clone(), <[u8]>::to_vec);
+        let rel = dname.clone();
+        let old = dst_stat(dst_root, &dname);
+        let sdir = SrcDir::Remote(Arc::new(root));
+        self.node(At::new(&sdir, &name, dst_root, &dname, &rel), e.st, old)
     }
 
     /// A node of SRC and what DST has for it.
@@ -451,7 +470,7 @@ impl<'s, 'a> Walker<'s, 'a> {
     /// The quick check (or `-c`'s contents check).
     fn same_file(
         &mut self,
-        sdir: &Arc<OwnedFd>,
+        sdir: &SrcDir,
         sname: &[u8],
         ddir: Option<&Arc<OwnedFd>>,
         dname: &[u8],
@@ -467,11 +486,8 @@ impl<'s, 'a> Walker<'s, 'a> {
         }
         if o.checksum {
             let Some(ddir) = ddir else { return false };
-            let h = |dir: BorrowedFd<'_>, name: &[u8]| -> io::Result<[u8; 32]> {
-                let f = source::open_file(dir, name)?;
-                hash_file(&f)
-            };
-            return match (h(sdir.as_fd(), sname), h(ddir.as_fd(), dname)) {
+            let theirs = source::open_file(ddir.as_fd(), dname).and_then(|f| hash_file(&f));
+            return match (sdir.hash(sname), theirs) {
                 (Ok(a), Ok(b)) => a == b,
                 _ => false,
             };
@@ -522,7 +538,7 @@ impl<'s, 'a> Walker<'s, 'a> {
     /// Whether the kept extended attributes differ.
     fn xattrs_differ(
         &self,
-        sdir: &Arc<OwnedFd>,
+        sdir: &SrcDir,
         sname: &[u8],
         ddir: Option<&Arc<OwnedFd>>,
         dname: &[u8],
@@ -533,10 +549,7 @@ impl<'s, 'a> Walker<'s, 'a> {
         if !s.opts.xattrs && !s.opts.acls {
             return false;
         }
-        let a = s.xattrs_of(XattrSource::Path(&proc_path(Target::At(
-            sdir.as_fd(),
-            sname,
-        ))));
+        let a = sdir.xattrs(s, Some(sname));
         let b = s.xattrs_of(XattrSource::Path(&proc_path(Target::At(
             ddir.as_fd(),
             dname,
@@ -592,10 +605,7 @@ impl<'s, 'a> Walker<'s, 'a> {
         if s.opts.dry_run || kind == 'd' {
             return Ok(());
         }
-        let xattrs = match s.xattrs_of(XattrSource::Path(&proc_path(Target::At(
-            sdir.as_fd(),
-            sname,
-        )))) {
+        let xattrs = match sdir.xattrs(s, Some(sname)) {
             Ok(x) => x,
             Err(e) => {
                 s.error(format!("{}: {e}", show(rel)));
@@ -662,10 +672,7 @@ impl<'s, 'a> Walker<'s, 'a> {
             }
             _ => None,
         };
-        let src = match pre_src.map_or_else(
-            || source::open_dir(Some(sdir.as_fd()), sname).map(Arc::new),
-            Ok,
-        ) {
+        let src = match pre_src.map_or_else(|| sdir.open(sname), Ok) {
             Ok(fd) => fd,
             Err(e) => {
                 self.src_error(format!("{}: cannot open directory: {e}", show(rel)));
@@ -679,7 +686,7 @@ impl<'s, 'a> Walker<'s, 'a> {
     #[allow(clippy::too_many_arguments)]
     fn dir_contents(
         &mut self,
-        src: &Arc<OwnedFd>,
+        src: &SrcDir,
         dst: Option<&Arc<OwnedFd>>,
         rel: &[u8],
         st: Stat,
@@ -699,10 +706,7 @@ impl<'s, 'a> Walker<'s, 'a> {
             s.item("cd+++++++++", &path, None, 0);
         } else if let Some(d) = dst {
             let old = source::stat_fd(d.as_fd()).ok();
-            let x = match (
-                s.xattrs_of(XattrSource::Fd(src.as_fd())),
-                s.xattrs_of(XattrSource::Fd(d.as_fd())),
-            ) {
+            let x = match (src.xattrs(s, None), s.xattrs_of(XattrSource::Fd(d.as_fd()))) {
                 (Ok(a), Ok(b)) => a != b,
                 _ => false,
             };
@@ -718,7 +722,7 @@ impl<'s, 'a> Walker<'s, 'a> {
         // written there moves its mtime), when they differ or something
         // was written.
         if dst.is_some() && !s.opts.dry_run && (differs || self.changes > changes) {
-            let xattrs = match s.xattrs_of(XattrSource::Fd(src.as_fd())) {
+            let xattrs = match src.xattrs(s, None) {
                 Ok(x) => x,
                 Err(e) => {
                     s.error(format!("{}: {e}", show(rel)));
@@ -742,7 +746,7 @@ impl<'s, 'a> Walker<'s, 'a> {
     /// A directory's entries, in name order (`listing`: already read).
     fn entries(
         &mut self,
-        src: &Arc<OwnedFd>,
+        src: &SrcDir,
         dst: Option<&Arc<OwnedFd>>,
         rel: &[u8],
         top: bool,
@@ -751,7 +755,7 @@ impl<'s, 'a> Walker<'s, 'a> {
         let s = self.s;
         let listing = match listing {
             Some(l) => Ok(l),
-            None => list(src, dst),
+            None => src.list(dst),
         };
         let (names, stats) = match listing {
             Ok(l) => l,
@@ -809,7 +813,7 @@ impl<'s, 'a> Walker<'s, 'a> {
     /// subdirectories each by its own walker on the pool.
     fn entries_parallel(
         &mut self,
-        src: &Arc<OwnedFd>,
+        src: &SrcDir,
         dst: Option<&Arc<OwnedFd>>,
         rel: &[u8],
         kept: Vec<Kept>,
@@ -842,7 +846,7 @@ impl<'s, 'a> Walker<'s, 'a> {
     /// it stopped.
     fn prefetch(
         &mut self,
-        src: &Arc<OwnedFd>,
+        src: &SrcDir,
         dst: Option<&Arc<OwnedFd>>,
         rel: &[u8],
         kept: &[Kept],
@@ -863,7 +867,7 @@ impl<'s, 'a> Walker<'s, 'a> {
             .par_iter()
             .map(|&k| {
                 let (name, _, old) = &kept[k];
-                let Ok(sfd) = source::open_dir(Some(src.as_fd()), name) else {
+                let Ok(sfd) = src.open(name) else {
                     // Reported when the walk gets there.
                     return (k, None);
                 };
@@ -876,8 +880,7 @@ impl<'s, 'a> Walker<'s, 'a> {
                     }
                     _ => None,
                 };
-                let sfd = Arc::new(sfd);
-                let l = list(&sfd, dfd.as_ref()).ok();
+                let l = sfd.list(dfd.as_ref()).ok();
                 (k, l.map(|l| (sfd, dfd, l)))
             })
             .collect();
@@ -962,7 +965,7 @@ impl<'s, 'a> Walker<'s, 'a> {
             rel,
         } = at;
         let s = self.s;
-        let target = match source::read_link(sdir.as_fd(), sname) {
+        let target = match sdir.read_link(sname) {
             Ok(t) => t,
             Err(e) => {
                 self.src_error(format!("{}: {e}", show(rel)));
@@ -1013,7 +1016,7 @@ impl<'s, 'a> Walker<'s, 'a> {
     /// over what DST had.
     fn finish_node(
         &self,
-        sdir: &Arc<OwnedFd>,
+        sdir: &SrcDir,
         sname: &[u8],
         d: &Arc<OwnedFd>,
         tmp: &[u8],
@@ -1022,10 +1025,7 @@ impl<'s, 'a> Walker<'s, 'a> {
     ) -> io::Result<()> {
         let s = self.s;
         // Symlinks too (root may give one `trusted.*` attributes).
-        let xattrs = s.xattrs_of(XattrSource::Path(&proc_path(Target::At(
-            sdir.as_fd(),
-            sname,
-        ))))?;
+        let xattrs = sdir.xattrs(s, Some(sname))?;
         s.attrs(Target::At(d.as_fd(), tmp), st, xattrs.as_ref(), true)?;
         rustix::fs::renameat(d.as_fd(), tmp, d.as_fd(), dname)?;
         s.count(|r| r.created += 1);
