@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use super::tree::assert_same;
 use super::util::*;
 
 /// The indented lines of the README's "Quick start" code block.
@@ -126,6 +127,15 @@ fn readme_quick_start_runs() {
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    // `backuphost:` is reached through a stand-in for ssh that runs the
+    // command here.
+    let rsh = t.join("rsh");
+    std::fs::write(
+        &rsh,
+        "#!/bin/sh\nwhile [ \"$1\" = -p ]; do shift 2; done\nshift\nexec \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&rsh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut ran = 0;
     for line in quick_start() {
         if skip_fuse && (line.contains("/mnt/history")) {
@@ -153,6 +163,7 @@ fn readme_quick_start_runs() {
             .arg(format!("set -eo pipefail; {cmd}"))
             .env("HOME", &home)
             .env("PATH", &path)
+            .env("DSYNC_RSH", &rsh)
             .env_remove("DSYNC_REPO")
             .current_dir(t)
             .output()
@@ -195,6 +206,7 @@ fn readme_quick_start_runs() {
             "the directory's {f}"
         );
     }
+    assert_same(&home.join("vms"), &tmp.join("vms-far"));
     let out = env.path("stream.raw");
     env.ok(&["restore", s(&repo), "latest", "--to", s(&out), "disk.raw"]);
     assert_eq!(blake2(&out), blake2(&raw), "the stream's snapshot");
