@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         // A closed pipe (`dsync cat ... | head`) is not a failure.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            diag!("dsync: {e:#}");
+            diag!("dsync: {}", one_line(&e));
             ExitCode::from(exit_code(&e))
         }
     }
@@ -120,6 +120,20 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
         };
         io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// The error and its causes on one line, a cause left out when the line
+/// already ends with it (an I/O error on a path says its cause itself).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let t = cause.to_string();
+        if !out.ends_with(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+    }
+    out
 }
 
 /// Exit codes, documented in README.md and `dsync --help`.

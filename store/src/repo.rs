@@ -137,9 +137,16 @@ impl Repo {
                     };
                     Repo::init_on(b, config)
                 }
-                _ => {
-                    drop(b);
-                    Repo::open_on(crate::remote::backend(&r, flags, None)?, DEFAULT_CACHE)
+                Err(e) => Err(e),
+                // The same connection, its objects cached under the id
+                // (a second ssh connection costs a handshake).
+                Ok(bytes) => {
+                    let id = Config::decode(&bytes, "config").map(|c| c.repo_id)?;
+                    let b = match crate::remote::cache::dir_for(id) {
+                        Some(dir) => crate::remote::cache::CachedBackend::wrap(b, dir),
+                        None => b,
+                    };
+                    Repo::open_on(b, DEFAULT_CACHE)
                 }
             };
         }

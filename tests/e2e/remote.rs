@@ -336,6 +336,56 @@ fn an_incremental_backup_sends_little_more_than_the_change() {
     assert_eq!(blake2(&out.join("disk.img")), blake2(&img));
 }
 
+#[test]
+fn copies_moves_and_duplicates_in_a_tree_cross_once() {
+    let env = Env::new();
+    let rsh = counting_rsh(&env);
+    let count = env.path("count");
+    let repo = format!("host:{}", s(&env.path("repo")));
+    let tree = env.path("tree");
+    let data = pseudo(3 << 20, 77);
+    // Three names, one content: it crosses once.
+    write(&tree.join("a"), &data);
+    write(&tree.join("b"), &data);
+    write(&tree.join("sub/c"), &data);
+    let backup = || -> u64 {
+        let _ = std::fs::remove_file(&count);
+        let o = Command::new(env!("CARGO_BIN_EXE_dsync"))
+            .args(["backup", "-q", &repo, s(&tree)])
+            .env_remove("DSYNC_REPO")
+            .env("DSYNC_RSH", &rsh)
+            .env("DSYNC_REMOTE_DSYNC", env!("CARGO_BIN_EXE_dsync"))
+            .env("DSYNC_CACHE_DIR", env.path("cache"))
+            .env("DSYNC_TEST_COUNT", &count)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = std::fs::read_to_string(&count).unwrap();
+        // One connection, its bytes sent.
+        assert_eq!(text.lines().count(), 1, "{text}");
+        text.split(' ').next().unwrap().parse().unwrap()
+    };
+    let first = backup();
+    assert!(
+        first < (3 << 20) + (256 << 10),
+        "three copies of 3 MiB sent {first} bytes"
+    );
+    // A copy, a move and a new file of another copy's content: only
+    // metadata crosses (the client's index, from its cache, says "have it").
+    std::fs::copy(tree.join("a"), tree.join("copied")).unwrap();
+    std::fs::rename(tree.join("b"), tree.join("sub/moved")).unwrap();
+    write(&tree.join("sub/deeper/again"), &data);
+    let second = backup();
+    assert!(second < 64 << 10, "a copy and a move sent {second} bytes");
+    let out = env.path("out");
+    ok(
+        &env,
+        &rsh_plain(&env),
+        &["restore", "-q", &repo, "latest", "--to", s(&out)],
+    );
+    assert_same(&tree, &out.join("tree"));
+}
+
 fn rsh_plain(env: &Env) -> PathBuf {
     fake_rsh(env, "rsh-plain", None)
 }
