@@ -50,6 +50,10 @@ pub struct Cli {
     /// The dsync program on a remote repository's host (default dsync).
     #[arg(long, global = true, env = "DSYNC_REMOTE_DSYNC", value_name = "PATH")]
     pub remote_dsync: Option<String>,
+    /// Connections (ssh processes) to a remote repository (default 2):
+    /// more when one is CPU- or window-bound, as restic's sftp backend.
+    #[arg(long, global = true, env = "DSYNC_CONNECTIONS", value_name = "N")]
+    pub connections: Option<usize>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -52,6 +52,9 @@ fn main() -> ExitCode {
     if let Some(far) = &cli.remote_dsync {
         std::env::set_var("DSYNC_REMOTE_DSYNC", far);
     }
+    if let Some(n) = cli.connections {
+        std::env::set_var("DSYNC_CONNECTIONS", n.to_string());
+    }
     let command = match cli.command {
         // Fork before any thread exists; the parent returns once the child's
         // mount is ready (or failed).

@@ -353,6 +353,7 @@ fn copies_moves_and_duplicates_in_a_tree_cross_once() {
         let o = Command::new(env!("CARGO_BIN_EXE_dsync"))
             .args(["backup", "-q", &repo, s(&tree)])
             .env_remove("DSYNC_REPO")
+            .env("DSYNC_CONNECTIONS", "1")
             .env("DSYNC_RSH", &rsh)
             .env("DSYNC_REMOTE_DSYNC", env!("CARGO_BIN_EXE_dsync"))
             .env("DSYNC_CACHE_DIR", env.path("cache"))
@@ -384,6 +385,72 @@ fn copies_moves_and_duplicates_in_a_tree_cross_once() {
         &["restore", "-q", &repo, "latest", "--to", s(&out)],
     );
     assert_same(&tree, &out.join("tree"));
+}
+
+#[test]
+fn several_connections_share_the_reads() {
+    let env = Env::new();
+    let rsh = counting_rsh(&env);
+    let count = env.path("count");
+    let repo = format!("host:{}", s(&env.path("repo")));
+    let img = env.path("disk.img");
+    make_image(&img, 64 << 20, 13);
+    let run = |args: &[&str]| -> Vec<(u64, u64)> {
+        let _ = std::fs::remove_file(&count);
+        let o = Command::new(env!("CARGO_BIN_EXE_dsync"))
+            .args(args)
+            .env_remove("DSYNC_REPO")
+            .env("DSYNC_RSH", &rsh)
+            .env("DSYNC_REMOTE_DSYNC", env!("CARGO_BIN_EXE_dsync"))
+            .env("DSYNC_CACHE_DIR", env.path("cache"))
+            .env("DSYNC_TEST_COUNT", &count)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_counts(&count)
+    };
+    // A backup writes one pack at a time: one connection carries it.
+    run(&["--connections", "3", "backup", "-q", &repo, s(&img)]);
+    let out = env.path("out");
+    let down = run(&[
+        "--connections",
+        "3",
+        "restore",
+        "-q",
+        &repo,
+        "latest",
+        "--to",
+        s(&out),
+    ]);
+    // Three servers were started, each said HELLO (reads go round the
+    // connections that are up; how many a short restore gets to use
+    // depends on how fast ssh comes up).
+    let mut seen = down;
+    for _ in 0..50 {
+        if seen.len() >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        seen = read_counts(&count);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(
+        seen.iter().all(|(sent, got)| *sent > 0 && *got > 0),
+        "{seen:?}"
+    );
+    assert_eq!(blake2(&out.join("disk.img")), blake2(&img));
+}
+
+/// (sent, received) of each connection the counting rsh saw end.
+fn read_counts(count: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(count)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut f = l.split(' ').map(|n| n.parse::<u64>().unwrap());
+            (f.next().unwrap(), f.next().unwrap())
+        })
+        .collect()
 }
 
 fn rsh_plain(env: &Env) -> PathBuf {

@@ -240,7 +240,40 @@ pub fn spawn(remote: &Remote) -> Result<(Child, ChildStdin, ChildStdout)> {
 
 /// A repository behind `dsync serve`.
 pub struct RemoteBackend {
+    /// The first connection: the lock, and every request until others
+    /// are up.
     conn: Arc<Conn>,
+    conns: Arc<Conns>,
+}
+
+/// Every connection to the repository: the first, and further ones
+/// (`--connections N`) added as their ssh comes up; requests go round
+/// them.
+struct Conns {
+    all: Mutex<Vec<Arc<Conn>>>,
+    turn: AtomicU64,
+}
+
+impl Conns {
+    /// The connection for the next request, and its index: each in turn.
+    fn pick(&self) -> Option<(usize, Arc<Conn>)> {
+        let all = self.all.lock().ok()?;
+        let i = self.turn.fetch_add(1, Ordering::Relaxed) as usize % all.len().max(1);
+        all.get(i).map(|c| (i, c.clone()))
+    }
+}
+
+/// Connections to one repository when `DSYNC_CONNECTIONS` (the global
+/// `--connections N`) does not say: several ssh processes share the
+/// encryption when one is CPU-bound, as restic's sftp backend does.
+pub const DEFAULT_CONNECTIONS: usize = 2;
+
+fn connections() -> usize {
+    std::env::var("DSYNC_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_CONNECTIONS)
+        .clamp(1, 16)
 }
 
 /// What to do when the far path holds no repository.
@@ -253,6 +286,44 @@ impl RemoteBackend {
     /// The command cannot start, the far side refuses, or it is not a
     /// repository (with `hello::OPEN`).
     pub fn connect(remote: &Remote, flags: u8) -> Result<RemoteBackend> {
+        let conn = Self::one(remote, flags)?;
+        let conns = Arc::new(Conns {
+            all: Mutex::new(vec![conn.clone()]),
+            turn: AtomicU64::new(0),
+        });
+        let more = connections() - 1;
+        if more > 0 {
+            // In the background: a command that needs one connection does
+            // not wait for the others' handshakes. The repository exists
+            // now (the first HELLO made it if asked).
+            for _ in 0..more {
+                let (remote, conns) = (remote.clone(), Arc::downgrade(&conns));
+                let _ = std::thread::Builder::new()
+                    .name("dsync-connect".into())
+                    .spawn(move || {
+                        let Ok(c) = Self::one(&remote, hello::OPEN) else {
+                            return;
+                        };
+                        // Gone: the command ended meanwhile.
+                        let Some(conns) = conns.upgrade() else { return };
+                        if let Ok(mut all) = conns.all.lock() {
+                            all.push(c);
+                        };
+                    });
+            }
+        }
+        Ok(RemoteBackend { conn, conns })
+    }
+
+    /// The connection for the next request: each in turn.
+    fn pick(&self) -> Arc<Conn> {
+        self.conns
+            .pick()
+            .map_or_else(|| self.conn.clone(), |(_, c)| c)
+    }
+
+    /// One connection, HELLO said.
+    fn one(remote: &Remote, flags: u8) -> Result<Arc<Conn>> {
         let location = PathBuf::from(remote.to_string());
         let (child, stdin, stdout) = spawn(remote)?;
         let waiting: Arc<Mutex<HashMap<u64, Sender<Answer>>>> =
@@ -298,15 +369,43 @@ impl RemoteBackend {
             .rest(remote.path.as_bytes())
             .0;
         conn.call(op::HELLO, &body)?;
-        Ok(RemoteBackend { conn })
+        Ok(conn)
     }
 }
 
+/// An open object; its reads go round the connections, each with its own
+/// handle (opened on first use).
 struct RemoteObject {
     conn: Arc<Conn>,
     handle: u64,
     len: u64,
     key: Key,
+    conns: Arc<Conns>,
+    /// The index of `conn`.
+    at: usize,
+    /// Handles on the other connections, by index.
+    others: Mutex<HashMap<usize, (Arc<Conn>, u64)>>,
+}
+
+impl RemoteObject {
+    /// A connection and this object's handle on it.
+    fn route(&self) -> Result<(Arc<Conn>, u64)> {
+        let Some((i, c)) = self.conns.pick().filter(|(i, _)| *i != self.at) else {
+            return Ok((self.conn.clone(), self.handle));
+        };
+        if let Some(h) = self.others.lock().ok().and_then(|o| o.get(&i).cloned()) {
+            return Ok(h);
+        }
+        let rx = c.send(op::OPEN, &Enc::default().key(&self.key).0)?;
+        let body = c.wait(&rx, Some(&self.key))?;
+        let handle = Dec::new(&body)
+            .u64()
+            .map_err(|e| Error::io(c.location.join(self.key.path()), e))?;
+        if let Ok(mut o) = self.others.lock() {
+            o.insert(i, (c.clone(), handle));
+        }
+        Ok((c, handle))
+    }
 }
 
 impl Object for RemoteObject {
@@ -318,16 +417,17 @@ impl Object for RemoteObject {
         let mut done = 0;
         while done < buf.len() {
             let n = (buf.len() - done).min(wire::MAX_PAYLOAD);
+            let (conn, handle) = self.route()?;
             let body = Enc::default()
-                .u64(self.handle)
+                .u64(handle)
                 .u64(offset + done as u64)
                 .u32(n as u32)
                 .0;
-            let rx = self.conn.send(op::READ_AT, &body)?;
-            let got = self.conn.wait(&rx, Some(&self.key))?;
+            let rx = conn.send(op::READ_AT, &body)?;
+            let got = conn.wait(&rx, Some(&self.key))?;
             if got.len() != n {
                 return Err(Error::io(
-                    self.conn.location.join(self.key.path()),
+                    conn.location.join(self.key.path()),
                     io::Error::from(io::ErrorKind::UnexpectedEof),
                 ));
             }
@@ -344,6 +444,11 @@ impl Drop for RemoteObject {
         let _ = self
             .conn
             .send(op::CLOSE, &Enc::default().u64(self.handle).0);
+        if let Ok(o) = self.others.lock() {
+            for (c, h) in o.values() {
+                let _ = c.send(op::CLOSE, &Enc::default().u64(*h).0);
+            }
+        }
     }
 }
 
@@ -400,6 +505,7 @@ impl RemoteBackend {
     /// A READ's answer; an object too big for one frame is read by range.
     fn answer_or_by_range(
         &self,
+        c: &Conn,
         rx: &std::sync::mpsc::Receiver<Answer>,
         key: &Key,
     ) -> Result<Vec<u8>> {
@@ -413,10 +519,8 @@ impl RemoteBackend {
                 obj.read_at(0, &mut buf)?;
                 Ok(buf)
             }
-            Ok(Err((kind, msg))) => Err(self.conn.error(kind, msg, Some(key))),
-            Err(_) => Err(self
-                .conn
-                .lost(io::Error::from(io::ErrorKind::UnexpectedEof))),
+            Ok(Err((kind, msg))) => Err(c.error(kind, msg, Some(key))),
+            Err(_) => Err(c.lost(io::Error::from(io::ErrorKind::UnexpectedEof))),
         }
     }
 }
@@ -427,32 +531,41 @@ impl Backend for RemoteBackend {
     }
 
     fn read(&self, key: &Key) -> Result<Vec<u8>> {
-        let rx = self.conn.send(op::READ, &Enc::default().key(key).0)?;
-        self.answer_or_by_range(&rx, key)
+        let c = self.pick();
+        let rx = c.send(op::READ, &Enc::default().key(key).0)?;
+        self.answer_or_by_range(&c, &rx, key)
     }
 
     fn read_many(&self, keys: &[Key]) -> Vec<Result<Vec<u8>>> {
         // Every request out before the first answer is awaited.
-        let sent: Vec<Result<_>> = keys
+        let sent: Vec<(Arc<Conn>, Result<_>)> = keys
             .iter()
-            .map(|k| self.conn.send(op::READ, &Enc::default().key(k).0))
+            .map(|k| {
+                let c = self.pick();
+                let rx = c.send(op::READ, &Enc::default().key(k).0);
+                (c, rx)
+            })
             .collect();
         sent.into_iter()
             .zip(keys)
-            .map(|(rx, k)| self.answer_or_by_range(&rx?, k))
+            .map(|((c, rx), k)| self.answer_or_by_range(&c, &rx?, k))
             .collect()
     }
 
     fn open(&self, key: &Key) -> Result<Arc<dyn Object>> {
-        let rx = self.conn.send(op::OPEN, &Enc::default().key(key).0)?;
-        let body = self.conn.wait(&rx, Some(key))?;
+        let (at, c) = self.conns.pick().unwrap_or_else(|| (0, self.conn.clone()));
+        let rx = c.send(op::OPEN, &Enc::default().key(key).0)?;
+        let body = c.wait(&rx, Some(key))?;
         let mut d = Dec::new(&body);
-        let bad = |e: io::Error| Error::io(self.conn.location.join(key.path()), e);
+        let bad = |e: io::Error| Error::io(c.location.join(key.path()), e);
         Ok(Arc::new(RemoteObject {
-            conn: self.conn.clone(),
+            conn: c.clone(),
             handle: d.u64().map_err(bad)?,
             len: d.u64().map_err(bad)?,
             key: key.clone(),
+            conns: self.conns.clone(),
+            at,
+            others: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -472,13 +585,14 @@ impl Backend for RemoteBackend {
     }
 
     fn create(&self, key: &Key) -> Result<Box<dyn ObjectWriter>> {
-        let rx = self.conn.send(op::CREATE, &Enc::default().key(key).0)?;
-        let body = self.conn.wait(&rx, Some(key))?;
+        let c = self.pick();
+        let rx = c.send(op::CREATE, &Enc::default().key(key).0)?;
+        let body = c.wait(&rx, Some(key))?;
         let handle = Dec::new(&body)
             .u64()
-            .map_err(|e| Error::io(self.conn.location.join(key.path()), e))?;
+            .map_err(|e| Error::io(c.location.join(key.path()), e))?;
         Ok(Box::new(RemoteWriter {
-            conn: self.conn.clone(),
+            conn: c.clone(),
             handle,
             len: 0,
             key: key.clone(),
@@ -487,7 +601,16 @@ impl Backend for RemoteBackend {
     }
 
     fn sync(&self) -> Result<()> {
-        self.conn.call(op::SYNC, &[]).map(drop)
+        // Each server makes what it wrote durable.
+        let all = match self.conns.all.lock() {
+            Ok(a) => a.clone(),
+            Err(_) => vec![self.conn.clone()],
+        };
+        let sent: Vec<_> = all.iter().map(|c| c.send(op::SYNC, &[])).collect();
+        for (c, rx) in all.iter().zip(sent) {
+            c.wait(&rx?, None)?;
+        }
+        Ok(())
     }
 
     fn commit(&self, key: &Key, bytes: &[u8]) -> Result<()> {
