@@ -286,6 +286,10 @@ pub(super) fn run(
 
     let threads = if opts.threads > 0 {
         opts.threads
+    } else if matches!(srcs, Srcs::Remote(..)) {
+        // Each waits on the network for its file: many keep the link
+        // busy (rsync's pipelining).
+        REMOTE_WORKERS
     } else {
         (rayon::current_num_threads() * 2).clamp(2, 8)
     };
@@ -426,6 +430,9 @@ impl Shared<'_> {
         });
     }
 }
+
+/// Files in flight from a remote sender.
+const REMOTE_WORKERS: usize = 16;
 
 /// Stack of each walk thread (address space; only what is used is memory).
 const WALK_STACK: usize = 256 << 20;

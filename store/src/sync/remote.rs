@@ -673,7 +673,30 @@ fn apply(
     mut done: impl FnMut(u64) -> io::Result<()>,
 ) -> io::Result<((u64, i64), (u64, u64))> {
     let mut pos = start;
+    thread_local! {
+        static DZ: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let mut dz = match DZ.with(|d| d.borrow_mut().take()) {
+        Some(d) => d,
+        None => zstd::bulk::Decompressor::new()?,
+    };
+    let r = apply_with(rx, old, out, &mut pos, sparse, &mut done, &mut dz);
+    DZ.with(|d| *d.borrow_mut() = Some(dz));
+    r
+}
+
+fn apply_with(
+    rx: &Receiver<Frame>,
+    old: Option<&File>,
+    out: &File,
+    pos: &mut u64,
+    sparse: bool,
+    done: &mut impl FnMut(u64) -> io::Result<()>,
+    dz: &mut zstd::bulk::Decompressor<'static>,
+) -> io::Result<((u64, i64), (u64, u64))> {
     let (mut literal, mut matched) = (0u64, 0u64);
+    let mut data = Vec::new();
     loop {
         let (o, body) = rx
             .recv()
@@ -697,11 +720,11 @@ fn apply(
                     let (from, len) = (d.u64()?, d.u64()?);
                     let old = old.ok_or_else(|| bad("copy without an old file"))?;
                     if sparse {
-                        file::copy_data_to(old, from, len, out, pos)?;
+                        file::copy_data_to(old, from, len, out, *pos)?;
                     } else {
-                        file::copy_range(old, from, out, pos, len)?;
+                        file::copy_range(old, from, out, *pos, len)?;
                     }
-                    pos += len;
+                    *pos += len;
                     matched += len;
                 }
                 2 => {
@@ -710,23 +733,27 @@ fn apply(
                         return Err(bad("data record"));
                     }
                     let z = d.bytes()?;
-                    let data = zstd::bulk::decompress(z, raw).map_err(|_| bad("data record"))?;
-                    if data.len() != raw {
+                    data.clear();
+                    data.reserve(raw);
+                    let n = dz
+                        .decompress_to_buffer(z, &mut data)
+                        .map_err(|_| bad("data record"))?;
+                    if n != raw {
                         return Err(bad("data record"));
                     }
-                    out.write_all_at(&data, pos)?;
-                    pos += raw as u64;
+                    out.write_all_at(&data, *pos)?;
+                    *pos += raw as u64;
                     literal += raw as u64;
                 }
                 3 => {
                     let len = d.u64()?;
-                    pos += len;
+                    *pos += len;
                     literal += len;
                 }
                 _ => return Err(bad("data record")),
             }
         }
-        done(pos)?;
+        done(*pos)?;
     }
 }
 
@@ -1194,14 +1221,30 @@ fn send_listing(arg: u32, rel: &[u8], entries: &[Entry], out: &Out) -> io::Resul
     }
 }
 
+/// A sender thread's last directory: (argument, path, descriptor).
+type LastDir = Option<(u32, Vec<u8>, Arc<OwnedFd>)>;
+
 /// Opens `rel` (names from the argument's root, never through a symlink).
-fn open_rel(root: &Root, rel: &[u8]) -> io::Result<File> {
+/// The directory is kept for the next request of the thread: files are
+/// asked for in walk order, most in the directory of the one before.
+fn open_rel(root: &Root, arg: u32, rel: &[u8]) -> io::Result<File> {
+    thread_local! {
+        static LAST: std::cell::RefCell<LastDir> =
+            const { std::cell::RefCell::new(None) };
+    }
     let fd = root
         .fd
         .as_ref()
         .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-    let mut names: Vec<&[u8]> = rel.split(|&c| c == b'/').collect();
-    let last = names.pop().ok_or_else(|| bad("path"))?;
+    let (parent, last) = match rel.iter().rposition(|&c| c == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&rel[..0], rel),
+    };
+    let names: Vec<&[u8]> = if parent.is_empty() {
+        Vec::new()
+    } else {
+        parent.split(|&c| c == b'/').collect()
+    };
     if last.is_empty()
         || names
             .iter()
@@ -1209,19 +1252,31 @@ fn open_rel(root: &Root, rel: &[u8]) -> io::Result<File> {
     {
         return Err(bad("path"));
     }
-    let mut dir: Option<OwnedFd> = None;
-    for n in names {
-        let d = source::open_dir(Some(dir.as_ref().map_or(fd.as_fd(), |d| d.as_fd())), n)?;
-        dir = Some(d);
-    }
-    source::open_file(dir.as_ref().map_or(fd.as_fd(), |d| d.as_fd()), last)
+    let cached = LAST.with(|l| {
+        l.borrow()
+            .as_ref()
+            .filter(|(a, p, _)| *a == arg && p.as_slice() == parent)
+            .map(|(_, _, d)| d.clone())
+    });
+    let dir = match cached {
+        Some(d) => d,
+        None => {
+            let mut dir = fd.clone();
+            for n in names {
+                dir = Arc::new(source::open_dir(Some(dir.as_fd()), n)?);
+            }
+            LAST.with(|l| *l.borrow_mut() = Some((arg, parent.to_vec(), dir.clone())));
+            dir
+        }
+    };
+    source::open_file(dir.as_fd(), last)
 }
 
 /// Answers one FILE request: DATA frames, then DONE.
 fn answer(roots: &[Root], id: u64, req: &Request, out: &Out) {
     let r = (|| -> io::Result<(u64, i64)> {
         let root = roots.get(req.arg as usize).ok_or_else(|| bad("request"))?;
-        let f = open_rel(root, &req.rel)?;
+        let f = open_rel(root, req.arg, &req.rel)?;
         let st = source::stat_fd(f.as_fd())?;
         if !st.is_file() {
             return Err(io::Error::other("not a regular file"));
@@ -1346,8 +1401,36 @@ fn aligned(f: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Optio
 /// DATA frames for `pieces`: ranges of the old file, new bytes compressed
 /// (all-zero blocks as zeros).
 fn stream(out: &Out, id: u64, f: &File, pieces: &[Piece]) -> io::Result<()> {
-    let mut rec: Vec<u8> = Vec::with_capacity(STEP + 1024);
-    let mut buf = vec![0u8; STEP];
+    // A thread's buffers and compressor serve all its files (most are
+    // small: a fresh megabyte and zstd context each would cost more than
+    // the file).
+    thread_local! {
+        static BUFS: std::cell::RefCell<(Vec<u8>, Vec<u8>, Option<zstd::bulk::Compressor<'static>>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new(), None)) };
+    }
+    BUFS.with(|b| {
+        let (rec, buf, z) = &mut *b.borrow_mut();
+        if z.is_none() {
+            *z = Some(zstd::bulk::Compressor::new(3)?);
+        }
+        let z = z
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no compressor"))?;
+        rec.clear();
+        stream_with(out, id, f, pieces, rec, buf, z)
+    })
+}
+
+fn stream_with(
+    out: &Out,
+    id: u64,
+    f: &File,
+    pieces: &[Piece],
+    rec: &mut Vec<u8>,
+    buf: &mut Vec<u8>,
+    z: &mut zstd::bulk::Compressor<'static>,
+) -> io::Result<()> {
+    let mut zbuf = Vec::new();
     let send = |rec: &mut Vec<u8>| -> io::Result<()> {
         if !rec.is_empty() {
             out.frame(op::DATA, id, rec, false)?;
@@ -1359,42 +1442,48 @@ fn stream(out: &Out, id: u64, f: &File, pieces: &[Piece]) -> io::Result<()> {
         match *p {
             Piece::Old { from, len } => {
                 rec.push(1);
-                put_u64(&mut rec, from);
-                put_u64(&mut rec, len);
+                put_u64(rec, from);
+                put_u64(rec, len);
             }
             Piece::Zero { len } => {
                 rec.push(3);
-                put_u64(&mut rec, len);
+                put_u64(rec, len);
             }
             Piece::New { from, len } => {
                 let mut at = from;
                 while at < from + len {
                     let n = (from + len - at).min(STEP as u64) as usize;
+                    if buf.len() < n {
+                        buf.resize(n, 0);
+                    }
                     if file::read_full(f, &mut buf[..n], at)? != n {
                         return Err(file::shrank());
                     }
                     for (zero, run) in zero_runs(&buf[..n]) {
                         if zero {
                             rec.push(3);
-                            put_u64(&mut rec, run.len() as u64);
+                            put_u64(rec, run.len() as u64);
                         } else {
                             rec.push(2);
-                            put_u32(&mut rec, run.len() as u32);
-                            put_bytes(&mut rec, &zstd::bulk::compress(run, 3)?);
+                            put_u32(rec, run.len() as u32);
+                            zbuf.clear();
+                            zbuf.reserve(zstd::zstd_safe::compress_bound(run.len()));
+                            z.compress_to_buffer(run, &mut zbuf)?;
+                            put_bytes(rec, &zbuf);
                         }
                     }
                     at += n as u64;
                     if rec.len() >= STEP {
-                        send(&mut rec)?;
+                        send(rec)?;
                     }
                 }
             }
         }
         if rec.len() >= STEP {
-            send(&mut rec)?;
+            send(rec)?;
         }
     }
-    send(&mut rec)
+    send(rec)
 }
 
 /// `data` cut into runs of whole zero blocks and the rest.
