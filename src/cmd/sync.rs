@@ -124,6 +124,10 @@ struct Events<'a> {
 }
 
 impl SyncEvents for Events<'_> {
+    fn wants_items(&self) -> bool {
+        self.itemize || self.style == Style::Json
+    }
+
     fn item(&self, item: &Item<'_>) {
         if self.broken.load(Ordering::Relaxed) {
             return;

@@ -119,6 +119,11 @@ pub struct Item<'a> {
 pub trait SyncEvents: Sync {
     /// A change made (or, with `-n`, that would be made).
     fn item(&self, _item: &Item<'_>) {}
+    /// Whether [`SyncEvents::item`] does anything (a receiver on another
+    /// machine sends items only then).
+    fn wants_items(&self) -> bool {
+        true
+    }
     /// A problem with one file; the sync goes on.
     fn warn(&self, msg: &str);
     /// Bytes of regular files dealt with (for a progress bar).

@@ -273,7 +273,7 @@ fn get_entry(d: &mut Dec<'_>) -> io::Result<Entry> {
 }
 
 /// Every option, for a receiver on the far side (a sender needs a few).
-pub(crate) fn encode_options(o: &SyncOptions) -> Vec<u8> {
+pub(crate) fn encode_options(o: &SyncOptions, items: bool) -> Vec<u8> {
     let bits = [
         o.recursive,
         o.links,
@@ -299,6 +299,7 @@ pub(crate) fn encode_options(o: &SyncOptions) -> Vec<u8> {
         o.whole_file,
         o.inplace,
         o.max_delete.is_some(),
+        items,
     ];
     let mut flags = 0u32;
     for (i, b) in bits.iter().enumerate() {
@@ -317,7 +318,8 @@ pub(crate) fn encode_options(o: &SyncOptions) -> Vec<u8> {
     b
 }
 
-pub(crate) fn decode_options(d: &mut Dec<'_>) -> io::Result<SyncOptions> {
+/// The options, and whether items are wanted back.
+pub(crate) fn decode_options(d: &mut Dec<'_>) -> io::Result<(SyncOptions, bool)> {
     let flags = d.u32()?;
     let f = |i: u32| flags & (1 << i) != 0;
     let max_delete = d.u64()?;
@@ -328,7 +330,7 @@ pub(crate) fn decode_options(d: &mut Dec<'_>) -> io::Result<SyncOptions> {
         let p = std::str::from_utf8(d.bytes()?).map_err(|_| bad("filter rule"))?;
         filters.push(include, p);
     }
-    Ok(SyncOptions {
+    let o = SyncOptions {
         recursive: f(0),
         links: f(1),
         perms: f(2),
@@ -356,17 +358,18 @@ pub(crate) fn decode_options(d: &mut Dec<'_>) -> io::Result<SyncOptions> {
         modify_window,
         filters,
         threads: 0,
-    })
+    };
+    Ok((o, f(24)))
 }
 
 /// SYNC's body: magic, version, role, options, paths.
-pub(crate) fn hello(role: u8, o: &SyncOptions, paths: &[&[u8]]) -> Vec<u8> {
+pub(crate) fn hello(role: u8, o: &SyncOptions, items: bool, paths: &[&[u8]]) -> Vec<u8> {
     let mut b = Enc::default()
         .rest(wire::MAGIC)
         .u32(wire::VERSION)
         .u8(role)
         .0;
-    b.extend_from_slice(&encode_options(o));
+    b.extend_from_slice(&encode_options(o, items));
     put_u32(&mut b, paths.len() as u32);
     for p in paths {
         put_bytes(&mut b, p);
@@ -464,10 +467,20 @@ impl Peer {
     /// Reads the sender's frames until the stream ends.
     pub fn read(&self, input: impl Read) {
         let mut r = BufReader::with_capacity(1 << 20, input);
+        let mut dec = match zstd::stream::raw::Decoder::new() {
+            Ok(d) => d,
+            Err(e) => {
+                if let Ok(mut s) = self.state.lock() {
+                    s.gone = Some(e.to_string());
+                }
+                self.cond.notify_all();
+                return;
+            }
+        };
         let why = loop {
             match wire::read_frame(&mut r) {
                 Ok(Some((o, id, body))) => {
-                    if let Err(e) = self.take(o, id, body) {
+                    if let Err(e) = self.take(o, id, body, &mut dec) {
                         break format!("protocol error: {e}");
                     }
                 }
@@ -483,7 +496,13 @@ impl Peer {
         self.cond.notify_all();
     }
 
-    fn take(&self, o: u8, id: u64, body: Vec<u8>) -> io::Result<()> {
+    fn take(
+        &self,
+        o: u8,
+        id: u64,
+        body: Vec<u8>,
+        dec: &mut zstd::stream::raw::Decoder<'static>,
+    ) -> io::Result<()> {
         match o {
             op::TOP => {
                 let mut d = Dec::new(&body);
@@ -502,20 +521,18 @@ impl Peer {
                 })
             }
             op::DIR => {
-                let mut d = Dec::new(&body);
+                let raw = unz(dec, &body)?;
+                let mut d = Dec::new(&raw);
                 let arg = d.u32()?;
                 let rel = d.bytes()?.to_vec();
                 let status = d.u8()?;
-                let more = d.u8()? != 0;
                 if status != 0 {
-                    let msg = String::from_utf8_lossy(d.rest()).into_owned();
+                    let msg = String::from_utf8_lossy(d.bytes()?).into_owned();
                     return self.update(|s| {
                         s.dirs.insert((arg, rel), Listed::Failed(msg));
                     });
                 }
-                let raw = zstd::bulk::decompress(d.rest(), wire::MAX_FRAME as usize)
-                    .map_err(|_| bad("listing"))?;
-                let mut d = Dec::new(&raw);
+                let more = d.u8()? != 0;
                 let n = d.u32()?;
                 let mut got = Vec::with_capacity(n.min(1 << 16) as usize);
                 for _ in 0..n {
@@ -657,6 +674,27 @@ impl Peer {
     pub fn end(&self) -> io::Result<()> {
         let r = self.out.frame(op::END, 0, &[], true);
         self.out.close().and(r)
+    }
+}
+
+/// A DIR frame's bytes, through the session's decompression stream (at
+/// most a frame's worth of listing from one frame).
+fn unz(dec: &mut zstd::stream::raw::Decoder<'static>, z: &[u8]) -> io::Result<Vec<u8>> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut input = InBuffer::around(z);
+    loop {
+        let mut o = OutBuffer::around(&mut buf[..]);
+        dec.run(&mut input, &mut o)?;
+        let n = o.pos();
+        out.extend_from_slice(&buf[..n]);
+        if out.len() > wire::MAX_FRAME as usize {
+            return Err(bad("listing"));
+        }
+        if input.pos() == z.len() && n < buf.len() {
+            return Ok(out);
+        }
     }
 }
 
@@ -1067,6 +1105,7 @@ fn list_all(
     stop: &AtomicBool,
 ) {
     let mut walks: Vec<(u32, Arc<OwnedFd>, Vec<u8>)> = Vec::new();
+    let Ok(mut z) = Lister::new() else { return };
     for (i, (p, root)) in srcs.iter().zip(roots).enumerate() {
         let path = Path::new(std::ffi::OsStr::from_bytes(p));
         let contents = super::ends_with_slash(path);
@@ -1121,7 +1160,7 @@ fn list_all(
         }
     }
     for (arg, fd, rel) in walks {
-        if list_tree(arg, fd, rel, opts, matcher, out, stop).is_err() {
+        if list_tree(arg, fd, rel, opts, matcher, out, stop, &mut z).is_err() {
             return;
         }
     }
@@ -1129,6 +1168,7 @@ fn list_all(
 }
 
 /// One argument's directories, depth first.
+#[allow(clippy::too_many_arguments)]
 fn list_tree(
     arg: u32,
     fd: Arc<OwnedFd>,
@@ -1137,6 +1177,7 @@ fn list_tree(
     matcher: Option<&super::filter::Matcher>,
     out: &Out,
     stop: &AtomicBool,
+    z: &mut Lister,
 ) -> io::Result<()> {
     // (parent, name, path): opened when its turn comes.
     let mut todo: Vec<Pending> = vec![(fd, None, rel)];
@@ -1156,13 +1197,7 @@ fn list_tree(
         let (dir, names) = match listed {
             Ok(l) => l,
             Err(e) => {
-                let mut b = Vec::new();
-                put_u32(&mut b, arg);
-                put_bytes(&mut b, &rel);
-                b.push(1);
-                b.push(0);
-                b.extend_from_slice(e.to_string().as_bytes());
-                out.frame(op::DIR, 0, &b, true)?;
+                send_failed(arg, &rel, &e.to_string(), out, z)?;
                 continue;
             }
         };
@@ -1181,7 +1216,7 @@ fn list_tree(
                 !matcher.is_some_and(|m| m.excluded(&join(&rel, &e.name), is_dir))
             })
             .collect();
-        send_listing(arg, &rel, &entries, out)?;
+        send_listing(arg, &rel, &entries, out, z)?;
         if opts.recursive {
             for e in entries.iter().rev() {
                 if e.err.is_none() && e.st.is_dir() {
@@ -1193,32 +1228,88 @@ fn list_tree(
     Ok(())
 }
 
-/// DIR frames of a listing, compressed, split when it is big.
-fn send_listing(arg: u32, rel: &[u8], entries: &[Entry], out: &Out) -> io::Result<()> {
+/// The listings' compression: one zstd stream for the session, flushed
+/// at each DIR frame (names and attributes repeat from directory to
+/// directory).
+pub(crate) struct Lister {
+    enc: zstd::stream::raw::Encoder<'static>,
+}
+
+impl Lister {
+    fn new() -> io::Result<Lister> {
+        Ok(Lister {
+            enc: zstd::stream::raw::Encoder::new(3)?,
+        })
+    }
+
+    /// One DIR frame of `raw`, compressed.
+    fn frame(&mut self, raw: &[u8], out: &Out, flush: bool) -> io::Result<()> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        let mut z: Vec<u8> = Vec::with_capacity(raw.len() / 2 + 64);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut input = InBuffer::around(raw);
+        while input.pos() < raw.len() {
+            let mut o = OutBuffer::around(&mut buf[..]);
+            self.enc.run(&mut input, &mut o)?;
+            let n = o.pos();
+            z.extend_from_slice(&buf[..n]);
+        }
+        loop {
+            let mut o = OutBuffer::around(&mut buf[..]);
+            let left = self.enc.flush(&mut o)?;
+            let n = o.pos();
+            z.extend_from_slice(&buf[..n]);
+            if left == 0 {
+                break;
+            }
+        }
+        out.frame(op::DIR, 0, &z, flush)
+    }
+}
+
+/// DIR frames of a listing (split when it is big): argument, path, status
+/// 0, more, count, entries.
+fn send_listing(
+    arg: u32,
+    rel: &[u8],
+    entries: &[Entry],
+    out: &Out,
+    z: &mut Lister,
+) -> io::Result<()> {
     let mut i = 0;
     loop {
         let mut raw = Vec::new();
-        let mut n = 0u32;
+        put_u32(&mut raw, arg);
+        put_bytes(&mut raw, rel);
+        raw.push(0);
+        let more_at = raw.len();
+        raw.push(0);
+        let count_at = raw.len();
         put_u32(&mut raw, 0);
+        let mut n = 0u32;
         while i < entries.len() && raw.len() < 8 << 20 {
             put_entry(&mut raw, &entries[i]);
             i += 1;
             n += 1;
         }
-        raw[..4].copy_from_slice(&n.to_le_bytes());
-        let z = zstd::bulk::compress(&raw, 3)?;
-        let mut b = Vec::with_capacity(z.len() + rel.len() + 16);
-        put_u32(&mut b, arg);
-        put_bytes(&mut b, rel);
-        b.push(0);
         let more = i < entries.len();
-        b.push(u8::from(more));
-        b.extend_from_slice(&z);
-        out.frame(op::DIR, 0, &b, !more)?;
+        raw[more_at] = u8::from(more);
+        raw[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
+        z.frame(&raw, out, !more)?;
         if !more {
             return Ok(());
         }
     }
+}
+
+/// A DIR frame saying why a directory could not be listed.
+fn send_failed(arg: u32, rel: &[u8], why: &str, out: &Out, z: &mut Lister) -> io::Result<()> {
+    let mut raw = Vec::new();
+    put_u32(&mut raw, arg);
+    put_bytes(&mut raw, rel);
+    raw.push(1);
+    put_bytes(&mut raw, why.as_bytes());
+    z.frame(&raw, out, true)
 }
 
 /// A sender thread's last directory: (argument, path, descriptor).
@@ -1515,10 +1606,19 @@ fn zero_runs(data: &[u8]) -> Vec<(bool, &[u8])> {
 /// A receiver on the far side reports through frames.
 struct FrameEvents<'a> {
     out: &'a Out,
+    /// The client prints items (-i, --json).
+    items: bool,
 }
 
 impl SyncEvents for FrameEvents<'_> {
+    fn wants_items(&self) -> bool {
+        self.items
+    }
+
     fn item(&self, item: &Item<'_>) {
+        if !self.items {
+            return;
+        }
         let mut b = Vec::new();
         put_bytes(&mut b, item.code.as_bytes());
         put_bytes(&mut b, item.path);
@@ -1649,7 +1749,7 @@ pub fn serve(
     output: Box<dyn Write + Send>,
 ) -> io::Result<()> {
     let out = Out::new(output);
-    let parsed = (|| -> io::Result<(u8, SyncOptions, Vec<Vec<u8>>)> {
+    let parsed = (|| -> io::Result<(u8, (SyncOptions, bool), Vec<Vec<u8>>)> {
         let mut d = Dec::new(body);
         let mut magic = [0u8; 8];
         for b in &mut magic {
@@ -1677,7 +1777,7 @@ pub fn serve(
         }
         Ok((role, opts, paths))
     })();
-    let (role, opts, paths) = match parsed {
+    let (role, (opts, items), paths) = match parsed {
         Ok(p) => p,
         Err(e) => {
             let b = Enc::default()
@@ -1708,7 +1808,10 @@ pub fn serve(
         let p = peer.clone();
         std::thread::spawn(move || p.read(input))
     };
-    let ev = FrameEvents { out: &peer.out };
+    let ev = FrameEvents {
+        out: &peer.out,
+        items,
+    };
     let dst = PathBuf::from(std::ffi::OsStr::from_bytes(&paths[0]));
     let count = paths.len() - 1;
     let r = receive(&peer, count, &dst, &opts, &ev);
@@ -1737,7 +1840,15 @@ pub fn pull(
     let (mut child, stdin, mut stdout) = crate::remote::spawn(remote)?;
     let r = (|| -> Result<SyncReport> {
         let mut stdin: Box<dyn Write + Send> = Box::new(stdin);
-        hello_exchange(remote, &mut stdin, &mut stdout, role::SEND, opts, &refs)?;
+        hello_exchange(
+            remote,
+            &mut stdin,
+            &mut stdout,
+            role::SEND,
+            opts,
+            false,
+            &refs,
+        )?;
         let peer = Peer::new(stdin);
         let reader = {
             let p = peer.clone();
@@ -1773,7 +1884,16 @@ pub fn push(
     let (mut child, stdin, mut stdout) = crate::remote::spawn(remote)?;
     let r = (|| -> Result<SyncReport> {
         let mut stdin: Box<dyn Write + Send> = Box::new(stdin);
-        hello_exchange(remote, &mut stdin, &mut stdout, role::RECEIVE, opts, &paths)?;
+        let items = ev.wants_items();
+        hello_exchange(
+            remote,
+            &mut stdin,
+            &mut stdout,
+            role::RECEIVE,
+            opts,
+            items,
+            &paths,
+        )?;
         let owned: Vec<Vec<u8>> = srcs
             .iter()
             .map(|p| p.as_os_str().as_bytes().to_vec())
@@ -1794,6 +1914,7 @@ fn hello_exchange(
     r: &mut impl Read,
     role: u8,
     opts: &SyncOptions,
+    items: bool,
     paths: &[&[u8]],
 ) -> Result<()> {
     let loc = PathBuf::from(remote.to_string());
@@ -1806,7 +1927,7 @@ fn hello_exchange(
             ),
         )
     };
-    wire::write_frame(w, op::SYNC, 0, &hello(role, opts, paths))
+    wire::write_frame(w, op::SYNC, 0, &hello(role, opts, items, paths))
         .and_then(|()| w.flush())
         .map_err(lost)?;
     match wire::read_frame(r).map_err(lost)? {
