@@ -1736,6 +1736,9 @@ impl Reports for Relay<'_> {
     }
 }
 
+/// What SYNC asks: role, (options, items wanted), paths.
+type Session = (u8, (SyncOptions, bool), Vec<Vec<u8>>);
+
 /// The far side of a sync session (`dsync serve` got SYNC): sends SRC or
 /// receives into DST over `input` and `output`.
 ///
@@ -1749,7 +1752,7 @@ pub fn serve(
     output: Box<dyn Write + Send>,
 ) -> io::Result<()> {
     let out = Out::new(output);
-    let parsed = (|| -> io::Result<(u8, (SyncOptions, bool), Vec<Vec<u8>>)> {
+    let parsed = (|| -> io::Result<Session> {
         let mut d = Dec::new(body);
         let mut magic = [0u8; 8];
         for b in &mut magic {
