@@ -214,6 +214,65 @@ fn a_changed_image_crosses_as_its_changes_both_ways() {
 }
 
 #[test]
+fn inplace_both_ways_writes_the_changes_into_the_same_file() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let env = Env::new();
+    let rsh = fake_rsh(&env, "rsh", None);
+    let dir = env.path("src");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    make_image(&img, 32 << 20, 8);
+    let (pushed, pulled) = (env.path("pushed"), env.path("pulled"));
+    far_ok(&env, &rsh, &["-a", &slash(&dir), &host(&pushed)]);
+    far_ok(&env, &rsh, &["-a", &host(&dir), &slash(&pulled)]);
+    let inodes = |d: &Path| std::fs::metadata(d.join("disk.img")).unwrap().ino();
+    let (ino_pushed, ino_pulled) = (inodes(&pushed), inodes(&pulled));
+    for round in 0..3u64 {
+        change_1mib(&img, 10 + round);
+        // The end becomes zeros (a plan ending in zeros the sender does
+        // not send).
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&vec![0u8; 12288], (32 << 20) - 12288)
+            .unwrap();
+        drop(f);
+        for (args, d) in [
+            (
+                [
+                    "-a",
+                    "-@-1",
+                    "--inplace",
+                    "--json",
+                    &slash(&dir),
+                    &host(&pushed),
+                ],
+                &pushed,
+            ),
+            (
+                [
+                    "-a",
+                    "-@-1",
+                    "--inplace",
+                    "--json",
+                    &host(&dir),
+                    &slash(&pulled),
+                ],
+                &pulled,
+            ),
+        ] {
+            let out = far_ok(&env, &rsh, &args);
+            let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+            assert!(
+                v["written_bytes"].as_u64().unwrap() < 3 << 20,
+                "{args:?}: {v}"
+            );
+            assert_same(&dir, d);
+        }
+    }
+    assert_eq!(inodes(&pushed), ino_pushed, "--inplace replaced the file");
+    assert_eq!(inodes(&pulled), ino_pulled, "--inplace replaced the file");
+}
+
+#[test]
 fn a_restricted_server_refuses_what_its_mode_forbids() {
     let env = Env::new();
     let a = env.path("a");

@@ -255,7 +255,7 @@ fn plan_aligned(
 
 /// The data segments of `f` below `end`, as (start, end); the whole range
 /// when the file system cannot say.
-fn data_segments(f: &File, end: u64) -> Vec<(u64, u64)> {
+pub(crate) fn data_segments(f: &File, end: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < end {
@@ -276,7 +276,7 @@ fn data_segments(f: &File, end: u64) -> Vec<(u64, u64)> {
 }
 
 /// Whether any segment meets [a, b).
-fn has_data(segs: &[(u64, u64)], a: u64, b: u64) -> bool {
+pub(crate) fn has_data(segs: &[(u64, u64)], a: u64, b: u64) -> bool {
     let i = segs.partition_point(|&(_, e)| e <= a);
     segs.get(i).is_some_and(|&(s, _)| s < b)
 }
@@ -302,6 +302,9 @@ fn plan_search(
 /// # Errors
 /// A read error; the file shrank.
 pub(crate) fn signature_of(old: &File, old_size: u64) -> io::Result<Signature> {
+    // Holes are not read: their blocks' entries are the zero block's.
+    let segs = data_segments(old, old_size);
+    let zero = entries_of(&[0u8; BLOCK as usize]);
     let parts: Vec<io::Result<Vec<u8>>> = (0..old_size.div_ceil(CHUNK))
         .into_par_iter()
         .map_init(
@@ -309,6 +312,9 @@ pub(crate) fn signature_of(old: &File, old_size: u64) -> io::Result<Signature> {
             |buf, c| {
                 let at = c * CHUNK;
                 let len = (old_size - at).min(CHUNK) as usize;
+                if (len as u64).is_multiple_of(BLOCK) && !has_data(&segs, at, at + len as u64) {
+                    return Ok(zero.repeat(len / BLOCK as usize));
+                }
                 let n = read_full(old, &mut buf[..len], at)?;
                 if n != len {
                     return Err(shrank());

@@ -741,16 +741,7 @@ fn apply_with(
             .map_err(|_| Peer::lost("connection lost during a transfer"))?;
         let mut d = Dec::new(&body);
         if o == op::DONE {
-            return match d.u8()? {
-                0 => Ok(((d.u64()?, d.u64()? as i64), (literal, matched))),
-                1 => Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    String::from_utf8_lossy(d.rest()).into_owned(),
-                )),
-                _ => Err(io::Error::other(
-                    String::from_utf8_lossy(d.rest()).into_owned(),
-                )),
-            };
+            return Ok((done_status(&mut d)?, (literal, matched)));
         }
         while !d.rest_is_empty() {
             match d.u8()? {
@@ -815,8 +806,13 @@ pub(super) fn transfer(s: &Shared<'_>, j: &Job, d: &Dir) -> io::Result<()> {
             show(&j.rel)
         ));
     }
+    if s.opts.inplace && j.old.is_some_and(|o| o.size > 0) {
+        if let Some(old) = open_old(dir, &j.dname, true)? {
+            return in_place(s, j, d, dir, &old, xattrs.as_ref());
+        }
+    }
     let old = match j.old {
-        Some(o) if o.size > 0 && !s.opts.whole_file => open_old(dir, &j.dname)?,
+        Some(o) if o.size > 0 && !s.opts.whole_file => open_old(dir, &j.dname, false)?,
         _ => None,
     };
     let (tmp, out, start, big) = transfer::open_out(s, &j.rel, &j.dname, &j.st, dir, old.as_ref())?;
@@ -857,11 +853,174 @@ pub(super) fn transfer(s: &Shared<'_>, j: &Job, d: &Dir) -> io::Result<()> {
     Ok(())
 }
 
-fn open_old(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<File>> {
+/// `--inplace` from a remote SRC: the plan comes from the sender, its new
+/// bytes into a shadow file (unlinked, in DST's directory: holes where
+/// the old file's ranges go), then the local sync's in-place writing of
+/// that plan, with the shadow as SRC; when the plan cannot be done in
+/// place (see [`super::inplace`]), the file is written beside and renamed.
+fn in_place(
+    s: &Shared<'_>,
+    j: &Job,
+    d: &Dir,
+    dir: BorrowedFd<'_>,
+    old: &File,
+    xattrs: Option<&Xattrs>,
+) -> io::Result<()> {
+    let ost = source::stat_fd(old.as_fd())?;
+    let sig = file::signature_of(old, ost.size)?;
+    let (_, rx) = d
+        .peer
+        .fetch(d.arg, &join(&d.rel, &j.sname), 0, Some(&sig))?;
+    let shadow = shadow_file(dir)?;
+    let (pieces, (size, mtime), (literal, matched)) = collect(&rx, &shadow)?;
+    // Zeros at the end were not written: the shadow reads them as zeros
+    // only inside its length.
+    shadow.set_len(size)?;
+    let mut st = j.st;
+    st.size = size;
+    st.mtime_ns = mtime;
+    let planned = super::inplace::apply(
+        &pieces, &shadow, size, old, ost.size, ost.ino, dir, &j.dname,
+    )?;
+    let written = match planned {
+        Some(w) => {
+            s.attrs(Target::Fd(old.as_fd()), &st, xattrs, false)?;
+            w
+        }
+        None => {
+            let tmp = transfer::temp_name(&j.dname);
+            let out = File::from(rustix::fs::openat(
+                dir,
+                tmp.as_slice(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?);
+            let r = (|| -> io::Result<()> {
+                file::write_plan(&pieces, &shadow, old, &out, 0, s.opts.sparse, |_| Ok(()))?;
+                out.set_len(size)?;
+                s.attrs(Target::Fd(out.as_fd()), &st, xattrs, true)?;
+                rustix::fs::renameat(dir, tmp.as_slice(), dir, j.dname.as_slice())?;
+                Ok(())
+            })();
+            transfer::clean_up(dir, &j.dname, &tmp, false, r.is_ok());
+            r?;
+            size
+        }
+    };
+    s.count(|r| {
+        r.transferred += 1;
+        r.literal_bytes += literal;
+        r.matched_bytes += matched;
+        r.written_bytes += written;
+    });
+    Ok(())
+}
+
+/// An unlinked file in `dir` (on the file system of the file it helps to
+/// rebuild).
+fn shadow_file(dir: BorrowedFd<'_>) -> io::Result<File> {
+    if let Ok(f) = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) {
+        return Ok(File::from(f));
+    }
+    let name = transfer::temp_name(b"shadow");
+    let f = rustix::fs::openat(
+        dir,
+        name.as_slice(),
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    rustix::fs::unlinkat(dir, name.as_slice(), rustix::fs::AtFlags::empty())?;
+    Ok(File::from(f))
+}
+
+/// A plan, the file's (size, mtime), and its bytes (new, matched).
+type Collected = (Vec<Piece>, (u64, i64), (u64, u64));
+
+/// The sender's answer as a plan, its new bytes written into `shadow` at
+/// their offsets.
+fn collect(rx: &Receiver<Frame>, shadow: &File) -> io::Result<Collected> {
+    let mut pieces = Vec::new();
+    let mut pos = 0u64;
+    let mut matched = 0u64;
+    let mut dz = zstd::bulk::Decompressor::new()?;
+    let mut data = Vec::new();
+    loop {
+        let (o, body) = rx
+            .recv()
+            .map_err(|_| Peer::lost("connection lost during a transfer"))?;
+        let mut d = Dec::new(&body);
+        if o == op::DONE {
+            return Ok((pieces, done_status(&mut d)?, (pos - matched, matched)));
+        }
+        while !d.rest_is_empty() {
+            match d.u8()? {
+                1 => {
+                    let (from, len) = (d.u64()?, d.u64()?);
+                    file::push(&mut pieces, Piece::Old { from, len });
+                    pos += len;
+                    matched += len;
+                }
+                2 => {
+                    let raw = d.u32()? as usize;
+                    if raw > STEP {
+                        return Err(bad("data record"));
+                    }
+                    data.clear();
+                    data.reserve(raw);
+                    let n = dz
+                        .decompress_to_buffer(d.bytes()?, &mut data)
+                        .map_err(|_| bad("data record"))?;
+                    if n != raw {
+                        return Err(bad("data record"));
+                    }
+                    shadow.write_all_at(&data, pos)?;
+                    file::push(
+                        &mut pieces,
+                        Piece::New {
+                            from: pos,
+                            len: n as u64,
+                        },
+                    );
+                    pos += n as u64;
+                }
+                3 => {
+                    // Zeros: a hole of the shadow reads as zeros.
+                    let len = d.u64()?;
+                    file::push(&mut pieces, Piece::New { from: pos, len });
+                    pos += len;
+                }
+                _ => return Err(bad("data record")),
+            }
+        }
+    }
+}
+
+/// DONE's status: the file's (size, mtime) as the sender read it, or its
+/// error (NotFound: it vanished).
+fn done_status(d: &mut Dec<'_>) -> io::Result<(u64, i64)> {
+    match d.u8()? {
+        0 => Ok((d.u64()?, d.u64()? as i64)),
+        1 => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            String::from_utf8_lossy(d.rest()).into_owned(),
+        )),
+        _ => Err(io::Error::other(
+            String::from_utf8_lossy(d.rest()).into_owned(),
+        )),
+    }
+}
+
+fn open_old(dir: BorrowedFd<'_>, name: &[u8], write: bool) -> io::Result<Option<File>> {
+    let mode = if write { OFlags::RDWR } else { OFlags::RDONLY };
     match rustix::fs::openat(
         dir,
         name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        mode | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     ) {
         Ok(f) => Ok(Some(File::from(f))),
@@ -882,11 +1041,6 @@ pub fn receive(
     opts: &SyncOptions,
     ev: &dyn SyncEvents,
 ) -> Result<SyncReport> {
-    if opts.inplace {
-        return Err(Error::InvalidInput(
-            "--inplace with a remote side is not supported yet".into(),
-        ));
-    }
     let tops = peer
         .tops(n)
         .map_err(|e| Error::io(Path::new("(remote)"), e))?;
@@ -1438,6 +1592,9 @@ fn aligned(f: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Optio
     if common <= first {
         return Ok(None);
     }
+    // Holes are not read: their blocks are the zero block.
+    let segs = file::data_segments(f, common);
+    let zero = file::entries_of(&[0u8; BLOCK as usize]);
     let parts: Vec<io::Result<Vec<Piece>>> = (first / CHUNK..common.div_ceil(CHUNK))
         .into_par_iter()
         .map_init(
@@ -1446,10 +1603,14 @@ fn aligned(f: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Optio
                 let at = (c * CHUNK).max(first);
                 let end = ((c + 1) * CHUNK).min(common);
                 let len = (end - at) as usize;
-                if file::read_full(f, &mut buf[..len], at)? != len {
-                    return Err(file::shrank());
-                }
-                let mine = file::entries_of(&buf[..len]);
+                let mine = if file::has_data(&segs, at, end) {
+                    if file::read_full(f, &mut buf[..len], at)? != len {
+                        return Err(file::shrank());
+                    }
+                    file::entries_of(&buf[..len])
+                } else {
+                    zero.repeat(len / BLOCK as usize)
+                };
                 let k0 = (at / BLOCK) as usize;
                 let mut out = Vec::new();
                 for (i, e) in mine.chunks(es).enumerate() {
@@ -1877,11 +2038,6 @@ pub fn push(
     opts: &SyncOptions,
     ev: &dyn SyncEvents,
 ) -> Result<SyncReport> {
-    if opts.inplace {
-        return Err(Error::InvalidInput(
-            "--inplace with a remote side is not supported yet".into(),
-        ));
-    }
     let mut paths: Vec<&[u8]> = vec![remote.path.as_bytes()];
     paths.extend(srcs.iter().map(|p| p.as_os_str().as_bytes()));
     let (mut child, stdin, mut stdout) = crate::remote::spawn(remote)?;
