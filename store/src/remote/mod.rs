@@ -454,7 +454,10 @@ impl Drop for RemoteObject {
 
 struct RemoteWriter {
     conn: Arc<Conn>,
-    handle: u64,
+    /// The server's handle, once its answer to CREATE is read (at the
+    /// first APPEND: a create costs no round trip of its own).
+    handle: Option<u64>,
+    created: Option<std::sync::mpsc::Receiver<Answer>>,
     len: u64,
     key: Key,
     /// Appends sent, not yet answered: awaited at FINISH (an error of any
@@ -471,11 +474,28 @@ const APPEND_STEP: usize = 1 << 20;
 const APPEND_WINDOW: usize = 64;
 
 impl RemoteWriter {
+    fn handle(&mut self) -> Result<u64> {
+        if let Some(h) = self.handle {
+            return Ok(h);
+        }
+        let rx = self
+            .created
+            .take()
+            .ok_or_else(|| Error::Internal("an object created twice".into()))?;
+        let body = self.conn.wait(&rx, Some(&self.key))?;
+        let h = Dec::new(&body)
+            .u64()
+            .map_err(|e| Error::io(self.conn.location.join(self.key.path()), e))?;
+        self.handle = Some(h);
+        Ok(h)
+    }
+
     fn send_buf(&mut self) -> Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let body = Enc::default().u64(self.handle).rest(&self.buf).0;
+        let handle = self.handle()?;
+        let body = Enc::default().u64(handle).rest(&self.buf).0;
         self.buf.clear();
         self.pending.push_back(self.conn.send(op::APPEND, &body)?);
         // Keep a bounded number in flight.
@@ -506,12 +526,11 @@ impl ObjectWriter for RemoteWriter {
 
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.send_buf()?;
+        let handle = self.handle()?;
         for rx in std::mem::take(&mut self.pending) {
             self.conn.wait(&rx, Some(&self.key))?;
         }
-        let rx = self
-            .conn
-            .send(op::FINISH, &Enc::default().u64(self.handle).0)?;
+        let rx = self.conn.send(op::FINISH, &Enc::default().u64(handle).0)?;
         self.conn.wait(&rx, Some(&self.key)).map(drop)
     }
 }
@@ -615,13 +634,10 @@ impl Backend for RemoteBackend {
     fn create(&self, key: &Key) -> Result<Box<dyn ObjectWriter>> {
         let c = self.pick();
         let rx = c.send(op::CREATE, &Enc::default().key(key).0)?;
-        let body = c.wait(&rx, Some(key))?;
-        let handle = Dec::new(&body)
-            .u64()
-            .map_err(|e| Error::io(c.location.join(key.path()), e))?;
         Ok(Box::new(RemoteWriter {
             conn: c.clone(),
-            handle,
+            handle: None,
+            created: Some(rx),
             len: 0,
             key: key.clone(),
             pending: std::collections::VecDeque::new(),
