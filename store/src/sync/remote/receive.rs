@@ -1,0 +1,655 @@
+//! The receiver's side: the sender's listings as they come ([`Peer`]),
+//! and each file fetched as a delta and written ([`transfer`]).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+
+use rustix::fs::{Mode, OFlags};
+
+use super::super::attrs::{Target, Xattrs};
+use super::super::file::{self, Piece};
+use super::super::src::SrcDir;
+use super::super::transfer::{self, Job};
+use super::super::{join, show, Shared, SyncEvents, SyncOptions, SyncReport};
+use super::{
+    bad, get_entry, op, put_bytes, put_u32, put_u64, Dir, Entry, Frame, Out, Top, SIG_STEP, STEP,
+    WINDOW,
+};
+use crate::delta::Signature;
+use crate::error::{Error, Result};
+use crate::remote::wire::{self, Dec};
+use crate::source::{self};
+
+// ---------------------------------------------------------------- receiver
+
+/// The sender, seen from the receiver: what it listed so far, and the
+/// files being fetched.
+pub struct Peer {
+    pub(super) out: Out,
+    state: Mutex<State>,
+    cond: Condvar,
+    next: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    tops: Vec<Top>,
+    /// Listings by (argument, path): complete, or still arriving.
+    dirs: HashMap<(u32, Vec<u8>), Listed>,
+    listed: bool,
+    /// Why the connection ended, once it has.
+    gone: Option<String>,
+    files: HashMap<u64, SyncSender<Frame>>,
+}
+
+enum Listed {
+    Partial(Vec<Entry>),
+    Done(Arc<Vec<Entry>>),
+    Failed(String),
+}
+
+impl Peer {
+    /// A peer writing to `output`; [`Peer::read`] must run on `input`.
+    pub fn new(output: Box<dyn Write + Send>) -> Arc<Peer> {
+        Arc::new(Peer {
+            out: Out::new(output),
+            state: Mutex::new(State::default()),
+            cond: Condvar::new(),
+            next: AtomicU64::new(1),
+        })
+    }
+
+    /// Reads the sender's frames until the stream ends.
+    pub fn read(&self, input: impl Read) {
+        let mut r = BufReader::with_capacity(1 << 20, input);
+        let mut dec = match zstd::stream::raw::Decoder::new() {
+            Ok(d) => d,
+            Err(e) => {
+                if let Ok(mut s) = self.state.lock() {
+                    s.gone = Some(e.to_string());
+                }
+                self.cond.notify_all();
+                return;
+            }
+        };
+        let why = loop {
+            match wire::read_frame(&mut r) {
+                Ok(Some((o, id, body))) => {
+                    if let Err(e) = self.take(o, id, body, &mut dec) {
+                        break format!("protocol error: {e}");
+                    }
+                }
+                Ok(None) => break "the sender closed the connection".to_string(),
+                Err(e) => break format!("connection lost: {e}"),
+            }
+        };
+        if let Ok(mut s) = self.state.lock() {
+            s.gone.get_or_insert(why);
+            // Every fetch waiting wakes with an error.
+            s.files.clear();
+        }
+        self.cond.notify_all();
+    }
+
+    fn take(
+        &self,
+        o: u8,
+        id: u64,
+        body: Vec<u8>,
+        dec: &mut zstd::stream::raw::Decoder<'static>,
+    ) -> io::Result<()> {
+        match o {
+            op::TOP => {
+                let mut d = Dec::new(&body);
+                let shown = d.bytes()?.to_vec();
+                let contents = d.u8()? != 0;
+                let entry = match d.u8()? {
+                    0 => Ok(get_entry(&mut d)?),
+                    _ => Err(String::from_utf8_lossy(d.rest()).into_owned()),
+                };
+                self.update(|s| {
+                    s.tops.push(Top {
+                        shown,
+                        contents,
+                        entry,
+                    })
+                })
+            }
+            op::DIR => {
+                let raw = unz(dec, &body)?;
+                let mut d = Dec::new(&raw);
+                let arg = d.u32()?;
+                let rel = d.bytes()?.to_vec();
+                let status = d.u8()?;
+                if status != 0 {
+                    let msg = String::from_utf8_lossy(d.bytes()?).into_owned();
+                    return self.update(|s| {
+                        s.dirs.insert((arg, rel), Listed::Failed(msg));
+                    });
+                }
+                let more = d.u8()? != 0;
+                let n = d.u32()?;
+                let mut got = Vec::with_capacity(n.min(1 << 16) as usize);
+                for _ in 0..n {
+                    got.push(get_entry(&mut d)?);
+                }
+                self.update(|s| {
+                    let key = (arg, rel);
+                    let mut all = match s.dirs.remove(&key) {
+                        Some(Listed::Partial(v)) => v,
+                        _ => Vec::new(),
+                    };
+                    all.append(&mut got);
+                    let l = if more {
+                        Listed::Partial(all)
+                    } else {
+                        Listed::Done(Arc::new(all))
+                    };
+                    s.dirs.insert(key, l);
+                })
+            }
+            op::LISTED => self.update(|s| s.listed = true),
+            op::DATA | op::DONE => {
+                let tx = {
+                    let mut s = self.lock()?;
+                    if o == op::DONE {
+                        s.files.remove(&id)
+                    } else {
+                        s.files.get(&id).cloned()
+                    }
+                };
+                // A fetch that gave up (its worker failed) drops the rest.
+                if let Some(tx) = tx {
+                    let _ = tx.send((o, body));
+                }
+                Ok(())
+            }
+            _ => Err(bad(&format!("frame (op {o})"))),
+        }
+    }
+
+    fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| io::Error::other("a sync thread panicked"))
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) -> io::Result<()> {
+        f(&mut *self.lock()?);
+        self.cond.notify_all();
+        Ok(())
+    }
+
+    fn lost(why: &str) -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionAborted, why.to_string())
+    }
+
+    /// The SRC arguments, once the sender has said all `n` of them.
+    pub fn tops(&self, n: usize) -> io::Result<Vec<Top>> {
+        let mut s = self.lock()?;
+        loop {
+            if s.tops.len() >= n {
+                return Ok(s.tops.clone());
+            }
+            if let Some(why) = &s.gone {
+                return Err(Self::lost(why));
+            }
+            s = self
+                .cond
+                .wait(s)
+                .map_err(|_| io::Error::other("a sync thread panicked"))?;
+        }
+    }
+
+    /// The listing of `rel` under argument `arg`, once it has come.
+    pub(super) fn dir(&self, arg: u32, rel: &[u8]) -> io::Result<Arc<Vec<Entry>>> {
+        let key = (arg, rel.to_vec());
+        let mut s = self.lock()?;
+        loop {
+            match s.dirs.get(&key) {
+                Some(Listed::Done(v)) => return Ok(v.clone()),
+                Some(Listed::Failed(m)) => return Err(io::Error::other(m.clone())),
+                _ if s.listed => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "not listed by the sender",
+                    ))
+                }
+                _ => {}
+            }
+            if let Some(why) = &s.gone {
+                return Err(Self::lost(why));
+            }
+            s = self
+                .cond
+                .wait(s)
+                .map_err(|_| io::Error::other("a sync thread panicked"))?;
+        }
+    }
+
+    /// Asks for a file's bytes from `start` on, as a delta against `sig`.
+    fn fetch(
+        &self,
+        arg: u32,
+        rel: &[u8],
+        start: u64,
+        sig: Option<&Signature>,
+    ) -> io::Result<(u64, Receiver<Frame>)> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(WINDOW);
+        {
+            let mut s = self.lock()?;
+            if let Some(why) = &s.gone {
+                return Err(Self::lost(why));
+            }
+            s.files.insert(id, tx);
+        }
+        let empty = Vec::new();
+        let (bs, old_size, entries) = match sig {
+            Some(s) => (s.block_size, s.file_size, &s.entries),
+            None => (0, 0, &empty),
+        };
+        let mut b = Vec::with_capacity(rel.len() + 40);
+        put_u32(&mut b, arg);
+        put_bytes(&mut b, rel);
+        put_u64(&mut b, start);
+        put_u32(&mut b, bs);
+        put_u64(&mut b, old_size);
+        put_u64(&mut b, entries.len() as u64);
+        let last = entries.is_empty();
+        self.out.frame(op::FILE, id, &b, last)?;
+        let parts = entries.len().div_ceil(SIG_STEP);
+        for (i, part) in entries.chunks(SIG_STEP).enumerate() {
+            self.out.frame(op::SIG, id, part, i + 1 == parts)?;
+        }
+        Ok((id, rx))
+    }
+
+    /// Tells the sender the receiver is done, and closes the stream.
+    pub fn end(&self) -> io::Result<()> {
+        let r = self.out.frame(op::END, 0, &[], true);
+        self.out.close().and(r)
+    }
+}
+
+/// A DIR frame's bytes, through the session's decompression stream (at
+/// most a frame's worth of listing from one frame).
+fn unz(dec: &mut zstd::stream::raw::Decoder<'static>, z: &[u8]) -> io::Result<Vec<u8>> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut input = InBuffer::around(z);
+    loop {
+        let mut o = OutBuffer::around(&mut buf[..]);
+        dec.run(&mut input, &mut o)?;
+        let n = o.pos();
+        out.extend_from_slice(&buf[..n]);
+        if out.len() > wire::MAX_FRAME as usize {
+            return Err(bad("listing"));
+        }
+        if input.pos() == z.len() && n < buf.len() {
+            return Ok(out);
+        }
+    }
+}
+
+/// The sender's answer to a fetch, applied to `out` from `start` on:
+/// ranges of `old`, new bytes, zeros (left unwritten: `out` is new).
+/// Returns the file's (size, mtime) as the sender read it, and the bytes
+/// (new, matched).
+fn apply(
+    rx: &Receiver<Frame>,
+    old: Option<&File>,
+    out: &File,
+    start: u64,
+    sparse: bool,
+    mut done: impl FnMut(u64) -> io::Result<()>,
+) -> io::Result<((u64, i64), (u64, u64))> {
+    let mut pos = start;
+    thread_local! {
+        static DZ: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let mut dz = match DZ.with(|d| d.borrow_mut().take()) {
+        Some(d) => d,
+        None => zstd::bulk::Decompressor::new()?,
+    };
+    let r = apply_with(rx, old, out, &mut pos, sparse, &mut done, &mut dz);
+    DZ.with(|d| *d.borrow_mut() = Some(dz));
+    r
+}
+
+fn apply_with(
+    rx: &Receiver<Frame>,
+    old: Option<&File>,
+    out: &File,
+    pos: &mut u64,
+    sparse: bool,
+    done: &mut impl FnMut(u64) -> io::Result<()>,
+    dz: &mut zstd::bulk::Decompressor<'static>,
+) -> io::Result<((u64, i64), (u64, u64))> {
+    let (mut literal, mut matched) = (0u64, 0u64);
+    let mut data = Vec::new();
+    loop {
+        let (o, body) = rx
+            .recv()
+            .map_err(|_| Peer::lost("connection lost during a transfer"))?;
+        let mut d = Dec::new(&body);
+        if o == op::DONE {
+            return Ok((done_status(&mut d)?, (literal, matched)));
+        }
+        while !d.rest_is_empty() {
+            match d.u8()? {
+                1 => {
+                    let (from, len) = (d.u64()?, d.u64()?);
+                    let old = old.ok_or_else(|| bad("copy without an old file"))?;
+                    if sparse {
+                        file::copy_data_to(old, from, len, out, *pos)?;
+                    } else {
+                        file::copy_range(old, from, out, *pos, len)?;
+                    }
+                    *pos += len;
+                    matched += len;
+                }
+                2 => {
+                    let raw = d.u32()? as usize;
+                    if raw > STEP {
+                        return Err(bad("data record"));
+                    }
+                    let z = d.bytes()?;
+                    data.clear();
+                    data.reserve(raw);
+                    let n = dz
+                        .decompress_to_buffer(z, &mut data)
+                        .map_err(|_| bad("data record"))?;
+                    if n != raw {
+                        return Err(bad("data record"));
+                    }
+                    out.write_all_at(&data, *pos)?;
+                    *pos += raw as u64;
+                    literal += raw as u64;
+                }
+                3 => {
+                    let len = d.u64()?;
+                    *pos += len;
+                    literal += len;
+                }
+                _ => return Err(bad("data record")),
+            }
+        }
+        done(*pos)?;
+    }
+}
+
+/// Brings one regular file over from a remote SRC: the old file's
+/// signature out, the delta back, written beside the old file (or into a
+/// partial file that a later sync resumes) and renamed over it.
+pub(in crate::sync) fn transfer(s: &Shared<'_>, j: &Job, d: &Dir) -> io::Result<()> {
+    let dir = j.ddir.as_fd();
+    let xattrs = SrcDir::Remote(Arc::new(Dir {
+        peer: d.peer.clone(),
+        arg: d.arg,
+        rel: d.rel.clone(),
+        entries: d.entries.clone(),
+        own_xattrs: None,
+    }))
+    .xattrs(s, Some(&j.sname))?;
+    // A crash in an earlier local `--inplace` run: the old file comes back.
+    if j.old.is_some() && super::super::inplace::recover(dir, &j.dname)? {
+        s.ev.warn(&format!(
+            "{}: rolled back an interrupted in-place update",
+            show(&j.rel)
+        ));
+    }
+    if s.opts.inplace && j.old.is_some_and(|o| o.size > 0) {
+        if let Some(old) = open_old(dir, &j.dname, true)? {
+            return in_place(s, j, d, dir, &old, xattrs.as_ref());
+        }
+    }
+    let old = match j.old {
+        Some(o) if o.size > 0 && !s.opts.whole_file => open_old(dir, &j.dname, false)?,
+        _ => None,
+    };
+    let (tmp, out, start, big) = transfer::open_out(s, &j.rel, &j.dname, &j.st, dir, old.as_ref())?;
+    let r = (|| -> io::Result<(u64, (u64, u64))> {
+        let sig = match &old {
+            Some(f) => Some(file::signature_of(f, source::stat_fd(f.as_fd())?.size)?),
+            None => None,
+        };
+        let (_, rx) = d
+            .peer
+            .fetch(d.arg, &join(&d.rel, &j.sname), start, sig.as_ref())?;
+        let mut checkpoint =
+            transfer::checkpointer(&j.st, &j.dname, dir, &out, old.as_ref(), big, start);
+        let ((size, mtime), moved) = apply(
+            &rx,
+            old.as_ref(),
+            &out,
+            start,
+            s.opts.sparse,
+            &mut checkpoint,
+        )?;
+        out.set_len(size)?;
+        let mut st = j.st;
+        st.size = size;
+        st.mtime_ns = mtime;
+        s.attrs(Target::Fd(out.as_fd()), &st, xattrs.as_ref(), true)?;
+        rustix::fs::renameat(dir, tmp.as_slice(), dir, j.dname.as_slice())?;
+        Ok((size, moved))
+    })();
+    transfer::clean_up(dir, &j.dname, &tmp, big, r.is_ok());
+    let (size, (literal, matched)) = r?;
+    s.count(|r| {
+        r.transferred += 1;
+        r.literal_bytes += literal;
+        r.matched_bytes += matched;
+        r.written_bytes += size - start;
+    });
+    Ok(())
+}
+
+/// `--inplace` from a remote SRC: the plan comes from the sender, its new
+/// bytes into a shadow file (unlinked, in DST's directory: holes where
+/// the old file's ranges go), then the local sync's in-place writing of
+/// that plan, with the shadow as SRC; when the plan cannot be done in
+/// place (see [`super::inplace`]), the file is written beside and renamed.
+fn in_place(
+    s: &Shared<'_>,
+    j: &Job,
+    d: &Dir,
+    dir: BorrowedFd<'_>,
+    old: &File,
+    xattrs: Option<&Xattrs>,
+) -> io::Result<()> {
+    let ost = source::stat_fd(old.as_fd())?;
+    let sig = file::signature_of(old, ost.size)?;
+    let (_, rx) = d
+        .peer
+        .fetch(d.arg, &join(&d.rel, &j.sname), 0, Some(&sig))?;
+    let shadow = shadow_file(dir)?;
+    let (pieces, (size, mtime), (literal, matched)) = collect(&rx, &shadow)?;
+    // Zeros at the end were not written: the shadow reads them as zeros
+    // only inside its length.
+    shadow.set_len(size)?;
+    let mut st = j.st;
+    st.size = size;
+    st.mtime_ns = mtime;
+    let planned = super::super::inplace::apply(
+        &pieces, &shadow, size, old, ost.size, ost.ino, dir, &j.dname,
+    )?;
+    let written = match planned {
+        Some(w) => {
+            s.attrs(Target::Fd(old.as_fd()), &st, xattrs, false)?;
+            w
+        }
+        None => {
+            let tmp = transfer::temp_name(&j.dname);
+            let out = File::from(rustix::fs::openat(
+                dir,
+                tmp.as_slice(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?);
+            let r = (|| -> io::Result<()> {
+                file::write_plan(&pieces, &shadow, old, &out, 0, s.opts.sparse, |_| Ok(()))?;
+                out.set_len(size)?;
+                s.attrs(Target::Fd(out.as_fd()), &st, xattrs, true)?;
+                rustix::fs::renameat(dir, tmp.as_slice(), dir, j.dname.as_slice())?;
+                Ok(())
+            })();
+            transfer::clean_up(dir, &j.dname, &tmp, false, r.is_ok());
+            r?;
+            size
+        }
+    };
+    s.count(|r| {
+        r.transferred += 1;
+        r.literal_bytes += literal;
+        r.matched_bytes += matched;
+        r.written_bytes += written;
+    });
+    Ok(())
+}
+
+/// An unlinked file in `dir` (on the file system of the file it helps to
+/// rebuild).
+fn shadow_file(dir: BorrowedFd<'_>) -> io::Result<File> {
+    if let Ok(f) = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) {
+        return Ok(File::from(f));
+    }
+    let name = transfer::temp_name(b"shadow");
+    let f = rustix::fs::openat(
+        dir,
+        name.as_slice(),
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    rustix::fs::unlinkat(dir, name.as_slice(), rustix::fs::AtFlags::empty())?;
+    Ok(File::from(f))
+}
+
+/// A plan, the file's (size, mtime), and its bytes (new, matched).
+type Collected = (Vec<Piece>, (u64, i64), (u64, u64));
+
+/// The sender's answer as a plan, its new bytes written into `shadow` at
+/// their offsets.
+fn collect(rx: &Receiver<Frame>, shadow: &File) -> io::Result<Collected> {
+    let mut pieces = Vec::new();
+    let mut pos = 0u64;
+    let mut matched = 0u64;
+    let mut dz = zstd::bulk::Decompressor::new()?;
+    let mut data = Vec::new();
+    loop {
+        let (o, body) = rx
+            .recv()
+            .map_err(|_| Peer::lost("connection lost during a transfer"))?;
+        let mut d = Dec::new(&body);
+        if o == op::DONE {
+            return Ok((pieces, done_status(&mut d)?, (pos - matched, matched)));
+        }
+        while !d.rest_is_empty() {
+            match d.u8()? {
+                1 => {
+                    let (from, len) = (d.u64()?, d.u64()?);
+                    file::push(&mut pieces, Piece::Old { from, len });
+                    pos += len;
+                    matched += len;
+                }
+                2 => {
+                    let raw = d.u32()? as usize;
+                    if raw > STEP {
+                        return Err(bad("data record"));
+                    }
+                    data.clear();
+                    data.reserve(raw);
+                    let n = dz
+                        .decompress_to_buffer(d.bytes()?, &mut data)
+                        .map_err(|_| bad("data record"))?;
+                    if n != raw {
+                        return Err(bad("data record"));
+                    }
+                    shadow.write_all_at(&data, pos)?;
+                    file::push(
+                        &mut pieces,
+                        Piece::New {
+                            from: pos,
+                            len: n as u64,
+                        },
+                    );
+                    pos += n as u64;
+                }
+                3 => {
+                    // Zeros: a hole of the shadow reads as zeros.
+                    let len = d.u64()?;
+                    file::push(&mut pieces, Piece::New { from: pos, len });
+                    pos += len;
+                }
+                _ => return Err(bad("data record")),
+            }
+        }
+    }
+}
+
+/// DONE's status: the file's (size, mtime) as the sender read it, or its
+/// error (NotFound: it vanished).
+fn done_status(d: &mut Dec<'_>) -> io::Result<(u64, i64)> {
+    match d.u8()? {
+        0 => Ok((d.u64()?, d.u64()? as i64)),
+        1 => Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            String::from_utf8_lossy(d.rest()).into_owned(),
+        )),
+        _ => Err(io::Error::other(
+            String::from_utf8_lossy(d.rest()).into_owned(),
+        )),
+    }
+}
+
+fn open_old(dir: BorrowedFd<'_>, name: &[u8], write: bool) -> io::Result<Option<File>> {
+    let mode = if write { OFlags::RDWR } else { OFlags::RDONLY };
+    match rustix::fs::openat(
+        dir,
+        name,
+        mode | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(f) => Ok(Some(File::from(f))),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs a receiver: a sync of what `peer` lists for `n` arguments into
+/// `dst`.
+///
+/// # Errors
+/// As [`super::sync`]; a lost connection.
+pub fn receive(
+    peer: &Arc<Peer>,
+    n: usize,
+    dst: &Path,
+    opts: &SyncOptions,
+    ev: &dyn SyncEvents,
+) -> Result<SyncReport> {
+    let tops = peer
+        .tops(n)
+        .map_err(|e| Error::io(Path::new("(remote)"), e))?;
+    super::super::run(
+        super::super::Srcs::Remote(peer.clone(), tops),
+        dst,
+        opts,
+        ev,
+    )
+}

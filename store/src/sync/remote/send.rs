@@ -1,0 +1,739 @@
+//! The sender's side: SRC listed depth first, one compressed stream for
+//! the session, and each FILE request answered with a delta.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
+
+use rustix::fs::{Mode, OFlags};
+
+use super::super::attrs::{proc_path, Target};
+use super::super::file::{self, Piece, BLOCK};
+use super::super::walk::hash_file;
+use super::super::{join, SyncOptions, SyncReport};
+use super::{bad, op, put_bytes, put_entry, put_u32, put_u64, Entry, Out, Pending, SENDERS, STEP};
+use crate::delta::Signature;
+use crate::error::{Error, Result};
+use crate::remote::wire::{self, Dec};
+use crate::source::{self, Stat, XattrSource};
+
+// ---------------------------------------------------------------- sender
+
+/// Where each argument's paths start: the directory itself (`SRC/`) or
+/// its parent.
+struct Root {
+    fd: Option<Arc<OwnedFd>>,
+}
+
+/// A request being read: FILE's header and the signature so far.
+struct Request {
+    arg: u32,
+    rel: Vec<u8>,
+    start: u64,
+    block_size: u32,
+    old_size: u64,
+    want: usize,
+    entries: Vec<u8>,
+}
+
+/// What a sender does with frames that are not requests (a push: the
+/// receiver's items and report).
+pub trait Reports {
+    /// A frame of the receiver's; `Some` ends the session with its outcome.
+    fn frame(&self, o: u8, body: &[u8]) -> Option<Result<SyncReport>>;
+}
+
+/// Runs a sender: lists `srcs`, then answers the receiver's requests until
+/// it says END (a pull) or reports (a push, through `reports`).
+///
+/// # Errors
+/// A lost connection; a protocol error.
+pub fn send(
+    srcs: &[Vec<u8>],
+    opts: &SyncOptions,
+    input: impl Read + Send,
+    output: Box<dyn Write + Send>,
+    reports: Option<&dyn Reports>,
+) -> Result<Option<SyncReport>> {
+    let out = Out::new(output);
+    let stop = AtomicBool::new(false);
+    let matcher = opts.filters.matcher()?;
+    let roots: Vec<Root> = srcs.iter().map(|p| open_root(p)).collect();
+    let (tx, rx) = sync_channel::<(u64, Request)>(64);
+    let rx = Mutex::new(rx);
+    let loc = || {
+        Error::io(
+            Path::new("(remote)"),
+            io::ErrorKind::ConnectionAborted.into(),
+        )
+    };
+    std::thread::scope(|scope| -> Result<Option<SyncReport>> {
+        let (out, stop, roots, rx) = (&out, &stop, &roots, &rx);
+        let matcher = matcher.as_ref();
+        scope.spawn(move || {
+            list_all(srcs, roots, opts, matcher, out, stop);
+        });
+        for _ in 0..SENDERS {
+            scope.spawn(move || loop {
+                let next = match rx.lock() {
+                    Ok(r) => r.recv(),
+                    Err(_) => return,
+                };
+                let Ok((id, req)) = next else { return };
+                answer(roots, id, &req, out);
+            });
+        }
+        let mut r = BufReader::with_capacity(1 << 20, input);
+        let mut pending: HashMap<u64, Request> = HashMap::new();
+        let outcome = loop {
+            let frame = match wire::read_frame(&mut r) {
+                Ok(Some(f)) => f,
+                Ok(None) => break Err(loc()),
+                Err(e) => break Err(Error::io(Path::new("(remote)"), e)),
+            };
+            let (o, id, body) = frame;
+            let mut d = Dec::new(&body);
+            let got = match o {
+                op::FILE => (|| -> io::Result<Option<Request>> {
+                    let req = Request {
+                        arg: d.u32()?,
+                        rel: d.bytes()?.to_vec(),
+                        start: d.u64()?,
+                        block_size: d.u32()?,
+                        old_size: d.u64()?,
+                        want: usize::try_from(d.u64()?).map_err(|_| bad("request"))?,
+                        entries: Vec::new(),
+                    };
+                    if req.want == 0 {
+                        return Ok(Some(req));
+                    }
+                    pending.insert(id, req);
+                    Ok(None)
+                })(),
+                op::SIG => (|| -> io::Result<Option<Request>> {
+                    let req = pending.get_mut(&id).ok_or_else(|| bad("signature"))?;
+                    if req.entries.len() + body.len() > req.want {
+                        return Err(bad("signature"));
+                    }
+                    req.entries.extend_from_slice(&body);
+                    if req.entries.len() == req.want {
+                        return Ok(pending.remove(&id));
+                    }
+                    Ok(None)
+                })(),
+                op::END => break Ok(None),
+                _ => match reports.and_then(|rep| rep.frame(o, &body)) {
+                    Some(r) => break r.map(Some),
+                    None if reports.is_some() => Ok(None),
+                    None => Err(bad(&format!("frame (op {o})"))),
+                },
+            };
+            match got {
+                Ok(Some(req)) => {
+                    if tx.send((id, req)).is_err() {
+                        break Err(loc());
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => break Err(Error::io(Path::new("(remote)"), e)),
+            }
+        };
+        stop.store(true, Ordering::Relaxed);
+        drop(tx);
+        outcome
+    })
+}
+
+fn open_root(p: &[u8]) -> Root {
+    let path = Path::new(std::ffi::OsStr::from_bytes(p));
+    let contents = super::super::ends_with_slash(path);
+    let dir: Option<PathBuf> = if contents {
+        Some(path.to_path_buf())
+    } else {
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => Some(p.to_path_buf()),
+            _ => Some(PathBuf::from(".")),
+        }
+    };
+    let fd = dir.and_then(|d| {
+        rustix::fs::open(
+            &d,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()
+    });
+    Root {
+        fd: fd.map(Arc::new),
+    }
+}
+
+/// The entry of `name` in `dir` (at `rel`), with what the options ask.
+fn entry_of(dir: BorrowedFd<'_>, name: &[u8], opts: &SyncOptions) -> Entry {
+    let mut e = Entry {
+        name: name.to_vec(),
+        st: Stat {
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            dev: 0,
+            ino: 0,
+            nlink: 0,
+            rdev: 0,
+        },
+        err: None,
+        link: None,
+        xattrs: None,
+        hash: None,
+    };
+    let st = match source::stat_at(dir, name) {
+        Ok(st) => st,
+        Err(e2) => {
+            e.err = Some((e2.kind() == io::ErrorKind::NotFound, e2.to_string()));
+            return e;
+        }
+    };
+    e.st = st;
+    if st.file_type() == libc::S_IFLNK {
+        match source::read_link(dir, name) {
+            Ok(t) => e.link = Some(t),
+            Err(x) => e.err = Some((x.kind() == io::ErrorKind::NotFound, x.to_string())),
+        }
+    }
+    if opts.xattrs || opts.acls {
+        match source::xattrs(XattrSource::Path(&proc_path(Target::At(dir, name)))) {
+            Ok(x) => e.xattrs = Some(x),
+            Err(x) => e.err = Some((x.kind() == io::ErrorKind::NotFound, x.to_string())),
+        }
+    }
+    if opts.checksum && st.is_file() {
+        match source::open_file(dir, name).and_then(|f| hash_file(&f)) {
+            Ok(h) => e.hash = Some(h),
+            Err(x) => e.err = Some((x.kind() == io::ErrorKind::NotFound, x.to_string())),
+        }
+    }
+    e
+}
+
+/// TOP for every argument, then every directory's listing (depth first,
+/// names in order), then LISTED.
+fn list_all(
+    srcs: &[Vec<u8>],
+    roots: &[Root],
+    opts: &SyncOptions,
+    matcher: Option<&super::super::filter::Matcher>,
+    out: &Out,
+    stop: &AtomicBool,
+) {
+    let mut walks: Vec<(u32, Arc<OwnedFd>, Vec<u8>)> = Vec::new();
+    let Ok(mut z) = Lister::new() else { return };
+    for (i, (p, root)) in srcs.iter().zip(roots).enumerate() {
+        let path = Path::new(std::ffi::OsStr::from_bytes(p));
+        let contents = super::super::ends_with_slash(path);
+        let mut b = Vec::new();
+        put_bytes(&mut b, p);
+        b.push(u8::from(contents));
+        let found: std::result::Result<(Entry, Option<Arc<OwnedFd>>), String> =
+            match (&root.fd, contents) {
+                (None, _) => Err("cannot open its directory".into()),
+                (Some(fd), true) => {
+                    source::stat_fd(fd.as_fd())
+                        .map_err(|e| e.to_string())
+                        .map(|st| {
+                            let mut e = entry_of(fd.as_fd(), b".", opts);
+                            e.name = Vec::new();
+                            e.st = st;
+                            (e, Some(fd.clone()))
+                        })
+                }
+                (Some(fd), false) => match path.file_name() {
+                    None => Err("not a file name (add a trailing / to sync its contents)".into()),
+                    Some(n) => {
+                        let e = entry_of(fd.as_fd(), n.as_bytes(), opts);
+                        match e.stat() {
+                            Err(x) => Err(x.to_string()),
+                            Ok(st) if st.is_dir() && opts.recursive => {
+                                match source::open_dir(Some(fd.as_fd()), n.as_bytes()) {
+                                    Ok(d) => Ok((e, Some(Arc::new(d)))),
+                                    Err(x) => Err(x.to_string()),
+                                }
+                            }
+                            Ok(_) => Ok((e, None)),
+                        }
+                    }
+                },
+            };
+        match found {
+            Ok((e, dir)) => {
+                b.push(0);
+                if let Some(d) = dir {
+                    walks.push((i as u32, d, e.name.clone()));
+                }
+                put_entry(&mut b, &e);
+            }
+            Err(m) => {
+                b.push(1);
+                b.extend_from_slice(m.as_bytes());
+            }
+        }
+        if out.frame(op::TOP, 0, &b, false).is_err() {
+            return;
+        }
+    }
+    for (arg, fd, rel) in walks {
+        if list_tree(arg, fd, rel, opts, matcher, out, stop, &mut z).is_err() {
+            return;
+        }
+    }
+    let _ = out.frame(op::LISTED, 0, &[], true);
+}
+
+/// One argument's directories, depth first.
+#[allow(clippy::too_many_arguments)]
+fn list_tree(
+    arg: u32,
+    fd: Arc<OwnedFd>,
+    rel: Vec<u8>,
+    opts: &SyncOptions,
+    matcher: Option<&super::super::filter::Matcher>,
+    out: &Out,
+    stop: &AtomicBool,
+    z: &mut Lister,
+) -> io::Result<()> {
+    // (parent, name, path): opened when its turn comes.
+    let mut todo: Vec<Pending> = vec![(fd, None, rel)];
+    while let Some((parent, name, rel)) = todo.pop() {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let dir = match &name {
+            None => Ok(parent),
+            Some(n) => source::open_dir(Some(parent.as_fd()), n).map(Arc::new),
+        };
+        let listed = dir.and_then(|d| {
+            let mut names = source::read_names(d.as_fd())?;
+            names.sort_unstable();
+            Ok((d, names))
+        });
+        let (dir, names) = match listed {
+            Ok(l) => l,
+            Err(e) => {
+                send_failed(arg, &rel, &e.to_string(), out, z)?;
+                continue;
+            }
+        };
+        let entries: Vec<Entry> = {
+            use rayon::prelude::*;
+            names
+                .par_iter()
+                .with_min_len(16)
+                .map(|(n, _)| entry_of(dir.as_fd(), n, opts))
+                .collect()
+        };
+        let entries: Vec<Entry> = entries
+            .into_iter()
+            .filter(|e| {
+                let is_dir = e.err.is_none() && e.st.is_dir();
+                !matcher.is_some_and(|m| m.excluded(&join(&rel, &e.name), is_dir))
+            })
+            .collect();
+        send_listing(arg, &rel, &entries, out, z)?;
+        if opts.recursive {
+            for e in entries.iter().rev() {
+                if e.err.is_none() && e.st.is_dir() {
+                    todo.push((dir.clone(), Some(e.name.clone()), join(&rel, &e.name)));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The listings' compression: one zstd stream for the session, flushed
+/// at each DIR frame (names and attributes repeat from directory to
+/// directory).
+pub(crate) struct Lister {
+    enc: zstd::stream::raw::Encoder<'static>,
+}
+
+impl Lister {
+    fn new() -> io::Result<Lister> {
+        Ok(Lister {
+            enc: zstd::stream::raw::Encoder::new(3)?,
+        })
+    }
+
+    /// One DIR frame of `raw`, compressed.
+    fn frame(&mut self, raw: &[u8], out: &Out, flush: bool) -> io::Result<()> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        let mut z: Vec<u8> = Vec::with_capacity(raw.len() / 2 + 64);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut input = InBuffer::around(raw);
+        while input.pos() < raw.len() {
+            let mut o = OutBuffer::around(&mut buf[..]);
+            self.enc.run(&mut input, &mut o)?;
+            let n = o.pos();
+            z.extend_from_slice(&buf[..n]);
+        }
+        loop {
+            let mut o = OutBuffer::around(&mut buf[..]);
+            let left = self.enc.flush(&mut o)?;
+            let n = o.pos();
+            z.extend_from_slice(&buf[..n]);
+            if left == 0 {
+                break;
+            }
+        }
+        out.frame(op::DIR, 0, &z, flush)
+    }
+}
+
+/// DIR frames of a listing (split when it is big): argument, path, status
+/// 0, more, count, entries.
+fn send_listing(
+    arg: u32,
+    rel: &[u8],
+    entries: &[Entry],
+    out: &Out,
+    z: &mut Lister,
+) -> io::Result<()> {
+    let mut i = 0;
+    loop {
+        let mut raw = Vec::new();
+        put_u32(&mut raw, arg);
+        put_bytes(&mut raw, rel);
+        raw.push(0);
+        let more_at = raw.len();
+        raw.push(0);
+        let count_at = raw.len();
+        put_u32(&mut raw, 0);
+        let mut n = 0u32;
+        while i < entries.len() && raw.len() < 8 << 20 {
+            put_entry(&mut raw, &entries[i]);
+            i += 1;
+            n += 1;
+        }
+        let more = i < entries.len();
+        raw[more_at] = u8::from(more);
+        raw[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
+        z.frame(&raw, out, !more)?;
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// A DIR frame saying why a directory could not be listed.
+fn send_failed(arg: u32, rel: &[u8], why: &str, out: &Out, z: &mut Lister) -> io::Result<()> {
+    let mut raw = Vec::new();
+    put_u32(&mut raw, arg);
+    put_bytes(&mut raw, rel);
+    raw.push(1);
+    put_bytes(&mut raw, why.as_bytes());
+    z.frame(&raw, out, true)
+}
+
+/// A sender thread's last directory: (argument, path, descriptor).
+type LastDir = Option<(u32, Vec<u8>, Arc<OwnedFd>)>;
+
+/// Opens `rel` (names from the argument's root, never through a symlink).
+/// The directory is kept for the next request of the thread: files are
+/// asked for in walk order, most in the directory of the one before.
+fn open_rel(root: &Root, arg: u32, rel: &[u8]) -> io::Result<File> {
+    thread_local! {
+        static LAST: std::cell::RefCell<LastDir> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let fd = root
+        .fd
+        .as_ref()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+    let (parent, last) = match rel.iter().rposition(|&c| c == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&rel[..0], rel),
+    };
+    let names: Vec<&[u8]> = if parent.is_empty() {
+        Vec::new()
+    } else {
+        parent.split(|&c| c == b'/').collect()
+    };
+    if last.is_empty()
+        || names
+            .iter()
+            .any(|n| n.is_empty() || *n == b".." || *n == b".")
+    {
+        return Err(bad("path"));
+    }
+    let cached = LAST.with(|l| {
+        l.borrow()
+            .as_ref()
+            .filter(|(a, p, _)| *a == arg && p.as_slice() == parent)
+            .map(|(_, _, d)| d.clone())
+    });
+    let dir = match cached {
+        Some(d) => d,
+        None => {
+            let mut dir = fd.clone();
+            for n in names {
+                dir = Arc::new(source::open_dir(Some(dir.as_fd()), n)?);
+            }
+            LAST.with(|l| *l.borrow_mut() = Some((arg, parent.to_vec(), dir.clone())));
+            dir
+        }
+    };
+    source::open_file(dir.as_fd(), last)
+}
+
+/// Answers one FILE request: DATA frames, then DONE.
+fn answer(roots: &[Root], id: u64, req: &Request, out: &Out) {
+    let r = (|| -> io::Result<(u64, i64)> {
+        let root = roots.get(req.arg as usize).ok_or_else(|| bad("request"))?;
+        let f = open_rel(root, req.arg, &req.rel)?;
+        let st = source::stat_fd(f.as_fd())?;
+        if !st.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        let sig = (req.want > 0 && req.block_size as u64 == BLOCK).then(|| Signature {
+            block_size: req.block_size,
+            file_size: req.old_size,
+            entries: req.entries.clone(),
+        });
+        if let Some(s) = &sig {
+            if (s.file_size.div_ceil(BLOCK) as usize) * crate::format::sig::ENTRY_SIZE
+                != s.entries.len()
+            {
+                return Err(bad("signature"));
+            }
+        }
+        let start = req.start.min(st.size);
+        let pieces = plan(&f, st.size, start, sig.as_ref())?;
+        stream(out, id, &f, &pieces)?;
+        Ok((st.size, st.mtime_ns))
+    })();
+    let mut b = Vec::new();
+    match r {
+        Ok((size, mtime)) => {
+            b.push(0);
+            put_u64(&mut b, size);
+            put_u64(&mut b, mtime as u64);
+        }
+        Err(e) => {
+            b.push(if e.kind() == io::ErrorKind::NotFound {
+                1
+            } else {
+                2
+            });
+            b.extend_from_slice(e.to_string().as_bytes());
+        }
+    }
+    let _ = out.frame(op::DONE, id, &b, true);
+}
+
+/// What to send of `f` from `start` on against the receiver's old file:
+/// blocks compared at the same offsets first (a VM image changes in
+/// place), the rsync search when a quarter or more differ.
+fn plan(f: &File, size: u64, start: u64, sig: Option<&Signature>) -> io::Result<Vec<Piece>> {
+    let whole = vec![Piece::New {
+        from: start,
+        len: size - start,
+    }];
+    let Some(sig) = sig.filter(|s| s.file_size > 0 && size > start) else {
+        return Ok(whole);
+    };
+    if let Some(p) = aligned(f, size, start, sig)? {
+        return Ok(p);
+    }
+    file::search(f, size, start, sig)
+}
+
+/// Blocks of `f` that hash as the old file's at the same offset; `None`
+/// when a quarter or more of the common part differs.
+fn aligned(f: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Option<Vec<Piece>>> {
+    use rayon::prelude::*;
+    const CHUNK: u64 = 4 << 20;
+    let es = crate::format::sig::ENTRY_SIZE;
+    // Whole blocks of both only (a short last block of the old file is
+    // new bytes here).
+    let common = (size.min(sig.file_size) / BLOCK) * BLOCK;
+    let first = start / BLOCK * BLOCK;
+    if common <= first {
+        return Ok(None);
+    }
+    // Holes are not read: their blocks are the zero block.
+    let segs = file::data_segments(f, common);
+    let zero = file::entries_of(&[0u8; BLOCK as usize]);
+    let parts: Vec<io::Result<Vec<Piece>>> = (first / CHUNK..common.div_ceil(CHUNK))
+        .into_par_iter()
+        .map_init(
+            || vec![0u8; CHUNK as usize],
+            |buf, c| {
+                let at = (c * CHUNK).max(first);
+                let end = ((c + 1) * CHUNK).min(common);
+                let len = (end - at) as usize;
+                let mine = if file::has_data(&segs, at, end) {
+                    if file::read_full(f, &mut buf[..len], at)? != len {
+                        return Err(file::shrank());
+                    }
+                    file::entries_of(&buf[..len])
+                } else {
+                    zero.repeat(len / BLOCK as usize)
+                };
+                let k0 = (at / BLOCK) as usize;
+                let mut out = Vec::new();
+                for (i, e) in mine.chunks(es).enumerate() {
+                    let theirs = sig.entries.get((k0 + i) * es..(k0 + i + 1) * es);
+                    let from = at + i as u64 * BLOCK;
+                    let p = if theirs == Some(e) {
+                        Piece::Old { from, len: BLOCK }
+                    } else {
+                        Piece::New { from, len: BLOCK }
+                    };
+                    file::push(&mut out, p);
+                }
+                Ok(out)
+            },
+        )
+        .collect();
+    let mut out = Vec::new();
+    let mut differ = 0u64;
+    for part in parts {
+        for p in part? {
+            if let Piece::New { len, .. } = p {
+                differ += len;
+            }
+            file::push(&mut out, p);
+        }
+    }
+    if differ * 4 >= common - first {
+        return Ok(None);
+    }
+    file::push(
+        &mut out,
+        Piece::New {
+            from: common,
+            len: size - common,
+        },
+    );
+    Ok(Some(file::skip_before(out, start - first)))
+}
+
+/// DATA frames for `pieces`: ranges of the old file, new bytes compressed
+/// (all-zero blocks as zeros).
+fn stream(out: &Out, id: u64, f: &File, pieces: &[Piece]) -> io::Result<()> {
+    // A thread's buffers and compressor serve all its files (most are
+    // small: a fresh megabyte and zstd context each would cost more than
+    // the file).
+    thread_local! {
+        static BUFS: std::cell::RefCell<(Vec<u8>, Vec<u8>, Option<zstd::bulk::Compressor<'static>>)> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new(), None)) };
+    }
+    BUFS.with(|b| {
+        let (rec, buf, z) = &mut *b.borrow_mut();
+        if z.is_none() {
+            *z = Some(zstd::bulk::Compressor::new(3)?);
+        }
+        let z = z
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no compressor"))?;
+        rec.clear();
+        stream_with(out, id, f, pieces, rec, buf, z)
+    })
+}
+
+fn stream_with(
+    out: &Out,
+    id: u64,
+    f: &File,
+    pieces: &[Piece],
+    rec: &mut Vec<u8>,
+    buf: &mut Vec<u8>,
+    z: &mut zstd::bulk::Compressor<'static>,
+) -> io::Result<()> {
+    let mut zbuf = Vec::new();
+    let send = |rec: &mut Vec<u8>| -> io::Result<()> {
+        if !rec.is_empty() {
+            out.frame(op::DATA, id, rec, false)?;
+            rec.clear();
+        }
+        Ok(())
+    };
+    for p in pieces {
+        match *p {
+            Piece::Old { from, len } => {
+                rec.push(1);
+                put_u64(rec, from);
+                put_u64(rec, len);
+            }
+            Piece::Zero { len } => {
+                rec.push(3);
+                put_u64(rec, len);
+            }
+            Piece::New { from, len } => {
+                let mut at = from;
+                while at < from + len {
+                    let n = (from + len - at).min(STEP as u64) as usize;
+                    if buf.len() < n {
+                        buf.resize(n, 0);
+                    }
+                    if file::read_full(f, &mut buf[..n], at)? != n {
+                        return Err(file::shrank());
+                    }
+                    for (zero, run) in zero_runs(&buf[..n]) {
+                        if zero {
+                            rec.push(3);
+                            put_u64(rec, run.len() as u64);
+                        } else {
+                            rec.push(2);
+                            put_u32(rec, run.len() as u32);
+                            zbuf.clear();
+                            zbuf.reserve(zstd::zstd_safe::compress_bound(run.len()));
+                            z.compress_to_buffer(run, &mut zbuf)?;
+                            put_bytes(rec, &zbuf);
+                        }
+                    }
+                    at += n as u64;
+                    if rec.len() >= STEP {
+                        send(rec)?;
+                    }
+                }
+            }
+        }
+        if rec.len() >= STEP {
+            send(rec)?;
+        }
+    }
+    send(rec)
+}
+
+/// `data` cut into runs of whole zero blocks and the rest.
+fn zero_runs(data: &[u8]) -> Vec<(bool, &[u8])> {
+    let mut out: Vec<(bool, &[u8])> = Vec::new();
+    let mut start = 0;
+    let mut cur: Option<bool> = None;
+    for (i, b) in data.chunks(BLOCK as usize).enumerate() {
+        let z = b.len() == BLOCK as usize && b.iter().all(|&x| x == 0);
+        let at = i * BLOCK as usize;
+        match cur {
+            Some(c) if c != z => {
+                out.push((c, &data[start..at]));
+                start = at;
+                cur = Some(z);
+            }
+            None => cur = Some(z),
+            _ => {}
+        }
+    }
+    if let Some(c) = cur {
+        out.push((c, &data[start..]));
+    }
+    out
+}
