@@ -125,35 +125,10 @@ impl Peer {
             op::DIR => {
                 let raw = unz(dec, &body)?;
                 let mut d = Dec::new(&raw);
-                let arg = d.u32()?;
-                let rel = d.bytes()?.to_vec();
-                let status = d.u8()?;
-                if status != 0 {
-                    let msg = String::from_utf8_lossy(d.bytes()?).into_owned();
-                    return self.update(|s| {
-                        s.dirs.insert((arg, rel), Listed::Failed(msg));
-                    });
+                while !d.rest_is_empty() {
+                    self.listing(&mut d)?;
                 }
-                let more = d.u8()? != 0;
-                let n = d.u32()?;
-                let mut got = Vec::with_capacity(n.min(1 << 16) as usize);
-                for _ in 0..n {
-                    got.push(get_entry(&mut d)?);
-                }
-                self.update(|s| {
-                    let key = (arg, rel);
-                    let mut all = match s.dirs.remove(&key) {
-                        Some(Listed::Partial(v)) => v,
-                        _ => Vec::new(),
-                    };
-                    all.append(&mut got);
-                    let l = if more {
-                        Listed::Partial(all)
-                    } else {
-                        Listed::Done(Arc::new(all))
-                    };
-                    s.dirs.insert(key, l);
-                })
+                Ok(())
             }
             op::LISTED => self.update(|s| s.listed = true),
             op::DATA | op::DONE => {
@@ -173,6 +148,39 @@ impl Peer {
             }
             _ => Err(bad(&format!("frame (op {o})"))),
         }
+    }
+
+    /// One directory's record of a DIR frame.
+    fn listing(&self, d: &mut Dec<'_>) -> io::Result<()> {
+        let arg = d.u32()?;
+        let rel = d.bytes()?.to_vec();
+        let status = d.u8()?;
+        if status != 0 {
+            let msg = String::from_utf8_lossy(d.bytes()?).into_owned();
+            return self.update(|s| {
+                s.dirs.insert((arg, rel), Listed::Failed(msg));
+            });
+        }
+        let more = d.u8()? != 0;
+        let n = d.u32()?;
+        let mut got = Vec::with_capacity(n.min(1 << 16) as usize);
+        for _ in 0..n {
+            got.push(get_entry(d)?);
+        }
+        self.update(|s| {
+            let key = (arg, rel);
+            let mut all = match s.dirs.remove(&key) {
+                Some(Listed::Partial(v)) => v,
+                _ => Vec::new(),
+            };
+            all.append(&mut got);
+            let l = if more {
+                Listed::Partial(all)
+            } else {
+                Listed::Done(Arc::new(all))
+            };
+            s.dirs.insert(key, l);
+        })
     }
 
     fn lock(&self) -> io::Result<std::sync::MutexGuard<'_, State>> {

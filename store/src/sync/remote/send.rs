@@ -7,7 +7,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 
@@ -66,6 +66,10 @@ pub fn send(
     let matcher = opts.filters.matcher()?;
     let roots: Vec<Root> = srcs.iter().map(|p| open_root(p)).collect();
     let (tx, rx) = sync_channel::<(u64, Request)>(64);
+    // Requests read and not yet taken by a thread: while there are, an
+    // answer is not flushed on its own (the next one's flush carries it:
+    // fewer, larger writes through ssh).
+    let queued = AtomicUsize::new(0);
     let rx = Mutex::new(rx);
     let loc = || {
         Error::io(
@@ -74,7 +78,7 @@ pub fn send(
         )
     };
     std::thread::scope(|scope| -> Result<Option<SyncReport>> {
-        let (out, stop, roots, rx) = (&out, &stop, &roots, &rx);
+        let (out, stop, roots, rx, queued) = (&out, &stop, &roots, &rx, &queued);
         let matcher = matcher.as_ref();
         scope.spawn(move || {
             list_all(srcs, roots, opts, matcher, out, stop);
@@ -86,7 +90,8 @@ pub fn send(
                     Err(_) => return,
                 };
                 let Ok((id, req)) = next else { return };
-                answer(roots, id, &req, out);
+                queued.fetch_sub(1, Ordering::SeqCst);
+                answer(roots, id, &req, out, queued);
             });
         }
         let mut r = BufReader::with_capacity(1 << 20, input);
@@ -136,6 +141,7 @@ pub fn send(
             };
             match got {
                 Ok(Some(req)) => {
+                    queued.fetch_add(1, Ordering::SeqCst);
                     if tx.send((id, req)).is_err() {
                         break Err(loc());
                     }
@@ -294,7 +300,9 @@ fn list_all(
             return;
         }
     }
-    let _ = out.frame(op::LISTED, 0, &[], true);
+    if z.emit(out).is_ok() {
+        let _ = out.frame(op::LISTED, 0, &[], true);
+    }
 }
 
 /// One argument's directories, depth first.
@@ -363,37 +371,58 @@ fn list_tree(
 /// directory).
 pub(crate) struct Lister {
     enc: zstd::stream::raw::Encoder<'static>,
+    /// Records not sent yet.
+    raw: Vec<u8>,
+    buf: Vec<u8>,
 }
+
+/// Listing bytes gathered into one DIR frame (a few thousand names: the
+/// receiver, walking meanwhile, waits little for the first).
+const LISTING_BATCH: usize = 256 << 10;
 
 impl Lister {
     fn new() -> io::Result<Lister> {
         Ok(Lister {
             enc: zstd::stream::raw::Encoder::new(3)?,
+            raw: Vec::new(),
+            buf: vec![0u8; 64 << 10],
         })
     }
 
-    /// One DIR frame of `raw`, compressed.
-    fn frame(&mut self, raw: &[u8], out: &Out, flush: bool) -> io::Result<()> {
+    /// A directory's record; a DIR frame goes out when enough gathered.
+    fn add(&mut self, record: &[u8], out: &Out) -> io::Result<()> {
+        self.raw.extend_from_slice(record);
+        if self.raw.len() >= LISTING_BATCH {
+            self.emit(out)?;
+        }
+        Ok(())
+    }
+
+    /// The records gathered, as one DIR frame.
+    fn emit(&mut self, out: &Out) -> io::Result<()> {
         use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
-        let mut z: Vec<u8> = Vec::with_capacity(raw.len() / 2 + 64);
-        let mut buf = vec![0u8; 64 << 10];
-        let mut input = InBuffer::around(raw);
-        while input.pos() < raw.len() {
-            let mut o = OutBuffer::around(&mut buf[..]);
+        if self.raw.is_empty() {
+            return Ok(());
+        }
+        let mut z: Vec<u8> = Vec::with_capacity(self.raw.len() / 2 + 64);
+        let mut input = InBuffer::around(&self.raw);
+        while input.pos() < self.raw.len() {
+            let mut o = OutBuffer::around(&mut self.buf[..]);
             self.enc.run(&mut input, &mut o)?;
             let n = o.pos();
-            z.extend_from_slice(&buf[..n]);
+            z.extend_from_slice(&self.buf[..n]);
         }
         loop {
-            let mut o = OutBuffer::around(&mut buf[..]);
+            let mut o = OutBuffer::around(&mut self.buf[..]);
             let left = self.enc.flush(&mut o)?;
             let n = o.pos();
-            z.extend_from_slice(&buf[..n]);
+            z.extend_from_slice(&self.buf[..n]);
             if left == 0 {
                 break;
             }
         }
-        out.frame(op::DIR, 0, &z, flush)
+        self.raw.clear();
+        out.frame(op::DIR, 0, &z, true)
     }
 }
 
@@ -425,7 +454,7 @@ fn send_listing(
         let more = i < entries.len();
         raw[more_at] = u8::from(more);
         raw[count_at..count_at + 4].copy_from_slice(&n.to_le_bytes());
-        z.frame(&raw, out, !more)?;
+        z.add(&raw, out)?;
         if !more {
             return Ok(());
         }
@@ -439,7 +468,7 @@ fn send_failed(arg: u32, rel: &[u8], why: &str, out: &Out, z: &mut Lister) -> io
     put_bytes(&mut raw, rel);
     raw.push(1);
     put_bytes(&mut raw, why.as_bytes());
-    z.frame(&raw, out, true)
+    z.add(&raw, out)
 }
 
 /// A sender thread's last directory: (argument, path, descriptor).
@@ -494,7 +523,7 @@ fn open_rel(root: &Root, arg: u32, rel: &[u8]) -> io::Result<File> {
 }
 
 /// Answers one FILE request: DATA frames, then DONE.
-fn answer(roots: &[Root], id: u64, req: &Request, out: &Out) {
+fn answer(roots: &[Root], id: u64, req: &Request, out: &Out, queued: &AtomicUsize) {
     let r = (|| -> io::Result<(u64, i64)> {
         let root = roots.get(req.arg as usize).ok_or_else(|| bad("request"))?;
         let f = open_rel(root, req.arg, &req.rel)?;
@@ -535,7 +564,7 @@ fn answer(roots: &[Root], id: u64, req: &Request, out: &Out) {
             b.extend_from_slice(e.to_string().as_bytes());
         }
     }
-    let _ = out.frame(op::DONE, id, &b, true);
+    let _ = out.frame(op::DONE, id, &b, queued.load(Ordering::SeqCst) == 0);
 }
 
 /// What to send of `f` from `start` on against the receiver's old file:
