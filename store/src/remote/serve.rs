@@ -443,6 +443,19 @@ mod tests {
     }
 
     #[test]
+    fn a_repository_server_answers_sync_as_an_unknown_operation() {
+        // What a server from before sync sessions says to SYNC: the client
+        // turns this line into "too old for dsync sync".
+        let a = run(
+            &ServeOptions::default(),
+            &[(crate::sync::remote::op::SYNC, b"DSYNCRP\0".to_vec())],
+        );
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].0, op::ERR);
+        assert!(String::from_utf8_lossy(&a[0].1).contains("no operation 32"));
+    }
+
+    #[test]
     fn requests_before_hello_and_paths_outside_the_restriction_fail() {
         let d = tempfile::tempdir().unwrap();
         let opts = ServeOptions {

@@ -752,11 +752,16 @@ fn hello_exchange(
         Some((wire::op::ERR, _, body)) => {
             let mut d = Dec::new(&body);
             let _ = d.u8();
-            Err(Error::InvalidInput(format!(
-                "{}: {}",
-                loc.display(),
-                String::from_utf8_lossy(d.rest())
-            )))
+            let msg = String::from_utf8_lossy(d.rest()).into_owned();
+            // A dsync serve from before sync sessions knows no op 32.
+            let msg = if msg.contains("no operation 32") {
+                "the dsync on the far side is too old for dsync sync (it serves repositories only): \
+                 install this version there"
+                    .to_string()
+            } else {
+                msg
+            };
+            Err(Error::InvalidInput(format!("{}: {msg}", loc.display())))
         }
         _ => Err(lost(io::ErrorKind::UnexpectedEof.into())),
     }
