@@ -78,14 +78,7 @@ struct Server {
 pub fn serve(opts: &ServeOptions, input: impl Read, output: impl Write) -> io::Result<()> {
     let mut r = BufReader::with_capacity(1 << 20, input);
     let mut w = BufWriter::with_capacity(1 << 20, output);
-    let mut s = Server {
-        opts: opts.clone(),
-        backend: None,
-        reading: HashMap::new(),
-        writing: HashMap::new(),
-        next: 1,
-        lock: None,
-    };
+    let mut s = Server::new(opts);
     while let Some((o, id, body)) = wire::read_frame(&mut r)? {
         match s.handle(o, &body) {
             Ok(answer) => wire::write_frame(&mut w, op::OK, id, &answer)?,
@@ -119,14 +112,7 @@ pub fn serve_stdio(opts: &ServeOptions) -> io::Result<()> {
         return Ok(());
     };
     if o == crate::sync::remote::op::SYNC {
-        let server = Server {
-            opts: opts.clone(),
-            backend: None,
-            reading: HashMap::new(),
-            writing: HashMap::new(),
-            next: 1,
-            lock: None,
-        };
+        let server = Server::new(opts);
         let check = |p: &[u8], writes: bool| -> Result<(), String> {
             if writes && opts.read_only {
                 return Err(refused("a sync into this server", "read-only").1);
@@ -154,6 +140,17 @@ fn refused(what: &str, mode: &str) -> Fail {
 }
 
 impl Server {
+    fn new(opts: &ServeOptions) -> Server {
+        Server {
+            opts: opts.clone(),
+            backend: None,
+            reading: HashMap::new(),
+            writing: HashMap::new(),
+            next: 1,
+            lock: None,
+        }
+    }
+
     fn backend(&self) -> Result<&Arc<LocalBackend>, Fail> {
         self.backend
             .as_ref()

@@ -199,12 +199,13 @@ impl Peer {
         io::Error::new(io::ErrorKind::ConnectionAborted, why.to_string())
     }
 
-    /// The SRC arguments, once the sender has said all `n` of them.
-    pub fn tops(&self, n: usize) -> io::Result<Vec<Top>> {
+    /// What `ready` finds in the state, once it finds something (the
+    /// connection's end wakes every waiter with an error).
+    fn wait_for<T>(&self, mut ready: impl FnMut(&State) -> Option<io::Result<T>>) -> io::Result<T> {
         let mut s = self.lock()?;
         loop {
-            if s.tops.len() >= n {
-                return Ok(s.tops.clone());
+            if let Some(r) = ready(&s) {
+                return r;
             }
             if let Some(why) = &s.gone {
                 return Err(Self::lost(why));
@@ -216,30 +217,23 @@ impl Peer {
         }
     }
 
+    /// The SRC arguments, once the sender has said all `n` of them.
+    pub fn tops(&self, n: usize) -> io::Result<Vec<Top>> {
+        self.wait_for(|s| (s.tops.len() >= n).then(|| Ok(s.tops.clone())))
+    }
+
     /// The listing of `rel` under argument `arg`, once it has come.
     pub(super) fn dir(&self, arg: u32, rel: &[u8]) -> io::Result<Arc<Vec<Entry>>> {
         let key = (arg, rel.to_vec());
-        let mut s = self.lock()?;
-        loop {
-            match s.dirs.get(&key) {
-                Some(Listed::Done(v)) => return Ok(v.clone()),
-                Some(Listed::Failed(m)) => return Err(io::Error::other(m.clone())),
-                _ if s.listed => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        "not listed by the sender",
-                    ))
-                }
-                _ => {}
-            }
-            if let Some(why) = &s.gone {
-                return Err(Self::lost(why));
-            }
-            s = self
-                .cond
-                .wait(s)
-                .map_err(|_| io::Error::other("a sync thread panicked"))?;
-        }
+        self.wait_for(|s| match s.dirs.get(&key) {
+            Some(Listed::Done(v)) => Some(Ok(v.clone())),
+            Some(Listed::Failed(m)) => Some(Err(io::Error::other(m.clone()))),
+            _ if s.listed => Some(Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "not listed by the sender",
+            ))),
+            _ => None,
+        })
     }
 
     /// Asks for a file's bytes from `start` on, as a delta against `sig`.
@@ -308,19 +302,25 @@ fn unz(dec: &mut zstd::stream::raw::Decoder<'static>, z: &[u8]) -> io::Result<Ve
     }
 }
 
-/// The sender's answer to a fetch, applied to `out` from `start` on:
-/// ranges of `old`, new bytes, zeros (left unwritten: `out` is new).
-/// Returns the file's (size, mtime) as the sender read it, and the bytes
-/// (new, matched).
-fn apply(
+/// One record of a DATA frame.
+enum Record<'a> {
+    /// Bytes of the old file.
+    Copy { from: u64, len: u64 },
+    /// New bytes.
+    Literal(&'a [u8]),
+    /// Zeros.
+    Zeros(u64),
+}
+
+/// The sender's answer to a fetch, record by record (`frame` after each
+/// DATA frame), until DONE: the file's (size, mtime) as the sender read
+/// it.
+fn records(
     rx: &Receiver<Frame>,
-    old: Option<&File>,
-    out: &File,
-    start: u64,
-    sparse: bool,
-    mut done: impl FnMut(u64) -> io::Result<()>,
-) -> io::Result<((u64, i64), (u64, u64))> {
-    let mut pos = start;
+    mut each: impl FnMut(Record<'_>) -> io::Result<()>,
+    mut frame: impl FnMut() -> io::Result<()>,
+) -> io::Result<(u64, i64)> {
+    // A thread's decompression context serves all its files.
     thread_local! {
         static DZ: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
             const { std::cell::RefCell::new(None) };
@@ -329,71 +329,95 @@ fn apply(
         Some(d) => d,
         None => zstd::bulk::Decompressor::new()?,
     };
-    let r = apply_with(rx, old, out, &mut pos, sparse, &mut done, &mut dz);
+    let mut data = Vec::new();
+    let r = loop {
+        let Ok((o, body)) = rx.recv() else {
+            break Err(Peer::lost("connection lost during a transfer"));
+        };
+        let mut d = Dec::new(&body);
+        if o == op::DONE {
+            break done_status(&mut d);
+        }
+        let mut one = || -> io::Result<()> {
+            while !d.rest_is_empty() {
+                match d.u8()? {
+                    1 => {
+                        let (from, len) = (d.u64()?, d.u64()?);
+                        each(Record::Copy { from, len })?;
+                    }
+                    2 => {
+                        let raw = d.u32()? as usize;
+                        if raw > STEP {
+                            return Err(bad("data record"));
+                        }
+                        data.clear();
+                        data.reserve(raw);
+                        let n = dz
+                            .decompress_to_buffer(d.bytes()?, &mut data)
+                            .map_err(|_| bad("data record"))?;
+                        if n != raw {
+                            return Err(bad("data record"));
+                        }
+                        each(Record::Literal(&data))?;
+                    }
+                    3 => each(Record::Zeros(d.u64()?))?,
+                    _ => return Err(bad("data record")),
+                }
+            }
+            frame()
+        };
+        if let Err(e) = one() {
+            break Err(e);
+        }
+    };
     DZ.with(|d| *d.borrow_mut() = Some(dz));
     r
 }
 
-fn apply_with(
+/// The sender's answer to a fetch, applied to `out` from `start` on:
+/// ranges of `old`, new bytes, zeros (left unwritten: `out` is new).
+/// Returns the file's (size, mtime) and the bytes (new, matched).
+fn apply(
     rx: &Receiver<Frame>,
     old: Option<&File>,
     out: &File,
-    pos: &mut u64,
+    start: u64,
     sparse: bool,
-    done: &mut impl FnMut(u64) -> io::Result<()>,
-    dz: &mut zstd::bulk::Decompressor<'static>,
+    mut done: impl FnMut(u64) -> io::Result<()>,
 ) -> io::Result<((u64, i64), (u64, u64))> {
+    let pos = std::cell::Cell::new(start);
     let (mut literal, mut matched) = (0u64, 0u64);
-    let mut data = Vec::new();
-    loop {
-        let (o, body) = rx
-            .recv()
-            .map_err(|_| Peer::lost("connection lost during a transfer"))?;
-        let mut d = Dec::new(&body);
-        if o == op::DONE {
-            return Ok((done_status(&mut d)?, (literal, matched)));
-        }
-        while !d.rest_is_empty() {
-            match d.u8()? {
-                1 => {
-                    let (from, len) = (d.u64()?, d.u64()?);
+    let end = records(
+        rx,
+        |r| {
+            let at = pos.get();
+            let len = match r {
+                Record::Copy { from, len } => {
                     let old = old.ok_or_else(|| bad("copy without an old file"))?;
                     if sparse {
-                        file::copy_data_to(old, from, len, out, *pos)?;
+                        file::copy_data_to(old, from, len, out, at)?;
                     } else {
-                        file::copy_range(old, from, out, *pos, len)?;
+                        file::copy_range(old, from, out, at, len)?;
                     }
-                    *pos += len;
                     matched += len;
+                    len
                 }
-                2 => {
-                    let raw = d.u32()? as usize;
-                    if raw > STEP {
-                        return Err(bad("data record"));
-                    }
-                    let z = d.bytes()?;
-                    data.clear();
-                    data.reserve(raw);
-                    let n = dz
-                        .decompress_to_buffer(z, &mut data)
-                        .map_err(|_| bad("data record"))?;
-                    if n != raw {
-                        return Err(bad("data record"));
-                    }
-                    out.write_all_at(&data, *pos)?;
-                    *pos += raw as u64;
-                    literal += raw as u64;
+                Record::Literal(data) => {
+                    out.write_all_at(data, at)?;
+                    literal += data.len() as u64;
+                    data.len() as u64
                 }
-                3 => {
-                    let len = d.u64()?;
-                    *pos += len;
+                Record::Zeros(len) => {
                     literal += len;
+                    len
                 }
-                _ => return Err(bad("data record")),
-            }
-        }
-        done(*pos)?;
-    }
+            };
+            pos.set(at + len);
+            Ok(())
+        },
+        || done(pos.get()),
+    )?;
+    Ok((end, (literal, matched)))
 }
 
 /// Brings one regular file over from a remote SRC: the old file's
@@ -555,59 +579,30 @@ type Collected = (Vec<Piece>, (u64, i64), (u64, u64));
 /// their offsets.
 fn collect(rx: &Receiver<Frame>, shadow: &File) -> io::Result<Collected> {
     let mut pieces = Vec::new();
-    let mut pos = 0u64;
-    let mut matched = 0u64;
-    let mut dz = zstd::bulk::Decompressor::new()?;
-    let mut data = Vec::new();
-    loop {
-        let (o, body) = rx
-            .recv()
-            .map_err(|_| Peer::lost("connection lost during a transfer"))?;
-        let mut d = Dec::new(&body);
-        if o == op::DONE {
-            return Ok((pieces, done_status(&mut d)?, (pos - matched, matched)));
-        }
-        while !d.rest_is_empty() {
-            match d.u8()? {
-                1 => {
-                    let (from, len) = (d.u64()?, d.u64()?);
-                    file::push(&mut pieces, Piece::Old { from, len });
-                    pos += len;
+    let (mut pos, mut matched) = (0u64, 0u64);
+    let end = records(
+        rx,
+        |r| {
+            let (p, len) = match r {
+                Record::Copy { from, len } => {
                     matched += len;
+                    (Piece::Old { from, len }, len)
                 }
-                2 => {
-                    let raw = d.u32()? as usize;
-                    if raw > STEP {
-                        return Err(bad("data record"));
-                    }
-                    data.clear();
-                    data.reserve(raw);
-                    let n = dz
-                        .decompress_to_buffer(d.bytes()?, &mut data)
-                        .map_err(|_| bad("data record"))?;
-                    if n != raw {
-                        return Err(bad("data record"));
-                    }
-                    shadow.write_all_at(&data, pos)?;
-                    file::push(
-                        &mut pieces,
-                        Piece::New {
-                            from: pos,
-                            len: n as u64,
-                        },
-                    );
-                    pos += n as u64;
+                Record::Literal(data) => {
+                    shadow.write_all_at(data, pos)?;
+                    let len = data.len() as u64;
+                    (Piece::New { from: pos, len }, len)
                 }
-                3 => {
-                    // Zeros: a hole of the shadow reads as zeros.
-                    let len = d.u64()?;
-                    file::push(&mut pieces, Piece::New { from: pos, len });
-                    pos += len;
-                }
-                _ => return Err(bad("data record")),
-            }
-        }
-    }
+                // A hole of the shadow reads as zeros.
+                Record::Zeros(len) => (Piece::New { from: pos, len }, len),
+            };
+            file::push(&mut pieces, p);
+            pos += len;
+            Ok(())
+        },
+        || Ok(()),
+    )?;
+    Ok((pieces, end, (pos - matched, matched)))
 }
 
 /// DONE's status: the file's (size, mtime) as the sender read it, or its
