@@ -305,7 +305,14 @@ pub(super) fn run(
         root: rustix::process::geteuid().is_root(),
         umask: umask(),
     };
-    let (tx, rx) = sync_channel::<Job>(256);
+    // A remote SRC's small files are asked for as they are queued (see
+    // remote::AHEAD): the queue is no longer than what may be asked ahead.
+    let queue = if matches!(srcs, Srcs::Remote(..)) {
+        remote::AHEAD_QUEUE
+    } else {
+        256
+    };
+    let (tx, rx) = sync_channel::<Job>(queue);
     let rx = Mutex::new(rx);
     let mut walker = Walker {
         s: &shared,

@@ -26,6 +26,28 @@ pub(super) struct Job {
     pub(super) st: Stat,
     /// DST's old file at that name, when it is a regular file.
     pub(super) old: Option<Stat>,
+    /// A remote file's fetch, made as the walk found it (see
+    /// [`remote::AHEAD_MAX_SIZE`]).
+    pub(super) ahead: std::cell::Cell<Option<remote::Fetch>>,
+}
+
+impl Job {
+    /// Asks ahead for a small remote file that needs no signature (no
+    /// old file to compare with), so that its bytes are on their way
+    /// before a worker takes the job.
+    pub(super) fn ask_ahead(self, opts: &super::SyncOptions) -> Job {
+        let whole = match self.old {
+            None => true,
+            Some(o) => o.size == 0 || (opts.whole_file && !opts.inplace),
+        };
+        if let SrcDir::Remote(d) = &self.sdir {
+            if whole && self.st.size <= remote::AHEAD_MAX_SIZE {
+                let rel = super::join(&d.rel, &self.sname);
+                self.ahead.set(d.peer.fetch_ahead(d.arg, &rel));
+            }
+        }
+        self
+    }
 }
 
 pub(super) fn worker(s: &Shared<'_>, rx: &Mutex<Receiver<Job>>) {

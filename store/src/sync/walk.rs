@@ -445,15 +445,19 @@ impl<'s, 'a> Walker<'s, 'a> {
             match ddir {
                 Some(d) if !o.dry_run => {
                     self.changes += 1;
-                    self.send(Job {
-                        sdir: sdir.clone(),
-                        sname: sname.to_vec(),
-                        ddir: d.clone(),
-                        dname: dname.to_vec(),
-                        rel: rel.to_vec(),
-                        st,
-                        old: old.filter(|d| d.file_type() == libc::S_IFREG),
-                    })?
+                    self.send(
+                        Job {
+                            sdir: sdir.clone(),
+                            sname: sname.to_vec(),
+                            ddir: d.clone(),
+                            dname: dname.to_vec(),
+                            rel: rel.to_vec(),
+                            st,
+                            old: old.filter(|d| d.file_type() == libc::S_IFREG),
+                            ahead: Default::default(),
+                        }
+                        .ask_ahead(o),
+                    )?
                 }
                 _ => s.ev.advance(st.size),
             }

@@ -14,14 +14,15 @@
 mod receive;
 mod send;
 
-pub(super) use receive::transfer;
 pub use receive::{receive, Peer};
+pub(super) use receive::{transfer, Fetch, AHEAD_MAX_SIZE, AHEAD_QUEUE};
 pub use send::{send, Reports};
 
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::attrs::Xattrs;
@@ -378,12 +379,16 @@ pub(crate) fn hello(role: u8, o: &SyncOptions, items: bool, paths: &[&[u8]]) -> 
 struct Out {
     /// `None` once closed.
     w: Mutex<Option<BufWriter<Box<dyn Write + Send>>>>,
+    /// Requests written and not yet flushed; changed only under `w`'s
+    /// lock, so a flush covers every request counted before it.
+    unflushed: AtomicUsize,
 }
 
 impl Out {
     fn new(w: Box<dyn Write + Send>) -> Out {
         Out {
             w: Mutex::new(Some(BufWriter::with_capacity(1 << 20, w))),
+            unflushed: AtomicUsize::new(0),
         }
     }
 
@@ -395,7 +400,51 @@ impl Out {
         let w = w
             .as_mut()
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-        wire::write_frame(w, o, id, body).and_then(|()| if flush { w.flush() } else { Ok(()) })
+        wire::write_frame(w, o, id, body)?;
+        if flush {
+            w.flush()?;
+            self.unflushed.store(0, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// A request's frame, counted; flushed with the others once `batch`
+    /// are waiting.
+    fn request(&self, o: u8, id: u64, body: &[u8], batch: usize) -> io::Result<()> {
+        let mut w = self
+            .w
+            .lock()
+            .map_err(|_| io::Error::other("a writer panicked"))?;
+        let w = w
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        wire::write_frame(w, o, id, body)?;
+        if self.unflushed.fetch_add(1, Ordering::SeqCst) + 1 >= batch {
+            w.flush()?;
+            self.unflushed.store(0, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Requests written and not yet flushed.
+    fn unflushed(&self) -> usize {
+        self.unflushed.load(Ordering::SeqCst)
+    }
+
+    /// Writes what is buffered.
+    fn flush(&self) -> io::Result<()> {
+        let mut w = self
+            .w
+            .lock()
+            .map_err(|_| io::Error::other("a writer panicked"))?;
+        match w.as_mut() {
+            Some(w) => {
+                w.flush()?;
+                self.unflushed.store(0, Ordering::SeqCst);
+                Ok(())
+            }
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
     }
 
     /// Flushes and closes the stream (the far side sees its end).

@@ -7,9 +7,12 @@ use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{
+    sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
 
@@ -36,6 +39,97 @@ pub struct Peer {
     state: Mutex<State>,
     cond: Condvar,
     next: AtomicU64,
+    /// Fetches made ahead and not yet done with.
+    ahead: AtomicUsize,
+}
+
+/// Requests gathered before a flush: requests go out in batches (each
+/// flush costs a wake-up of ssh on both sides and of the far dsync), see
+/// [`Fetch::next`].
+const FLUSH_BATCH: usize = 8;
+/// Signatures up to this size are batched with other requests.
+const SIG_BATCHED: usize = 64 << 10;
+/// How long a fetch waits for its answer with requests unflushed before
+/// it flushes them (when fewer than a batch are waiting).
+const FLUSH_AFTER: Duration = Duration::from_micros(200);
+/// How often a fetch still waiting looks again for unflushed requests.
+const FLUSH_AGAIN: Duration = Duration::from_millis(20);
+
+/// Files up to this size are asked for as the walk finds them, before a
+/// worker takes them (as rsync's generator asks ahead): their answers
+/// wait in their channels (at most 3 frames of [`WINDOW`]), and a worker
+/// seldom waits. Bigger ones, and files with an old version (whose
+/// signature a worker computes), are asked for by their worker.
+pub(in crate::sync) const AHEAD_MAX_SIZE: u64 = 1 << 20;
+/// The error of a fetch made ahead whose answer was dropped: its worker
+/// asks again.
+const SPILLED: &str = "answer dropped: asked for again";
+/// At most this many fetches made ahead at a time: more than the jobs a
+/// remote sync queues ([`AHEAD_QUEUE`]) and its workers hold, so that
+/// every small file is asked for ahead.
+const AHEAD: usize = 160;
+/// The jobs a sync from a remote SRC queues for its workers.
+pub(in crate::sync) const AHEAD_QUEUE: usize = 128;
+
+/// A file being fetched: its answer's frames.
+pub(in crate::sync) struct Fetch {
+    peer: Arc<Peer>,
+    rx: Receiver<Frame>,
+    /// Made ahead: counted in [`Peer::ahead`], and set when its answer
+    /// was dropped (see [`Route::spilled`]).
+    spilled: Option<Arc<AtomicBool>>,
+}
+
+impl Drop for Fetch {
+    fn drop(&mut self) {
+        if self.spilled.is_some() {
+            self.peer.ahead.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Fetch {
+    /// The answer's next frame. With requests still unflushed (its own
+    /// among them, maybe), it waits [`FLUSH_AFTER`] for other workers'
+    /// requests to join them, then flushes.
+    fn next(&self) -> io::Result<Frame> {
+        let lost = || {
+            if self
+                .spilled
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::SeqCst))
+            {
+                io::Error::new(io::ErrorKind::Interrupted, SPILLED)
+            } else {
+                Peer::lost("connection lost during a transfer")
+            }
+        };
+        match self.rx.try_recv() {
+            Ok(f) => return Ok(f),
+            Err(TryRecvError::Disconnected) => return Err(lost()),
+            Err(TryRecvError::Empty) => {}
+        }
+        // Then it waits, and flushes on a timeout: soon when requests are
+        // unflushed, then now and then (a request counted after a look at
+        // the count must not wait for the next batch).
+        let mut wait = FLUSH_AFTER;
+        loop {
+            let unflushed = self.peer.out.unflushed() > 0;
+            match self
+                .rx
+                .recv_timeout(if unflushed { wait } else { FLUSH_AGAIN })
+            {
+                Ok(f) => return Ok(f),
+                Err(RecvTimeoutError::Disconnected) => return Err(lost()),
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.peer.out.unflushed() > 0 {
+                        self.peer.out.flush()?;
+                    }
+                }
+            }
+            wait = FLUSH_AGAIN;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -46,7 +140,17 @@ struct State {
     listed: bool,
     /// Why the connection ended, once it has.
     gone: Option<String>,
-    files: HashMap<u64, SyncSender<Frame>>,
+    files: HashMap<u64, Route>,
+}
+
+/// Where a fetch's frames go.
+struct Route {
+    tx: SyncSender<Frame>,
+    /// A fetch made ahead of its worker: when its channel is full (its
+    /// file grew past what a prefetch is for, and no worker reads it yet),
+    /// the rest is dropped and this is set, rather than the reader waiting
+    /// (it would wait on a file behind the ones the workers wait for).
+    spilled: Option<Arc<AtomicBool>>,
 }
 
 enum Listed {
@@ -63,6 +167,7 @@ impl Peer {
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
             next: AtomicU64::new(1),
+            ahead: AtomicUsize::new(0),
         })
     }
 
@@ -132,17 +237,28 @@ impl Peer {
             }
             op::LISTED => self.update(|s| s.listed = true),
             op::DATA | op::DONE => {
-                let tx = {
-                    let mut s = self.lock()?;
-                    if o == op::DONE {
-                        s.files.remove(&id)
-                    } else {
-                        s.files.get(&id).cloned()
-                    }
+                let mut s = self.lock()?;
+                let route = if o == op::DONE {
+                    s.files.remove(&id)
+                } else {
+                    s.files.get(&id).map(|r| Route {
+                        tx: r.tx.clone(),
+                        spilled: r.spilled.clone(),
+                    })
                 };
                 // A fetch that gave up (its worker failed) drops the rest.
-                if let Some(tx) = tx {
-                    let _ = tx.send((o, body));
+                let Some(route) = route else { return Ok(()) };
+                match &route.spilled {
+                    Some(flag) => {
+                        if let Err(TrySendError::Full(_)) = route.tx.try_send((o, body)) {
+                            flag.store(true, Ordering::SeqCst);
+                            s.files.remove(&id);
+                        }
+                    }
+                    None => {
+                        drop(s);
+                        let _ = route.tx.send((o, body));
+                    }
                 }
                 Ok(())
             }
@@ -236,22 +352,58 @@ impl Peer {
         })
     }
 
+    /// Asks ahead for a whole file that the walk found (see
+    /// [`AHEAD_MAX_SIZE`]); `None` when enough are asked for already.
+    pub(in crate::sync) fn fetch_ahead(self: &Arc<Self>, arg: u32, rel: &[u8]) -> Option<Fetch> {
+        if self.ahead.fetch_add(1, Ordering::SeqCst) >= AHEAD {
+            self.ahead.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        let f = Fetch {
+            peer: self.clone(),
+            rx: sync_channel(0).1,
+            spilled: Some(Arc::new(AtomicBool::new(false))),
+        };
+        // Failing here, the worker asks again (and meets the error).
+        self.request(arg, rel, 0, None, f).ok()
+    }
+
     /// Asks for a file's bytes from `start` on, as a delta against `sig`.
     fn fetch(
+        self: &Arc<Self>,
+        arg: u32,
+        rel: &[u8],
+        start: u64,
+        sig: Option<&Signature>,
+    ) -> io::Result<Fetch> {
+        let f = Fetch {
+            peer: self.clone(),
+            rx: sync_channel(0).1,
+            spilled: None,
+        };
+        self.request(arg, rel, start, sig, f)
+    }
+
+    /// Sends a FILE request (with its SIG frames) for `f`, routing the
+    /// answer to it.
+    fn request(
         &self,
         arg: u32,
         rel: &[u8],
         start: u64,
         sig: Option<&Signature>,
-    ) -> io::Result<(u64, Receiver<Frame>)> {
+        mut f: Fetch,
+    ) -> io::Result<Fetch> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = sync_channel(WINDOW);
+        f.rx = rx;
         {
             let mut s = self.lock()?;
             if let Some(why) = &s.gone {
                 return Err(Self::lost(why));
             }
-            s.files.insert(id, tx);
+            let spilled = f.spilled.clone();
+            s.files.insert(id, Route { tx, spilled });
         }
         let empty = Vec::new();
         let (bs, old_size, entries) = match sig {
@@ -265,13 +417,24 @@ impl Peer {
         put_u32(&mut b, bs);
         put_u64(&mut b, old_size);
         put_u64(&mut b, entries.len() as u64);
-        let last = entries.is_empty();
-        self.out.frame(op::FILE, id, &b, last)?;
-        let parts = entries.len().div_ceil(SIG_STEP);
-        for (i, part) in entries.chunks(SIG_STEP).enumerate() {
-            self.out.frame(op::SIG, id, part, i + 1 == parts)?;
+        if entries.is_empty() {
+            self.out.request(op::FILE, id, &b, FLUSH_BATCH)?;
+        } else {
+            // A big signature goes frame by frame (other requests may come
+            // between) and is worth its own flush.
+            self.out.frame(op::FILE, id, &b, false)?;
+            let parts = entries.len().div_ceil(SIG_STEP);
+            for (i, part) in entries.chunks(SIG_STEP).enumerate() {
+                if i + 1 < parts {
+                    self.out.frame(op::SIG, id, part, false)?;
+                } else if entries.len() <= SIG_BATCHED {
+                    self.out.request(op::SIG, id, part, FLUSH_BATCH)?;
+                } else {
+                    self.out.frame(op::SIG, id, part, true)?;
+                }
+            }
         }
-        Ok((id, rx))
+        Ok(f)
     }
 
     /// Tells the sender the receiver is done, and closes the stream.
@@ -316,7 +479,7 @@ enum Record<'a> {
 /// DATA frame), until DONE: the file's (size, mtime) as the sender read
 /// it.
 fn records(
-    rx: &Receiver<Frame>,
+    rx: &Fetch,
     mut each: impl FnMut(Record<'_>) -> io::Result<()>,
     mut frame: impl FnMut() -> io::Result<()>,
 ) -> io::Result<(u64, i64)> {
@@ -331,8 +494,9 @@ fn records(
     };
     let mut data = Vec::new();
     let r = loop {
-        let Ok((o, body)) = rx.recv() else {
-            break Err(Peer::lost("connection lost during a transfer"));
+        let (o, body) = match rx.next() {
+            Ok(f) => f,
+            Err(e) => break Err(e),
         };
         let mut d = Dec::new(&body);
         if o == op::DONE {
@@ -378,7 +542,7 @@ fn records(
 /// ranges of `old`, new bytes, zeros (left unwritten: `out` is new).
 /// Returns the file's (size, mtime) and the bytes (new, matched).
 fn apply(
-    rx: &Receiver<Frame>,
+    rx: &Fetch,
     old: Option<&File>,
     out: &File,
     start: u64,
@@ -424,6 +588,15 @@ fn apply(
 /// signature out, the delta back, written beside the old file (or into a
 /// partial file that a later sync resumes) and renamed over it.
 pub(in crate::sync) fn transfer(s: &Shared<'_>, j: &Job, d: &Dir) -> io::Result<()> {
+    match transfer_once(s, j, d, j.ahead.take()) {
+        Err(e) if e.kind() == io::ErrorKind::Interrupted && e.to_string() == SPILLED => {
+            transfer_once(s, j, d, None)
+        }
+        r => r,
+    }
+}
+
+fn transfer_once(s: &Shared<'_>, j: &Job, d: &Dir, ahead: Option<Fetch>) -> io::Result<()> {
     let dir = j.ddir.as_fd();
     let xattrs = SrcDir::Remote(Arc::new(Dir {
         peer: d.peer.clone(),
@@ -455,9 +628,12 @@ pub(in crate::sync) fn transfer(s: &Shared<'_>, j: &Job, d: &Dir) -> io::Result<
             Some(f) => Some(file::signature_of(f, source::stat_fd(f.as_fd())?.size)?),
             None => None,
         };
-        let (_, rx) = d
-            .peer
-            .fetch(d.arg, &join(&d.rel, &j.sname), start, sig.as_ref())?;
+        let rx = match ahead {
+            Some(f) if start == 0 && sig.is_none() => f,
+            _ => d
+                .peer
+                .fetch(d.arg, &join(&d.rel, &j.sname), start, sig.as_ref())?,
+        };
         let mut checkpoint =
             transfer::checkpointer(&j.st, &j.dname, dir, &out, old.as_ref(), big, start);
         let ((size, mtime), moved) = apply(
@@ -502,7 +678,7 @@ fn in_place(
 ) -> io::Result<()> {
     let ost = source::stat_fd(old.as_fd())?;
     let sig = file::signature_of(old, ost.size)?;
-    let (_, rx) = d
+    let rx = d
         .peer
         .fetch(d.arg, &join(&d.rel, &j.sname), 0, Some(&sig))?;
     let shadow = shadow_file(dir)?;
@@ -577,7 +753,7 @@ type Collected = (Vec<Piece>, (u64, i64), (u64, u64));
 
 /// The sender's answer as a plan, its new bytes written into `shadow` at
 /// their offsets.
-fn collect(rx: &Receiver<Frame>, shadow: &File) -> io::Result<Collected> {
+fn collect(rx: &Fetch, shadow: &File) -> io::Result<Collected> {
     let mut pieces = Vec::new();
     let (mut pos, mut matched) = (0u64, 0u64);
     let end = records(
@@ -655,4 +831,44 @@ pub fn receive(
         opts,
         ev,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reader never waits on a file asked for ahead: an answer that
+    /// outgrows its window (the file grew after it was listed) is dropped,
+    /// and its fetch says so, for its worker to ask again.
+    #[test]
+    fn an_answer_asked_ahead_that_outgrows_its_window_is_dropped_not_waited_for() {
+        let peer = Peer::new(Box::new(io::sink()));
+        let f = peer.fetch_ahead(0, b"a").expect("asked");
+        let mut input = Vec::new();
+        for _ in 0..WINDOW + 3 {
+            wire::write_frame(&mut input, op::DATA, 1, &[]).expect("frame");
+        }
+        wire::write_frame(&mut input, op::DONE, 1, &[0; 17]).expect("frame");
+        // Returns at the input's end: it did not wait for the fetch.
+        peer.read(&input[..]);
+        for _ in 0..WINDOW {
+            assert_eq!(f.next().expect("buffered").0, op::DATA);
+        }
+        let e = f.next().expect_err("dropped");
+        assert_eq!(e.to_string(), SPILLED);
+        drop(f);
+        assert_eq!(peer.ahead.load(Ordering::SeqCst), 0);
+    }
+
+    /// At most [`AHEAD`] fetches are made ahead at a time.
+    #[test]
+    fn fetches_ahead_are_bounded() {
+        let peer = Peer::new(Box::new(io::sink()));
+        let held: Vec<Fetch> = (0..AHEAD + 5)
+            .filter_map(|i| peer.fetch_ahead(0, format!("f{i}").as_bytes()))
+            .collect();
+        assert_eq!(held.len(), AHEAD);
+        drop(held);
+        assert!(peer.fetch_ahead(0, b"again").is_some());
+    }
 }

@@ -1,7 +1,7 @@
 //! The sender's side: SRC listed depth first, one compressed stream for
 //! the session, and each FILE request answered with a delta.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -29,7 +29,14 @@ use crate::source::{self, Stat, XattrSource};
 /// its parent.
 struct Root {
     fd: Option<Arc<OwnedFd>>,
+    /// Directories opened lately under it, by path, most recent last:
+    /// files are asked for in walk order, from a few directories at once
+    /// (one per request in flight), and each sender thread takes the next.
+    dirs: Mutex<VecDeque<(Vec<u8>, Arc<OwnedFd>)>>,
 }
+
+/// How many directories a root keeps open.
+const OPEN_DIRS: usize = 64;
 
 /// A request being read: FILE's header and the signature so far.
 struct Request {
@@ -177,6 +184,7 @@ fn open_root(p: &[u8]) -> Root {
     });
     Root {
         fd: fd.map(Arc::new),
+        dirs: Mutex::new(VecDeque::new()),
     }
 }
 
@@ -472,16 +480,10 @@ fn send_failed(arg: u32, rel: &[u8], why: &str, out: &Out, z: &mut Lister) -> io
 }
 
 /// A sender thread's last directory: (argument, path, descriptor).
-type LastDir = Option<(u32, Vec<u8>, Arc<OwnedFd>)>;
-
-/// Opens `rel` (names from the argument's root, never through a symlink).
-/// The directory is kept for the next request of the thread: files are
-/// asked for in walk order, most in the directory of the one before.
-fn open_rel(root: &Root, arg: u32, rel: &[u8]) -> io::Result<File> {
-    thread_local! {
-        static LAST: std::cell::RefCell<LastDir> =
-            const { std::cell::RefCell::new(None) };
-    }
+/// Opens `rel` (names from the argument's root, never through a symlink),
+/// its directory from the root's cache, or from the nearest directory
+/// above it there.
+fn open_rel(root: &Root, rel: &[u8]) -> io::Result<File> {
     let fd = root
         .fd
         .as_ref()
@@ -490,35 +492,34 @@ fn open_rel(root: &Root, arg: u32, rel: &[u8]) -> io::Result<File> {
         Some(i) => (&rel[..i], &rel[i + 1..]),
         None => (&rel[..0], rel),
     };
-    let names: Vec<&[u8]> = if parent.is_empty() {
-        Vec::new()
-    } else {
-        parent.split(|&c| c == b'/').collect()
-    };
     if last.is_empty()
-        || names
-            .iter()
-            .any(|n| n.is_empty() || *n == b".." || *n == b".")
+        || (!parent.is_empty()
+            && parent
+                .split(|&c| c == b'/')
+                .any(|n| n.is_empty() || n == b".." || n == b"."))
     {
         return Err(bad("path"));
     }
-    let cached = LAST.with(|l| {
-        l.borrow()
-            .as_ref()
-            .filter(|(a, p, _)| *a == arg && p.as_slice() == parent)
-            .map(|(_, _, d)| d.clone())
-    });
-    let dir = match cached {
-        Some(d) => d,
-        None => {
-            let mut dir = fd.clone();
-            for n in names {
-                dir = Arc::new(source::open_dir(Some(dir.as_fd()), n)?);
-            }
-            LAST.with(|l| *l.borrow_mut() = Some((arg, parent.to_vec(), dir.clone())));
-            dir
+    let poisoned = || io::Error::other("a sender thread panicked");
+    // The longest cached prefix of `parent` that ends at a name.
+    let (mut dir, mut done) = (fd.clone(), 0);
+    for (p, d) in root.dirs.lock().map_err(|_| poisoned())?.iter() {
+        let under = parent.starts_with(p) && (parent.len() == p.len() || parent[p.len()] == b'/');
+        if under && p.len() > done {
+            (dir, done) = (d.clone(), p.len());
         }
-    };
+    }
+    if done < parent.len() {
+        let rest = parent[done..].strip_prefix(b"/").unwrap_or(&parent[done..]);
+        for n in rest.split(|&c| c == b'/') {
+            dir = Arc::new(source::open_dir(Some(dir.as_fd()), n)?);
+        }
+        let mut dirs = root.dirs.lock().map_err(|_| poisoned())?;
+        if dirs.len() >= OPEN_DIRS {
+            dirs.pop_front();
+        }
+        dirs.push_back((parent.to_vec(), dir.clone()));
+    }
     source::open_file(dir.as_fd(), last)
 }
 
@@ -526,7 +527,7 @@ fn open_rel(root: &Root, arg: u32, rel: &[u8]) -> io::Result<File> {
 fn answer(roots: &[Root], id: u64, req: &Request, out: &Out, queued: &AtomicUsize) {
     let r = (|| -> io::Result<(u64, i64)> {
         let root = roots.get(req.arg as usize).ok_or_else(|| bad("request"))?;
-        let f = open_rel(root, req.arg, &req.rel)?;
+        let f = open_rel(root, &req.rel)?;
         let st = source::stat_fd(f.as_fd())?;
         if !st.is_file() {
             return Err(io::Error::other("not a regular file"));
@@ -655,6 +656,12 @@ fn aligned(f: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Optio
     Ok(Some(file::skip_before(out, start - first)))
 }
 
+/// zstd's level for new bytes. Level 1 against the default 3, on the 75K
+/// file tree over ssh to this machine: 381 MB against 364 MB sent (rsync
+/// sends 1006 MB), in 6.6 s against 7.2 s, the sender's compression being
+/// a third of both sides' CPU time at level 3.
+const LITERAL_LEVEL: i32 = 1;
+
 /// DATA frames for `pieces`: ranges of the old file, new bytes compressed
 /// (all-zero blocks as zeros).
 fn stream(out: &Out, id: u64, f: &File, pieces: &[Piece]) -> io::Result<()> {
@@ -668,7 +675,7 @@ fn stream(out: &Out, id: u64, f: &File, pieces: &[Piece]) -> io::Result<()> {
     BUFS.with(|b| {
         let (rec, buf, z) = &mut *b.borrow_mut();
         if z.is_none() {
-            *z = Some(zstd::bulk::Compressor::new(3)?);
+            *z = Some(zstd::bulk::Compressor::new(LITERAL_LEVEL)?);
         }
         let z = z
             .as_mut()
