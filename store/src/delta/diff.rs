@@ -29,7 +29,7 @@
 //! chunk border is lost; [`DeltaStats::border_literal`] bounds those bytes.
 
 use super::rollsum::{self, Rollsum};
-use super::signature::{digest_many, entry, Digest, Entry, SigView};
+use super::signature::{entry, BlockHash, Digest, Entry, SigView};
 use crate::format::sig::STRONG_SIZE;
 
 /// One piece of a new version, in order.
@@ -150,7 +150,8 @@ pub fn diff_chunk(chunk: &Chunk<'_>, block_size: u32, old: Option<&SigView>) -> 
         }
     }
     let mut hashed = Vec::with_capacity(to_hash.len());
-    digest_many(&to_hash, &mut hashed);
+    old.map_or(BlockHash::Blake2b, |o| o.hash())
+        .digest_many(&to_hash, &mut hashed);
     let mut hi = 0;
     for (b, st) in state.iter().enumerate() {
         let blk = &data[b * bs..((b + 1) * bs).min(data.len())];
@@ -350,10 +351,9 @@ fn search(
         {
             s.copy_from_slice(&digests[(p - base) / bs][..STRONG_SIZE]);
         } else {
-            let h = blake2b_simd::Params::new()
-                .hash_length(32)
-                .hash(&data[p..p + bs]);
-            s.copy_from_slice(&h.as_bytes()[..STRONG_SIZE]);
+            let mut d = Vec::with_capacity(1);
+            old.hash().digest_many(&[&data[p..p + bs]], &mut d);
+            s.copy_from_slice(&d[0][..STRONG_SIZE]);
         }
         s
     };
@@ -407,7 +407,7 @@ fn search(
                     break;
                 }
                 let mut ds = Vec::with_capacity(wins.len());
-                super::signature::digest_many(&wins, &mut ds);
+                old.hash().digest_many(&wins, &mut ds);
                 out.stats.strong_checks += ds.len() as u64;
                 let mut took = 0;
                 for d in &ds {

@@ -22,7 +22,8 @@ use std::os::unix::fs::FileExt;
 
 use rayon::prelude::*;
 
-use crate::delta::signature::{digest_many, entry};
+use crate::delta::signature::entry;
+pub(crate) use crate::delta::signature::BlockHash;
 use crate::delta::{diff_chunk, rollsum, Chunk, Op, Signature};
 
 /// Bytes per block compared or hashed.
@@ -289,8 +290,8 @@ fn plan_search(
     old_size: u64,
     start: u64,
 ) -> io::Result<(Vec<Piece>, Moved)> {
-    let sig = signature_of(old, old_size)?;
-    let out = search(src, size, start, &sig)?;
+    let sig = signature_of(old, old_size, BlockHash::Xxh3)?;
+    let out = search(src, size, start, &sig, BlockHash::Xxh3)?;
     let mut m = count(&out);
     m.read = old_size + size.saturating_sub(start / CHUNK * CHUNK);
     Ok((out, m))
@@ -301,10 +302,10 @@ fn plan_search(
 ///
 /// # Errors
 /// A read error; the file shrank.
-pub(crate) fn signature_of(old: &File, old_size: u64) -> io::Result<Signature> {
+pub(crate) fn signature_of(old: &File, old_size: u64, hash: BlockHash) -> io::Result<Signature> {
     // Holes are not read: their blocks' entries are the zero block's.
     let segs = data_segments(old, old_size);
-    let zero = entries_of(&[0u8; BLOCK as usize]);
+    let zero = entries_of(&[0u8; BLOCK as usize], hash);
     let parts: Vec<io::Result<Vec<u8>>> = (0..old_size.div_ceil(CHUNK))
         .into_par_iter()
         .map_init(
@@ -319,7 +320,7 @@ pub(crate) fn signature_of(old: &File, old_size: u64) -> io::Result<Signature> {
                 if n != len {
                     return Err(shrank());
                 }
-                Ok(entries_of(&buf[..len]))
+                Ok(entries_of(&buf[..len], hash))
             },
         )
         .collect();
@@ -335,10 +336,10 @@ pub(crate) fn signature_of(old: &File, old_size: u64) -> io::Result<Signature> {
 }
 
 /// The signature entries of `data`'s [`BLOCK`]-sized blocks.
-pub(crate) fn entries_of(data: &[u8]) -> Vec<u8> {
+pub(crate) fn entries_of(data: &[u8], hash: BlockHash) -> Vec<u8> {
     let blocks: Vec<&[u8]> = data.chunks(BLOCK as usize).collect();
     let mut d = Vec::with_capacity(blocks.len());
-    digest_many(&blocks, &mut d);
+    hash.digest_many(&blocks, &mut d);
     let mut out = Vec::with_capacity(blocks.len() * crate::format::sig::ENTRY_SIZE);
     for (b, d) in blocks.iter().zip(&d) {
         out.extend_from_slice(&entry(rollsum::weak(b), d));
@@ -352,9 +353,15 @@ pub(crate) fn entries_of(data: &[u8]) -> Vec<u8> {
 ///
 /// # Errors
 /// A read error; SRC shrank.
-pub(crate) fn search(src: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Vec<Piece>> {
+pub(crate) fn search(
+    src: &File,
+    size: u64,
+    start: u64,
+    sig: &Signature,
+    hash: BlockHash,
+) -> io::Result<Vec<Piece>> {
     let bs = sig.block_size;
-    let view = sig.view();
+    let view = sig.view().with_hash(hash);
     let first = start / CHUNK;
     let chunks = size.div_ceil(CHUNK).saturating_sub(first);
     let parts: Vec<io::Result<Vec<Piece>>> = (first..first + chunks)

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::attrs::Xattrs;
+use super::file::BlockHash;
 use super::{join, Filters, Item, SyncEvents, SyncOptions, SyncReport};
 use crate::error::{Error, Result};
 use crate::remote::wire::{self, Dec, Enc};
@@ -296,6 +297,9 @@ pub(crate) fn encode_options(o: &SyncOptions, items: bool) -> Vec<u8> {
         o.inplace,
         o.max_delete.is_some(),
         items,
+        // This dsync's block entries may be XXH3-128 (a server from before
+        // that ignores the bit and answers OK without features).
+        true,
     ];
     let mut flags = 0u32;
     for (i, b) in bits.iter().enumerate() {
@@ -315,7 +319,9 @@ pub(crate) fn encode_options(o: &SyncOptions, items: bool) -> Vec<u8> {
 }
 
 /// The options, and whether items are wanted back.
-pub(crate) fn decode_options(d: &mut Dec<'_>) -> io::Result<(SyncOptions, bool)> {
+/// SYNC's options: the options, whether items are wanted, and the block
+/// hash the client can use.
+pub(crate) fn decode_options(d: &mut Dec<'_>) -> io::Result<(SyncOptions, bool, BlockHash)> {
     let flags = d.u32()?;
     let f = |i: u32| flags & (1 << i) != 0;
     let max_delete = d.u64()?;
@@ -355,7 +361,12 @@ pub(crate) fn decode_options(d: &mut Dec<'_>) -> io::Result<(SyncOptions, bool)>
         filters,
         threads: 0,
     };
-    Ok((o, f(24)))
+    let hash = if f(25) {
+        BlockHash::Xxh3
+    } else {
+        BlockHash::Blake2b
+    };
+    Ok((o, f(24), hash))
 }
 
 /// SYNC's body: magic, version, role, options, paths.
@@ -605,7 +616,7 @@ impl Reports for Relay<'_> {
 }
 
 /// What SYNC asks: role, (options, items wanted), paths.
-type Session = (u8, (SyncOptions, bool), Vec<Vec<u8>>);
+type Session = (u8, (SyncOptions, bool, BlockHash), Vec<Vec<u8>>);
 
 /// The far side of a sync session (`dsync serve` got SYNC): sends SRC or
 /// receives into DST over `input` and `output`.
@@ -648,7 +659,7 @@ pub fn serve(
         }
         Ok((role, opts, paths))
     })();
-    let (role, (opts, items), paths) = match parsed {
+    let (role, (opts, items, hash), paths) = match parsed {
         Ok(p) => p,
         Err(e) => {
             let b = Enc::default()
@@ -666,15 +677,17 @@ pub fn serve(
             return Ok(());
         }
     }
-    out.frame(wire::op::OK, id, &[], true)?;
+    // OK's features: bit 0, block entries are XXH3-128.
+    let features = u32::from(hash == BlockHash::Xxh3);
+    out.frame(wire::op::OK, id, &features.to_le_bytes(), true)?;
     let w = out.into_inner()?;
     if role == role::SEND {
-        send(&paths, &opts, input, w, None).map_err(io::Error::other)?;
+        send(&paths, &opts, hash, input, w, None).map_err(io::Error::other)?;
         return Ok(());
     }
     // Receive: the sender (the client) lists SRC first; its TOP frames say
     // how many arguments there are (the first says: count).
-    let peer = Peer::new(w);
+    let peer = Peer::new(w, hash);
     let reader = {
         let p = peer.clone();
         std::thread::spawn(move || p.read(input))
@@ -711,7 +724,7 @@ pub fn pull(
     let (mut child, stdin, mut stdout) = crate::remote::spawn(remote)?;
     let r = (|| -> Result<SyncReport> {
         let mut stdin: Box<dyn Write + Send> = Box::new(stdin);
-        hello_exchange(
+        let hash = hello_exchange(
             remote,
             &mut stdin,
             &mut stdout,
@@ -720,7 +733,7 @@ pub fn pull(
             false,
             &refs,
         )?;
-        let peer = Peer::new(stdin);
+        let peer = Peer::new(stdin, hash);
         let reader = {
             let p = peer.clone();
             std::thread::spawn(move || p.read(stdout))
@@ -751,7 +764,7 @@ pub fn push(
     let r = (|| -> Result<SyncReport> {
         let mut stdin: Box<dyn Write + Send> = Box::new(stdin);
         let items = ev.wants_items();
-        hello_exchange(
+        let hash = hello_exchange(
             remote,
             &mut stdin,
             &mut stdout,
@@ -765,7 +778,7 @@ pub fn push(
             .map(|p| p.as_os_str().as_bytes().to_vec())
             .collect();
         let relay = Relay { ev };
-        send(&owned, opts, stdout, stdin, Some(&relay))?.ok_or_else(|| {
+        send(&owned, opts, hash, stdout, stdin, Some(&relay))?.ok_or_else(|| {
             Error::InvalidInput(format!("{remote}: the receiver ended without a report"))
         })
     })();
@@ -782,7 +795,7 @@ fn hello_exchange(
     opts: &SyncOptions,
     items: bool,
     paths: &[&[u8]],
-) -> Result<()> {
+) -> Result<BlockHash> {
     let loc = PathBuf::from(remote.to_string());
     let lost = |e: io::Error| {
         Error::io(
@@ -797,7 +810,11 @@ fn hello_exchange(
         .and_then(|()| w.flush())
         .map_err(lost)?;
     match wire::read_frame(r).map_err(lost)? {
-        Some((wire::op::OK, _, _)) => Ok(()),
+        // A server from before block hashes answers with no features.
+        Some((wire::op::OK, _, body)) => Ok(match body.get(..4) {
+            Some(f) if f[0] & 1 != 0 => BlockHash::Xxh3,
+            _ => BlockHash::Blake2b,
+        }),
         Some((wire::op::ERR, _, body)) => {
             let mut d = Dec::new(&body);
             let _ = d.u8();

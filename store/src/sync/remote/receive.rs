@@ -17,7 +17,7 @@ use std::time::Duration;
 use rustix::fs::{Mode, OFlags};
 
 use super::super::attrs::{Target, Xattrs};
-use super::super::file::{self, Piece};
+use super::super::file::{self, BlockHash, Piece};
 use super::super::src::SrcDir;
 use super::super::transfer::{self, Job};
 use super::super::{join, show, Shared, SyncEvents, SyncOptions, SyncReport};
@@ -41,6 +41,8 @@ pub struct Peer {
     next: AtomicU64,
     /// Fetches made ahead and not yet done with.
     ahead: AtomicUsize,
+    /// The strong hash of the signatures it sends.
+    hash: BlockHash,
 }
 
 /// Requests gathered before a flush: requests go out in batches (each
@@ -161,13 +163,14 @@ enum Listed {
 
 impl Peer {
     /// A peer writing to `output`; [`Peer::read`] must run on `input`.
-    pub fn new(output: Box<dyn Write + Send>) -> Arc<Peer> {
+    pub fn new(output: Box<dyn Write + Send>, hash: BlockHash) -> Arc<Peer> {
         Arc::new(Peer {
             out: Out::new(output),
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
             next: AtomicU64::new(1),
             ahead: AtomicUsize::new(0),
+            hash,
         })
     }
 
@@ -625,7 +628,11 @@ fn transfer_once(s: &Shared<'_>, j: &Job, d: &Dir, ahead: Option<Fetch>) -> io::
     let (tmp, out, start, big) = transfer::open_out(s, &j.rel, &j.dname, &j.st, dir, old.as_ref())?;
     let r = (|| -> io::Result<(u64, (u64, u64))> {
         let sig = match &old {
-            Some(f) => Some(file::signature_of(f, source::stat_fd(f.as_fd())?.size)?),
+            Some(f) => Some(file::signature_of(
+                f,
+                source::stat_fd(f.as_fd())?.size,
+                d.peer.hash,
+            )?),
             None => None,
         };
         let rx = match ahead {
@@ -677,7 +684,7 @@ fn in_place(
     xattrs: Option<&Xattrs>,
 ) -> io::Result<()> {
     let ost = source::stat_fd(old.as_fd())?;
-    let sig = file::signature_of(old, ost.size)?;
+    let sig = file::signature_of(old, ost.size, d.peer.hash)?;
     let rx = d
         .peer
         .fetch(d.arg, &join(&d.rel, &j.sname), 0, Some(&sig))?;
@@ -842,7 +849,7 @@ mod tests {
     /// and its fetch says so, for its worker to ask again.
     #[test]
     fn an_answer_asked_ahead_that_outgrows_its_window_is_dropped_not_waited_for() {
-        let peer = Peer::new(Box::new(io::sink()));
+        let peer = Peer::new(Box::new(io::sink()), BlockHash::Xxh3);
         let f = peer.fetch_ahead(0, b"a").expect("asked");
         let mut input = Vec::new();
         for _ in 0..WINDOW + 3 {
@@ -863,7 +870,7 @@ mod tests {
     /// At most [`AHEAD`] fetches are made ahead at a time.
     #[test]
     fn fetches_ahead_are_bounded() {
-        let peer = Peer::new(Box::new(io::sink()));
+        let peer = Peer::new(Box::new(io::sink()), BlockHash::Xxh3);
         let held: Vec<Fetch> = (0..AHEAD + 5)
             .filter_map(|i| peer.fetch_ahead(0, format!("f{i}").as_bytes()))
             .collect();

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use rustix::fs::{Mode, OFlags};
 
 use super::super::attrs::{proc_path, Target};
-use super::super::file::{self, Piece, BLOCK};
+use super::super::file::{self, BlockHash, Piece, BLOCK};
 use super::super::walk::hash_file;
 use super::super::{join, SyncOptions, SyncReport};
 use super::{bad, op, put_bytes, put_entry, put_u32, put_u64, Entry, Out, Pending, SENDERS, STEP};
@@ -64,6 +64,7 @@ pub trait Reports {
 pub fn send(
     srcs: &[Vec<u8>],
     opts: &SyncOptions,
+    hash: BlockHash,
     input: impl Read + Send,
     output: Box<dyn Write + Send>,
     reports: Option<&dyn Reports>,
@@ -98,7 +99,7 @@ pub fn send(
                 };
                 let Ok((id, req)) = next else { return };
                 queued.fetch_sub(1, Ordering::SeqCst);
-                answer(roots, id, &req, out, queued);
+                answer(roots, id, &req, out, queued, hash);
             });
         }
         let mut r = BufReader::with_capacity(1 << 20, input);
@@ -524,7 +525,14 @@ fn open_rel(root: &Root, rel: &[u8]) -> io::Result<File> {
 }
 
 /// Answers one FILE request: DATA frames, then DONE.
-fn answer(roots: &[Root], id: u64, req: &Request, out: &Out, queued: &AtomicUsize) {
+fn answer(
+    roots: &[Root],
+    id: u64,
+    req: &Request,
+    out: &Out,
+    queued: &AtomicUsize,
+    hash: BlockHash,
+) {
     let r = (|| -> io::Result<(u64, i64)> {
         let root = roots.get(req.arg as usize).ok_or_else(|| bad("request"))?;
         let f = open_rel(root, &req.rel)?;
@@ -545,7 +553,7 @@ fn answer(roots: &[Root], id: u64, req: &Request, out: &Out, queued: &AtomicUsiz
             }
         }
         let start = req.start.min(st.size);
-        let pieces = plan(&f, st.size, start, sig.as_ref())?;
+        let pieces = plan(&f, st.size, start, sig.as_ref(), hash)?;
         stream(out, id, &f, &pieces)?;
         Ok((st.size, st.mtime_ns))
     })();
@@ -571,7 +579,13 @@ fn answer(roots: &[Root], id: u64, req: &Request, out: &Out, queued: &AtomicUsiz
 /// What to send of `f` from `start` on against the receiver's old file:
 /// blocks compared at the same offsets first (a VM image changes in
 /// place), the rsync search when a quarter or more differ.
-fn plan(f: &File, size: u64, start: u64, sig: Option<&Signature>) -> io::Result<Vec<Piece>> {
+fn plan(
+    f: &File,
+    size: u64,
+    start: u64,
+    sig: Option<&Signature>,
+    hash: BlockHash,
+) -> io::Result<Vec<Piece>> {
     let whole = vec![Piece::New {
         from: start,
         len: size - start,
@@ -579,15 +593,21 @@ fn plan(f: &File, size: u64, start: u64, sig: Option<&Signature>) -> io::Result<
     let Some(sig) = sig.filter(|s| s.file_size > 0 && size > start) else {
         return Ok(whole);
     };
-    if let Some(p) = aligned(f, size, start, sig)? {
+    if let Some(p) = aligned(f, size, start, sig, hash)? {
         return Ok(p);
     }
-    file::search(f, size, start, sig)
+    file::search(f, size, start, sig, hash)
 }
 
 /// Blocks of `f` that hash as the old file's at the same offset; `None`
 /// when a quarter or more of the common part differs.
-fn aligned(f: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Option<Vec<Piece>>> {
+fn aligned(
+    f: &File,
+    size: u64,
+    start: u64,
+    sig: &Signature,
+    hash: BlockHash,
+) -> io::Result<Option<Vec<Piece>>> {
     use rayon::prelude::*;
     const CHUNK: u64 = 4 << 20;
     let es = crate::format::sig::ENTRY_SIZE;
@@ -600,7 +620,7 @@ fn aligned(f: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Optio
     }
     // Holes are not read: their blocks are the zero block.
     let segs = file::data_segments(f, common);
-    let zero = file::entries_of(&[0u8; BLOCK as usize]);
+    let zero = file::entries_of(&[0u8; BLOCK as usize], hash);
     let parts: Vec<io::Result<Vec<Piece>>> = (first / CHUNK..common.div_ceil(CHUNK))
         .into_par_iter()
         .map_init(
@@ -613,7 +633,7 @@ fn aligned(f: &File, size: u64, start: u64, sig: &Signature) -> io::Result<Optio
                     if file::read_full(f, &mut buf[..len], at)? != len {
                         return Err(file::shrank());
                     }
-                    file::entries_of(&buf[..len])
+                    file::entries_of(&buf[..len], hash)
                 } else {
                     zero.repeat(len / BLOCK as usize)
                 };
