@@ -31,7 +31,7 @@ pub(crate) const BLOCK: u64 = 4096;
 /// Bytes read per parallel task.
 const CHUNK: u64 = 4 << 20;
 /// Bytes copied between two reports of progress (checkpoints).
-const STEP: u64 = 16 << 20;
+pub(crate) const STEP: u64 = 16 << 20;
 
 /// A range of the new file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

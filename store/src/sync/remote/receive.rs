@@ -550,10 +550,11 @@ fn apply(
     out: &File,
     start: u64,
     sparse: bool,
-    mut done: impl FnMut(u64) -> io::Result<()>,
+    done: impl FnMut(u64) -> io::Result<()>,
 ) -> io::Result<((u64, i64), (u64, u64))> {
     let pos = std::cell::Cell::new(start);
     let (mut literal, mut matched) = (0u64, 0u64);
+    let done = std::cell::RefCell::new(done);
     let end = records(
         rx,
         |r| {
@@ -561,10 +562,21 @@ fn apply(
             let len = match r {
                 Record::Copy { from, len } => {
                     let old = old.ok_or_else(|| bad("copy without an old file"))?;
-                    if sparse {
-                        file::copy_data_to(old, from, len, out, at)?;
-                    } else {
-                        file::copy_range(old, from, out, at, len)?;
+                    // In steps, with checkpoints between them: one call
+                    // for a gigabyte ran at a fifth of the speed here
+                    // (dirty pages throttled all at once).
+                    let mut off = 0;
+                    while off < len {
+                        let n = (len - off).min(file::STEP);
+                        if sparse {
+                            file::copy_data_to(old, from + off, n, out, at + off)?;
+                        } else {
+                            file::copy_range(old, from + off, out, at + off, n)?;
+                        }
+                        off += n;
+                        if off < len {
+                            (done.borrow_mut())(at + off)?;
+                        }
                     }
                     matched += len;
                     len
@@ -582,7 +594,7 @@ fn apply(
             pos.set(at + len);
             Ok(())
         },
-        || done(pos.get()),
+        || (done.borrow_mut())(pos.get()),
     )?;
     Ok((end, (literal, matched)))
 }
