@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+mod resume;
 mod tree;
 pub use tree::TreeStats;
 
@@ -41,7 +42,7 @@ use crate::format::snapshot::{
 use crate::format::v3::node::{Entry, FileData, SigRef};
 use crate::format::v3::record::SnapshotRecord;
 use crate::format::v3::{BlobKind, List};
-use crate::id::{MapId, SnapshotId};
+use crate::id::{MapId, PackId, SnapshotId};
 use crate::map::{FileMap, MapBuilder, Piece};
 use crate::meta::MetaWriter;
 use crate::pack::PackWriter;
@@ -474,6 +475,9 @@ fn run(
     snap.stats.duration_ns = started.elapsed().as_nanos() as u64;
     let bytes = encode(&snap);
     repo.backend().commit(&Key::snapshot(snap.id), &bytes)?;
+    if let Some(r) = w.resume.take() {
+        r.committed();
+    }
     Ok(BackupReport {
         snapshot: snap,
         files,
@@ -769,6 +773,9 @@ struct Writer<'r> {
     meta: Option<MetaWriter>,
     added: u64,
     buffers: std::sync::Arc<Buffers>,
+    /// A remote repository's journal of finished packs, so that a retry
+    /// after a cut link reuses what crossed (`resume.rs`).
+    resume: Option<resume::Resume>,
 }
 
 /// A source as the writer reads it.
@@ -789,6 +796,10 @@ impl<'r> Writer<'r> {
             meta: format3.then(MetaWriter::new),
             added: 0,
             buffers: std::sync::Arc::default(),
+            resume: repo
+                .backend()
+                .client_dir()
+                .map(|d| resume::Resume::load(&d, repo.backend())),
         })
     }
 
@@ -798,9 +809,7 @@ impl<'r> Writer<'r> {
             .as_ref()
             .is_some_and(|p| p.file_len() >= self.repo.config().pack_target);
         if full {
-            if let Some(p) = self.pack.take() {
-                self.added += p.finish()?;
-            }
+            self.finish_pack()?;
         }
         if self.pack.is_none() {
             self.pack = Some(PackWriter::create(self.repo.backend())?);
@@ -808,6 +817,56 @@ impl<'r> Writer<'r> {
         self.pack
             .as_mut()
             .ok_or_else(|| Error::Internal("no pack".into()))
+    }
+
+    /// Finishes the pack being written; with a journal, makes it durable
+    /// and records what it holds.
+    fn finish_pack(&mut self) -> Result<()> {
+        let Some(p) = self.pack.take() else {
+            return Ok(());
+        };
+        let id = p.id;
+        let len = p.finish()?;
+        self.added += len;
+        if let Some(r) = &mut self.resume {
+            self.repo.backend().sync()?;
+            r.pack_done(id, len);
+        }
+        Ok(())
+    }
+
+    /// Appends a chunk's frames to the pack, or finds them where an
+    /// earlier cut-off try left them; returns the pack and where in its
+    /// uncompressed stream they start.
+    fn frames(&mut self, out: &ChunkOut, st: &mut FileState<'_>) -> Result<(PackId, u64)> {
+        let key = self
+            .resume
+            .as_ref()
+            .filter(|_| !out.frames.is_empty())
+            .map(|_| resume::FramesKey::of(&out.compressed, &out.frames));
+        if let (Some(k), Some(r)) = (&key, &mut self.resume) {
+            if let Some(found) = r.find(k) {
+                r.reused += out.frames.iter().map(|f| u64::from(f.clen)).sum::<u64>();
+                return Ok(found);
+            }
+        }
+        let pack = self.pack()?;
+        let mut base = None;
+        for f in &out.frames {
+            let at = pack.append(
+                &out.compressed[f.start..f.start + f.clen as usize],
+                f.ulen,
+                f.sum,
+            )?;
+            base.get_or_insert(at);
+            st.compressed += f.clen as u64;
+        }
+        let id = pack.id;
+        let base = base.unwrap_or(0);
+        if let (Some(k), Some(r)) = (key, &mut self.resume) {
+            r.appended(k, base);
+        }
+        Ok((id, base))
     }
 
     fn sig(&mut self) -> Result<&mut SigWriter> {
@@ -1111,19 +1170,7 @@ impl<'r> Writer<'r> {
         prev: Option<(&FileMap, &SigView)>,
         st: &mut FileState<'p>,
     ) -> Result<()> {
-        let pack = self.pack()?;
-        let mut base = None;
-        for f in &out.frames {
-            let at = pack.append(
-                &out.compressed[f.start..f.start + f.clen as usize],
-                f.ulen,
-                f.sum,
-            )?;
-            base.get_or_insert(at);
-            st.compressed += f.clen as u64;
-        }
-        let pack_id = pack.id;
-        let base = base.unwrap_or(0);
+        let (pack_id, base) = self.frames(out, st)?;
         for op in &out.ops {
             match *op {
                 Op::Hole { len } => st.pos += len,
@@ -1203,9 +1250,7 @@ impl<'r> Writer<'r> {
     /// Finishes the pack and signature object and makes everything written
     /// durable (the barrier before the manifest's commit).
     fn finish(&mut self) -> Result<u64> {
-        if let Some(p) = self.pack.take() {
-            self.added += p.finish()?;
-        }
+        self.finish_pack()?;
         if let Some(s) = self.sig.take() {
             self.added += s.finish()?;
         }

@@ -230,6 +230,8 @@ fn a_remote_command_that_fails_is_one_line() {
 
 /// A stand-in for ssh that counts the bytes each way (an oracle apart
 /// from dsync): appends "SENT RECEIVED" to `$DSYNC_TEST_COUNT` at exit.
+/// With `$DSYNC_TEST_CUT`, the link drops (the far side killed) once that
+/// many bytes were sent.
 pub(super) fn counting_rsh(env: &Env) -> PathBuf {
     let p = env.path("counting-rsh");
     std::fs::write(
@@ -242,11 +244,20 @@ while args and args[0] == "-p":
 args = args[1:]
 child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 counts = [0, 0]
+cut = int(os.environ.get("DSYNC_TEST_CUT", "0"))
+def record():
+    with open(os.environ["DSYNC_TEST_COUNT"], "a") as f:
+        f.write(f"{counts[0]} {counts[1]}\n")
 def pump(src, dst, i):
     while True:
         b = os.read(src.fileno(), 1 << 20)
         if not b:
             break
+        if i == 0 and cut and counts[0] + len(b) >= cut:
+            counts[0] += len(b)
+            child.kill()
+            record()
+            os._exit(255)
         counts[i] += len(b)
         dst.write(b)
         dst.flush()
@@ -255,8 +266,7 @@ up = threading.Thread(target=pump, args=(sys.stdin.buffer, child.stdin, 0))
 down = threading.Thread(target=pump, args=(child.stdout, sys.stdout.buffer, 1))
 up.start(); down.start(); up.join(); down.join()
 rc = child.wait()
-with open(os.environ["DSYNC_TEST_COUNT"], "a") as f:
-    f.write(f"{counts[0]} {counts[1]}\n")
+record()
 sys.exit(rc)
 "#,
     )
@@ -334,6 +344,87 @@ fn an_incremental_backup_sends_little_more_than_the_change() {
         &["restore", "-q", &repo, "latest", "--to", s(&out)],
     );
     assert_eq!(blake2(&out.join("disk.img")), blake2(&img));
+}
+
+/// The bytes sent per rsh process, summed, from a counting rsh's file.
+fn sent_of(count: &Path) -> u64 {
+    let text = std::fs::read_to_string(count).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_backup_retried_after_a_cut_link_sends_only_what_had_not_crossed() {
+    let env = Env::new();
+    let rsh = counting_rsh(&env);
+    let count = env.path("count");
+    let img = env.path("disk.img");
+    // Incompressible, so that what crosses is what is stored.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&img).unwrap();
+        for k in 0..64u64 {
+            f.write_all_at(&pseudo(4 << 20, 300 + k), k << 22).unwrap();
+        }
+    }
+    let backup = |repo: &str, cut: Option<u64>| -> (Option<i32>, u64, String) {
+        let _ = std::fs::remove_file(&count);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dsync"));
+        c.args(["backup", "-q", repo, s(&img)])
+            .env_remove("DSYNC_REPO")
+            .env("DSYNC_RSH", &rsh)
+            .env("DSYNC_REMOTE_DSYNC", env!("CARGO_BIN_EXE_dsync"))
+            .env("DSYNC_CACHE_DIR", env.path("cache"))
+            .env("DSYNC_CONNECTIONS", "1")
+            .env("DSYNC_TEST_COUNT", &count);
+        if let Some(n) = cut {
+            c.env("DSYNC_TEST_CUT", n.to_string());
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        (o.status.code(), sent_of(&count), err)
+    };
+    // What a whole backup sends, into another repository.
+    let (code, whole, err) = backup(&format!("host:{}", s(&env.path("other"))), None);
+    assert_eq!(code, Some(0), "{err}");
+    // Cut at 60 %: two 64 MiB packs are finished by then.
+    let repo = format!("host:{}", s(&env.path("repo")));
+    let (code, before_cut, err) = backup(&repo, Some(whole * 6 / 10));
+    assert_eq!(code, Some(1), "the cut backup: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        env.ids_of(&env.path("repo")).is_empty(),
+        "the cut backup left a snapshot"
+    );
+    let (code, retried, err) = backup(&repo, None);
+    assert_eq!(code, Some(0), "the retry: {err}");
+    eprintln!("whole {whole}, sent before the cut {before_cut}, retry {retried}");
+    // At most the rest, the pack in flight at the cut and the metadata.
+    let limit = whole - before_cut + (64 << 20) + (1 << 20);
+    assert!(
+        retried <= limit,
+        "the retry sent {retried} bytes (at most {limit}; the whole backup sends {whole})"
+    );
+    let out = env.path("out");
+    env.ok(&[
+        "restore",
+        "-q",
+        s(&env.path("repo")),
+        "latest",
+        "--to",
+        s(&out),
+    ]);
+    assert_eq!(blake2(&out.join("disk.img")), blake2(&img));
+    env.ok(&["check", s(&env.path("repo")), "--read-data"]);
+    // The journal is gone with the commit.
+    let journals = std::fs::read_dir(env.path("cache"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("resume-"))
+        .count();
+    assert_eq!(journals, 0, "journals left after the commit");
 }
 
 #[test]

@@ -289,6 +289,12 @@ pub trait Backend: Send + Sync {
     fn scratch_dir(&self) -> Option<PathBuf> {
         None
     }
+
+    /// A directory on this machine where the client keeps what it knows of
+    /// the repository (a remote repository's cache), when there is one.
+    fn client_dir(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// What a lock holder records of itself: host, pid and since when.

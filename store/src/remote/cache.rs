@@ -157,6 +157,10 @@ impl Backend for CachedBackend {
         self.inner.location()
     }
 
+    fn client_dir(&self) -> Option<PathBuf> {
+        Some(self.dir.clone())
+    }
+
     fn read(&self, key: &Key) -> Result<Vec<u8>> {
         if let Some(b) = self.get(key) {
             return Ok(b);
