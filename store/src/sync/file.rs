@@ -518,6 +518,16 @@ pub(crate) fn copy_all(
         done(at)?;
     }
     if sparse {
+        set_len(out, size)?;
+    }
+    Ok(())
+}
+
+/// `out` made `size` bytes long, when it is not already: ext4 runs a
+/// whole truncate (an orphan-list entry, the page cache walked) even for
+/// the length a file has, a tenth of the system time of a many-file sync.
+pub(crate) fn set_len(out: &File, size: u64) -> io::Result<()> {
+    if out.metadata()?.len() != size {
         out.set_len(size)?;
     }
     Ok(())

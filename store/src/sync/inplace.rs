@@ -31,7 +31,7 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
-use super::file::{copy_range, Piece};
+use super::file::{self, copy_range, Piece};
 
 const MAGIC: &[u8; 8] = b"DSYNCJ2\n";
 /// Bytes of old data a cycle of moves may hold in memory; beyond it the
@@ -242,7 +242,7 @@ pub(crate) fn apply(
         }
         written += w.len();
     }
-    old.set_len(size)?;
+    file::set_len(old, size)?;
     old.sync_data()?;
     rustix::fs::unlinkat(dir, jname.as_slice(), AtFlags::empty())?;
     Ok(Some(written))

@@ -176,7 +176,7 @@ pub(super) fn transfer(s: &Shared<'_>, j: &Job) -> io::Result<()> {
                     s.opts.sparse,
                     &mut checkpoint,
                 )?;
-                out.set_len(st.size)?;
+                file::set_len(&out, st.size)?;
                 s.count(|r| {
                     r.literal_bytes += m.literal;
                     r.matched_bytes += m.matched;

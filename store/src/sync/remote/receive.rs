@@ -663,7 +663,7 @@ fn transfer_once(s: &Shared<'_>, j: &Job, d: &Dir, ahead: Option<Fetch>) -> io::
             s.opts.sparse,
             &mut checkpoint,
         )?;
-        out.set_len(size)?;
+        file::set_len(&out, size)?;
         let mut st = j.st;
         st.size = size;
         st.mtime_ns = mtime;
@@ -704,7 +704,7 @@ fn in_place(
     let (pieces, (size, mtime), (literal, matched)) = collect(&rx, &shadow)?;
     // Zeros at the end were not written: the shadow reads them as zeros
     // only inside its length.
-    shadow.set_len(size)?;
+    file::set_len(&shadow, size)?;
     let mut st = j.st;
     st.size = size;
     st.mtime_ns = mtime;
@@ -726,7 +726,7 @@ fn in_place(
             )?);
             let r = (|| -> io::Result<()> {
                 file::write_plan(&pieces, &shadow, old, &out, 0, s.opts.sparse, |_| Ok(()))?;
-                out.set_len(size)?;
+                file::set_len(&out, size)?;
                 s.attrs(Target::Fd(out.as_fd()), &st, xattrs, true)?;
                 rustix::fs::renameat(dir, tmp.as_slice(), dir, j.dname.as_slice())?;
                 Ok(())
