@@ -16,6 +16,7 @@ mod send;
 
 pub use receive::{receive, Peer};
 pub(super) use receive::{transfer, Fetch, AHEAD_MAX_SIZE, AHEAD_QUEUE};
+use send::send_after;
 pub use send::{send, Reports};
 
 use std::io::{self, BufWriter, Read, Write};
@@ -748,6 +749,98 @@ pub fn pull(
     r
 }
 
+/// Bytes held back up to this much while a push waits for the server's
+/// answer to SYNC; a writer past it waits.
+const HOLD_MAX: usize = 16 << 20;
+
+/// A writer that holds what it is given until the stream behind it is
+/// there ([`Gate::open`]): a push lists SRC while ssh connects (0.3 s here,
+/// as long as the whole listing of the 75K-file tree), and nothing is
+/// written before the server has answered SYNC.
+struct Held(Arc<(Mutex<HeldState>, std::sync::Condvar)>);
+
+/// Opens a [`Held`] writer, or fails it.
+struct Gate(Arc<(Mutex<HeldState>, std::sync::Condvar)>);
+
+enum HeldState {
+    Holding(Vec<u8>),
+    Open(Box<dyn Write + Send>),
+    Failed,
+}
+
+fn held() -> (Held, Gate) {
+    let s = Arc::new((
+        Mutex::new(HeldState::Holding(Vec::new())),
+        std::sync::Condvar::new(),
+    ));
+    (Held(s.clone()), Gate(s))
+}
+
+impl Write for Held {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let (m, cond) = &*self.0;
+        let mut g = m
+            .lock()
+            .map_err(|_| io::Error::other("a writer panicked"))?;
+        loop {
+            match &mut *g {
+                HeldState::Holding(v) if v.len() < HOLD_MAX => {
+                    v.extend_from_slice(b);
+                    return Ok(b.len());
+                }
+                HeldState::Holding(_) => {
+                    g = cond
+                        .wait(g)
+                        .map_err(|_| io::Error::other("a writer panicked"))?;
+                }
+                HeldState::Open(w) => return w.write(b),
+                HeldState::Failed => return Err(io::ErrorKind::BrokenPipe.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let (m, _) = &*self.0;
+        let mut g = m
+            .lock()
+            .map_err(|_| io::Error::other("a writer panicked"))?;
+        match &mut *g {
+            HeldState::Holding(_) => Ok(()),
+            HeldState::Open(w) => w.flush(),
+            HeldState::Failed => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+}
+
+impl Gate {
+    /// What was held written to `w`, and what comes after.
+    fn open(&self, mut w: Box<dyn Write + Send>) -> io::Result<()> {
+        let (m, cond) = &*self.0;
+        let mut g = m
+            .lock()
+            .map_err(|_| io::Error::other("a writer panicked"))?;
+        if let HeldState::Holding(v) = &*g {
+            if let Err(e) = w.write_all(v).and_then(|()| w.flush()) {
+                *g = HeldState::Failed;
+                cond.notify_all();
+                return Err(e);
+            }
+        }
+        *g = HeldState::Open(w);
+        cond.notify_all();
+        Ok(())
+    }
+
+    /// Writes fail from now on (a writer waiting too).
+    fn fail(&self) {
+        let (m, cond) = &*self.0;
+        if let Ok(mut g) = m.lock() {
+            *g = HeldState::Failed;
+        }
+        cond.notify_all();
+    }
+}
+
 /// `dsync sync SRC... HOST:DST`: a sender here, `dsync serve` receiving.
 ///
 /// # Errors
@@ -760,25 +853,38 @@ pub fn push(
 ) -> Result<SyncReport> {
     let mut paths: Vec<&[u8]> = vec![remote.path.as_bytes()];
     paths.extend(srcs.iter().map(|p| p.as_os_str().as_bytes()));
-    let (mut child, stdin, mut stdout) = crate::remote::spawn(remote)?;
+    let (mut child, stdin, stdout) = crate::remote::spawn(remote)?;
     let r = (|| -> Result<SyncReport> {
         let mut stdin: Box<dyn Write + Send> = Box::new(stdin);
         let items = ev.wants_items();
-        let hash = hello_exchange(
-            remote,
-            &mut stdin,
-            &mut stdout,
-            role::RECEIVE,
-            opts,
-            items,
-            &paths,
-        )?;
+        hello_send(remote, &mut stdin, role::RECEIVE, opts, items, &paths)?;
         let owned: Vec<Vec<u8>> = srcs
             .iter()
             .map(|p| p.as_os_str().as_bytes().to_vec())
             .collect();
         let relay = Relay { ev };
-        send(&owned, opts, hash, stdout, stdin, Some(&relay))?.ok_or_else(|| {
+        // SRC is listed while the answer comes; the listing waits in
+        // memory until it has.
+        let (w, gate) = held();
+        let first = |r: &mut _| {
+            let answer = hello_answer(remote, r).and_then(|hash| {
+                gate.open(stdin).map_err(|e| lost(remote, e))?;
+                Ok(hash)
+            });
+            if answer.is_err() {
+                gate.fail();
+            }
+            answer
+        };
+        send_after(
+            &owned,
+            opts,
+            first,
+            stdout,
+            Out::new(Box::new(w)),
+            Some(&relay),
+        )?
+        .ok_or_else(|| {
             Error::InvalidInput(format!("{remote}: the receiver ended without a report"))
         })
     })();
@@ -796,19 +902,39 @@ fn hello_exchange(
     items: bool,
     paths: &[&[u8]],
 ) -> Result<BlockHash> {
-    let loc = PathBuf::from(remote.to_string());
-    let lost = |e: io::Error| {
-        Error::io(
-            &loc,
-            io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!("connection lost: {e}"),
-            ),
-        )
-    };
+    hello_send(remote, w, role, opts, items, paths)?;
+    hello_answer(remote, r)
+}
+
+/// The connection to `remote` lost, as the error says.
+fn lost(remote: &crate::remote::Remote, e: io::Error) -> Error {
+    Error::io(
+        PathBuf::from(remote.to_string()),
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("connection lost: {e}"),
+        ),
+    )
+}
+
+/// SYNC out.
+fn hello_send(
+    remote: &crate::remote::Remote,
+    w: &mut Box<dyn Write + Send>,
+    role: u8,
+    opts: &SyncOptions,
+    items: bool,
+    paths: &[&[u8]],
+) -> Result<()> {
     wire::write_frame(w, op::SYNC, 0, &hello(role, opts, items, paths))
         .and_then(|()| w.flush())
-        .map_err(lost)?;
+        .map_err(|e| lost(remote, e))
+}
+
+/// SYNC's answer: the block hash the session uses, or the server's refusal.
+fn hello_answer(remote: &crate::remote::Remote, r: &mut impl Read) -> Result<BlockHash> {
+    let loc = PathBuf::from(remote.to_string());
+    let lost = |e: io::Error| lost(remote, e);
     match wire::read_frame(r).map_err(lost)? {
         // A server from before block hashes answers with no features.
         Some((wire::op::OK, _, body)) => Ok(match body.get(..4) {
@@ -830,5 +956,50 @@ fn hello_exchange(
             Err(Error::InvalidInput(format!("{}: {msg}", loc.display())))
         }
         _ => Err(lost(io::ErrorKind::UnexpectedEof.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| io::Error::other("poisoned"))?
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn held_bytes_go_out_first_and_only_once_the_gate_opens() {
+        let (mut w, gate) = held();
+        w.write_all(b"listed ").unwrap();
+        w.flush().unwrap();
+        let sink = Sink::default();
+        assert!(sink.0.lock().unwrap().is_empty());
+        gate.open(Box::new(sink.clone())).unwrap();
+        w.write_all(b"then answers").unwrap();
+        assert_eq!(&*sink.0.lock().unwrap(), b"listed then answers");
+    }
+
+    #[test]
+    fn a_failed_gate_releases_a_writer_waiting_past_the_limit() {
+        let (mut w, gate) = held();
+        w.write_all(&vec![0; HOLD_MAX]).unwrap();
+        let waiting = std::thread::spawn(move || w.write_all(b"more"));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        gate.fail();
+        let r = waiting.join().unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
     }
 }

@@ -69,7 +69,20 @@ pub fn send(
     output: Box<dyn Write + Send>,
     reports: Option<&dyn Reports>,
 ) -> Result<Option<SyncReport>> {
-    let out = Out::new(output);
+    send_after(srcs, opts, |_| Ok(hash), input, Out::new(output), reports)
+}
+
+/// [`send`], the listing started before `first` reads what must come
+/// before the requests (a push: the server's answer to SYNC, while the
+/// listing is held back, see [`super::Held`]) and gives the block hash.
+pub(super) fn send_after<R: Read + Send>(
+    srcs: &[Vec<u8>],
+    opts: &SyncOptions,
+    first: impl FnOnce(&mut R) -> Result<BlockHash>,
+    mut input: R,
+    out: Out,
+    reports: Option<&dyn Reports>,
+) -> Result<Option<SyncReport>> {
     let stop = AtomicBool::new(false);
     let matcher = opts.filters.matcher()?;
     let roots: Vec<Root> = srcs.iter().map(|p| open_root(p)).collect();
@@ -91,6 +104,14 @@ pub fn send(
         scope.spawn(move || {
             list_all(srcs, roots, opts, matcher, out, stop);
         });
+        let hash = match first(&mut input) {
+            Ok(h) => h,
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = out.close();
+                return Err(e);
+            }
+        };
         for _ in 0..SENDERS {
             scope.spawn(move || loop {
                 let next = match rx.lock() {
