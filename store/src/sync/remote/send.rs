@@ -645,7 +645,7 @@ fn aligned(
     let parts: Vec<io::Result<Vec<Piece>>> = (first / CHUNK..common.div_ceil(CHUNK))
         .into_par_iter()
         .map_init(
-            || vec![0u8; CHUNK as usize],
+            || vec![0u8; CHUNK.min(common) as usize],
             |buf, c| {
                 let at = (c * CHUNK).max(first);
                 let end = ((c + 1) * CHUNK).min(common);
