@@ -32,18 +32,31 @@ pub(super) struct Job {
 }
 
 impl Job {
-    /// Asks ahead for a small remote file that needs no signature (no
-    /// old file to compare with), so that its bytes are on their way
-    /// before a worker takes the job.
+    /// Asks ahead for a small remote file, so that its bytes are on their
+    /// way before a worker takes the job: with no signature when there is
+    /// no old file to compare with, else with the small old file's.
     pub(super) fn ask_ahead(self, opts: &super::SyncOptions) -> Job {
         let whole = match self.old {
             None => true,
             Some(o) => o.size == 0 || (opts.whole_file && !opts.inplace),
         };
         if let SrcDir::Remote(d) = &self.sdir {
-            if whole && self.st.size <= remote::AHEAD_MAX_SIZE {
+            if self.st.size <= remote::AHEAD_MAX_SIZE {
                 let rel = super::join(&d.rel, &self.sname);
-                self.ahead.set(d.peer.fetch_ahead(d.arg, &rel));
+                if whole {
+                    self.ahead.set(d.peer.fetch_ahead(d.arg, &rel));
+                } else if !opts.inplace
+                    && self
+                        .old
+                        .is_some_and(|o| o.size <= remote::SIGNED_AHEAD_MAX_SIZE)
+                {
+                    self.ahead.set(d.peer.fetch_ahead_signed(
+                        d.arg,
+                        &rel,
+                        self.ddir.as_fd(),
+                        &self.dname,
+                    ));
+                }
             }
         }
         self

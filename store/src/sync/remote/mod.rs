@@ -15,7 +15,7 @@ mod receive;
 mod send;
 
 pub use receive::{receive, Peer};
-pub(super) use receive::{transfer, Fetch, AHEAD_MAX_SIZE, AHEAD_QUEUE};
+pub(super) use receive::{transfer, Fetch, AHEAD_MAX_SIZE, AHEAD_QUEUE, SIGNED_AHEAD_MAX_SIZE};
 use send::send_after;
 pub use send::{send, Reports};
 

@@ -63,6 +63,11 @@ const FLUSH_AGAIN: Duration = Duration::from_millis(20);
 /// seldom waits. Bigger ones, and files with an old version (whose
 /// signature a worker computes), are asked for by their worker.
 pub(in crate::sync) const AHEAD_MAX_SIZE: u64 = 1 << 20;
+/// Files whose old version is up to this size are asked for as the walk
+/// finds them too, with the signature the walk makes (a few hundred
+/// bytes): a sync of small changes to many files waited a round trip per
+/// file in each worker.
+pub(in crate::sync) const SIGNED_AHEAD_MAX_SIZE: u64 = 256 << 10;
 /// The error of a fetch made ahead whose answer was dropped: its worker
 /// asks again.
 const SPILLED: &str = "answer dropped: asked for again";
@@ -80,6 +85,8 @@ pub(in crate::sync) struct Fetch {
     /// Made ahead: counted in [`Peer::ahead`], and set when its answer
     /// was dropped (see [`Route::spilled`]).
     spilled: Option<Arc<AtomicBool>>,
+    /// Asked with the signature of the old file the walk saw.
+    signed: bool,
 }
 
 impl Drop for Fetch {
@@ -366,9 +373,41 @@ impl Peer {
             peer: self.clone(),
             rx: sync_channel(0).1,
             spilled: Some(Arc::new(AtomicBool::new(false))),
+            signed: false,
         };
         // Failing here, the worker asks again (and meets the error).
         self.request(arg, rel, 0, None, f).ok()
+    }
+
+    /// [`Self::fetch_ahead`] for a small file with an old version at
+    /// `dname` in `dir`: its signature made here, by the walk, so that
+    /// its delta is on its way before a worker takes the job. The worker
+    /// takes the answer only if the old file is still the one signed
+    /// (see [`transfer`]).
+    pub(in crate::sync) fn fetch_ahead_signed(
+        self: &Arc<Self>,
+        arg: u32,
+        rel: &[u8],
+        dir: BorrowedFd<'_>,
+        dname: &[u8],
+    ) -> Option<Fetch> {
+        let old = open_old(dir, dname, false).ok()??;
+        let st = source::stat_fd(old.as_fd()).ok()?;
+        if st.size > SIGNED_AHEAD_MAX_SIZE {
+            return None;
+        }
+        let sig = file::signature_of(&old, st.size, self.hash).ok()?;
+        if self.ahead.fetch_add(1, Ordering::SeqCst) >= AHEAD {
+            self.ahead.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        let f = Fetch {
+            peer: self.clone(),
+            rx: sync_channel(0).1,
+            spilled: Some(Arc::new(AtomicBool::new(false))),
+            signed: true,
+        };
+        self.request(arg, rel, 0, Some(&sig), f).ok()
     }
 
     /// Asks for a file's bytes from `start` on, as a delta against `sig`.
@@ -383,6 +422,7 @@ impl Peer {
             peer: self.clone(),
             rx: sync_channel(0).1,
             spilled: None,
+            signed: false,
         };
         self.request(arg, rel, start, sig, f)
     }
@@ -639,19 +679,36 @@ fn transfer_once(s: &Shared<'_>, j: &Job, d: &Dir, ahead: Option<Fetch>) -> io::
     };
     let (tmp, out, start, big) = transfer::open_out(s, &j.rel, &j.dname, &j.st, dir, old.as_ref())?;
     let r = (|| -> io::Result<(u64, (u64, u64))> {
-        let sig = match &old {
-            Some(f) => Some(file::signature_of(
-                f,
-                source::stat_fd(f.as_fd())?.size,
-                d.peer.hash,
-            )?),
+        let old_st = match &old {
+            Some(f) => Some(source::stat_fd(f.as_fd())?),
             None => None,
         };
+        // An answer asked ahead is for no old file, or for the old file
+        // the walk signed: the same inode, size and time (a recovery
+        // above, or another writer, changes them).
+        let ahead = ahead.filter(|f| {
+            start == 0
+                && match (&old_st, j.old, f.signed) {
+                    (None, _, false) => true,
+                    (Some(now), Some(seen), true) => {
+                        now.ino == seen.ino
+                            && now.size == seen.size
+                            && now.mtime_ns == seen.mtime_ns
+                            && now.ctime_ns == seen.ctime_ns
+                    }
+                    _ => false,
+                }
+        });
         let rx = match ahead {
-            Some(f) if start == 0 && sig.is_none() => f,
-            _ => d
-                .peer
-                .fetch(d.arg, &join(&d.rel, &j.sname), start, sig.as_ref())?,
+            Some(f) => f,
+            None => {
+                let sig = match (&old, &old_st) {
+                    (Some(f), Some(st)) => Some(file::signature_of(f, st.size, d.peer.hash)?),
+                    _ => None,
+                };
+                d.peer
+                    .fetch(d.arg, &join(&d.rel, &j.sname), start, sig.as_ref())?
+            }
         };
         let mut checkpoint =
             transfer::checkpointer(&j.st, &j.dname, dir, &out, old.as_ref(), big, start);
