@@ -60,8 +60,9 @@ const FLUSH_AGAIN: Duration = Duration::from_millis(20);
 /// Files up to this size are asked for as the walk finds them, before a
 /// worker takes them (as rsync's generator asks ahead): their answers
 /// wait in their channels (at most 3 frames of [`WINDOW`]), and a worker
-/// seldom waits. Bigger ones, and files with an old version (whose
-/// signature a worker computes), are asked for by their worker.
+/// seldom waits. Bigger ones, and files with an old version over
+/// [`SIGNED_AHEAD_MAX_SIZE`] (whose signature a worker computes), are
+/// asked for by their worker.
 pub(in crate::sync) const AHEAD_MAX_SIZE: u64 = 1 << 20;
 /// Files whose old version is up to this size are asked for as the walk
 /// finds them too, with the signature the walk makes (a few hundred
