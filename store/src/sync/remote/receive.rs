@@ -366,18 +366,7 @@ impl Peer {
     /// Asks ahead for a whole file that the walk found (see
     /// [`AHEAD_MAX_SIZE`]); `None` when enough are asked for already.
     pub(in crate::sync) fn fetch_ahead(self: &Arc<Self>, arg: u32, rel: &[u8]) -> Option<Fetch> {
-        if self.ahead.fetch_add(1, Ordering::SeqCst) >= AHEAD {
-            self.ahead.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        let f = Fetch {
-            peer: self.clone(),
-            rx: sync_channel(0).1,
-            spilled: Some(Arc::new(AtomicBool::new(false))),
-            signed: false,
-        };
-        // Failing here, the worker asks again (and meets the error).
-        self.request(arg, rel, 0, None, f).ok()
+        self.ask_ahead(arg, rel, None)
     }
 
     /// [`Self::fetch_ahead`] for a small file with an old version at
@@ -392,12 +381,20 @@ impl Peer {
         dir: BorrowedFd<'_>,
         dname: &[u8],
     ) -> Option<Fetch> {
+        if self.ahead.load(Ordering::SeqCst) >= AHEAD {
+            return None;
+        }
         let old = open_old(dir, dname, false).ok()??;
         let st = source::stat_fd(old.as_fd()).ok()?;
         if st.size > SIGNED_AHEAD_MAX_SIZE {
             return None;
         }
         let sig = file::signature_of(&old, st.size, self.hash).ok()?;
+        self.ask_ahead(arg, rel, Some(&sig))
+    }
+
+    /// A fetch made ahead, counted in [`Self::ahead`] (at most [`AHEAD`]).
+    fn ask_ahead(self: &Arc<Self>, arg: u32, rel: &[u8], sig: Option<&Signature>) -> Option<Fetch> {
         if self.ahead.fetch_add(1, Ordering::SeqCst) >= AHEAD {
             self.ahead.fetch_sub(1, Ordering::SeqCst);
             return None;
@@ -406,9 +403,10 @@ impl Peer {
             peer: self.clone(),
             rx: sync_channel(0).1,
             spilled: Some(Arc::new(AtomicBool::new(false))),
-            signed: true,
+            signed: sig.is_some(),
         };
-        self.request(arg, rel, 0, Some(&sig), f).ok()
+        // Failing here, the worker asks again (and meets the error).
+        self.request(arg, rel, 0, sig, f).ok()
     }
 
     /// Asks for a file's bytes from `start` on, as a delta against `sig`.
