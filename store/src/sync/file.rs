@@ -306,14 +306,12 @@ fn plan_search(
 /// # Errors
 /// A read error; the file shrank.
 pub(crate) fn signature_of(old: &File, old_size: u64, hash: BlockHash) -> io::Result<Signature> {
-    // Holes are not read: their blocks' entries are the zero block's.
-    let segs = data_segments(old, old_size);
-    let zero = entries_of(&[0u8; BLOCK as usize], hash);
     // No bigger than the file: zeroing 4 MiB for each small file was a
     // sixth of the CPU time of a sync of small changes.
     let buf = CHUNK.min(old_size) as usize;
     if old_size <= CHUNK {
-        // One chunk: on this thread (the walk signs small files ahead).
+        // One chunk: on this thread (the walk signs small files ahead),
+        // read whole (its holes read as zeros, their entries the same).
         let mut data = vec![0u8; buf];
         if read_full(old, &mut data, 0)? != buf {
             return Err(shrank());
@@ -324,6 +322,9 @@ pub(crate) fn signature_of(old: &File, old_size: u64, hash: BlockHash) -> io::Re
             entries: entries_of(&data, hash),
         });
     }
+    // Holes are not read: their blocks' entries are the zero block's.
+    let segs = data_segments(old, old_size);
+    let zero = entries_of(&[0u8; BLOCK as usize], hash);
     let parts: Vec<io::Result<Vec<u8>>> = (0..old_size.div_ceil(CHUNK))
         .into_par_iter()
         .map_init(
