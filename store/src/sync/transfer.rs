@@ -252,8 +252,20 @@ pub(super) fn open_out(
     Ok((tmp, out, start, big))
 }
 
+/// How far behind the writing a replaced file's pages are let go (see
+/// [`checkpointer`]): old data moved back by up to this much is still
+/// copied from the cache.
+const LET_GO_BEHIND: u64 = 64 << 20;
+
 /// Told each offset written: a big file's data is made durable and its
 /// checkpoint written every [`checkpoint_every`] bytes.
+///
+/// The old file's cached pages are also let go [`LET_GO_BEHIND`] behind
+/// the writing when the rename will free them anyway (no other link), so
+/// that the new file's pages are the ones just freed. Fresh pages cost
+/// far more on a virtual machine that hands free memory back to its host:
+/// a 2 GiB `copy_file_range` here took 3.5-3.9 s, and 0.6 s letting the
+/// source go behind it.
 pub(super) fn checkpointer<'f>(
     st: &'f Stat,
     name: &'f [u8],
@@ -264,7 +276,23 @@ pub(super) fn checkpointer<'f>(
     start: u64,
 ) -> impl FnMut(u64) -> io::Result<()> + 'f {
     let mut last = start;
+    let mut let_go = old
+        .filter(|f| big && source::stat_fd(f.as_fd()).is_ok_and(|o| o.nlink == 1))
+        .map(|f| (f, 0u64));
     move |at: u64| -> io::Result<()> {
+        if let Some((f, from)) = &mut let_go {
+            let to = at.saturating_sub(LET_GO_BEHIND);
+            if to >= *from + file::STEP {
+                // Advice only: a failure costs nothing but the cache.
+                let _ = rustix::fs::fadvise(
+                    f,
+                    *from,
+                    std::num::NonZeroU64::new(to - *from),
+                    rustix::fs::Advice::DontNeed,
+                );
+                *from = to;
+            }
+        }
         if big && at - last >= checkpoint_every(st.size) && at < st.size {
             out.sync_data()?;
             write_checkpoint(dir, name, &Checkpoint::of(st, old, at)?)?;
