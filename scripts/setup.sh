@@ -24,3 +24,9 @@ if command -v rustup >/dev/null; then
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 fi
+# The S3 server the tests start (tests/e2e/s3.rs): a real hyper S3 server,
+# file-backed. 0.14.1: later ones need a newer Rust than this toolchain.
+if ! command -v s3s-fs >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
+  echo "setup: installing s3s-fs (cargo install)" >&2
+  cargo install --quiet --locked s3s-fs@0.14.1 --features binary
+fi

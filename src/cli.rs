@@ -54,6 +54,12 @@ pub struct Cli {
     /// more when one is CPU- or window-bound, as restic's sftp backend.
     #[arg(long, global = true, env = "DSYNC_CONNECTIONS", value_name = "N")]
     pub connections: Option<usize>,
+    /// The S3 server of an s3://bucket/prefix REPO, for a self-hosted one
+    /// (MinIO, Ceph RGW, Garage): path-style requests, http allowed.
+    /// Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY,
+    /// the region from AWS_REGION.
+    #[arg(long, global = true, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -55,6 +55,9 @@ fn main() -> ExitCode {
     if let Some(n) = cli.connections {
         std::env::set_var("DSYNC_CONNECTIONS", n.to_string());
     }
+    if let Some(url) = &cli.s3_endpoint {
+        std::env::set_var("AWS_ENDPOINT_URL", url);
+    }
     let command = match cli.command {
         // Fork before any thread exists; the parent returns once the child's
         // mount is ready (or failed).

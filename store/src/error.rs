@@ -122,6 +122,11 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     }
+
+    /// True when a create-if-absent found the key taken.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists)
+    }
 }
 
 /// Adds a path to an `io::Result`.

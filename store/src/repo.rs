@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::{Backend, Key, Kind, LocalBackend, LockGuard, ObjectWriter};
+use crate::backend::{Backend, Key, Kind, LocalBackend, LockGuard, ObjectWriter, S3Backend, S3Url};
 use crate::delta::signature::{PageBytes, PageSource};
 use crate::delta::SigView;
 use crate::error::{Error, Result};
@@ -41,6 +41,28 @@ pub struct Repo {
     cache: Arc<PackCache>,
 }
 
+/// `b` with its immutable objects kept in the client's cache for
+/// repository `repo_id` (see [`crate::remote::cache`]).
+fn cached(b: Arc<dyn Backend>, repo_id: u64) -> Arc<dyn Backend> {
+    match crate::remote::cache::dir_for(repo_id) {
+        Some(dir) => crate::remote::cache::CachedBackend::wrap(b, dir),
+        None => b,
+    }
+}
+
+/// `b` cached under the id its config gives (a missing config is left
+/// for [`Repo::open_on`] to report).
+fn cached_by_config(b: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
+    match b.read(&Key::config()) {
+        Ok(bytes) => {
+            let id = Config::decode(&bytes, "config")?.repo_id;
+            Ok(cached(b, id))
+        }
+        Err(e) if e.is_not_found() => Ok(b),
+        Err(e) => Err(e),
+    }
+}
+
 impl Repo {
     /// Creates a repository at `path` (an empty or missing directory).
     ///
@@ -48,6 +70,10 @@ impl Repo {
     /// [`Error::InvalidInput`] when `path` is a non-empty directory or a file,
     /// [`Error::Io`] when it cannot be written.
     pub fn init(path: &Path, config: Config) -> Result<Repo> {
+        if let Some(u) = S3Url::parse(path) {
+            let b = cached(Arc::new(S3Backend::connect(&u)?), config.repo_id);
+            return Repo::init_on(b, config);
+        }
         if let Some(r) = crate::remote::Remote::parse(path) {
             let b = crate::remote::backend(&r, crate::remote::hello::CREATE, Some(config.repo_id))?;
             return Repo::init_on(b, config);
@@ -85,6 +111,10 @@ impl Repo {
     /// # Errors
     /// See [`Repo::open`].
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Repo> {
+        if let Some(u) = S3Url::parse(path) {
+            let b: Arc<dyn Backend> = Arc::new(S3Backend::connect(&u)?);
+            return Repo::open_on(cached_by_config(b)?, cache_bytes);
+        }
         if let Some(r) = crate::remote::Remote::parse(path) {
             let b = crate::remote::backend(&r, crate::remote::hello::OPEN, None)?;
             return Repo::open_on(b, cache_bytes);
@@ -125,6 +155,14 @@ impl Repo {
     /// # Errors
     /// See [`Repo::init`] and [`Repo::open`].
     pub fn open_or_init(path: &Path) -> Result<Repo> {
+        if let Some(u) = S3Url::parse(path) {
+            let s3 = S3Backend::connect(&u)?;
+            if s3.holds_repository()? {
+                return Repo::open_on(cached_by_config(Arc::new(s3))?, DEFAULT_CACHE);
+            }
+            let config = Config::default();
+            return Repo::init_on(cached(Arc::new(s3), config.repo_id), config);
+        }
         if let Some(r) = crate::remote::Remote::parse(path) {
             let flags = crate::remote::hello::OPEN_OR_CREATE;
             let b: Arc<dyn Backend> = Arc::new(crate::remote::RemoteBackend::connect(&r, flags)?);

@@ -14,6 +14,7 @@ mod prune;
 mod prune_readers;
 mod readme;
 mod remote;
+mod s3;
 mod sources;
 mod sync;
 mod sync_remote;

@@ -33,14 +33,17 @@
 //! [`std::io::ErrorKind::NotFound`] ([`Error::is_not_found`]): readers that
 //! race a prune use it to tell "replaced" from "damaged".
 
+pub(crate) mod ahead;
 mod local;
 mod mem;
+pub mod s3;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use local::LocalBackend;
 pub use mem::MemBackend;
+pub use s3::{S3Backend, S3Url};
 
 use crate::delta::signature::PageBytes;
 use crate::error::Result;

@@ -16,7 +16,11 @@ fn contract(b: &dyn Backend) {
 
     b.put(&k, b"hello map").unwrap();
     assert_eq!(b.read(&k).unwrap(), b"hello map");
-    assert!(already_exists(b.put(&k, b"again")), "put never overwrites");
+    // (An uploading backend finds out when the upload is waited for.)
+    assert!(
+        already_exists(b.put(&k, b"again").and_then(|()| b.sync())),
+        "put never overwrites"
+    );
 
     let p = Key::new(Kind::Pack, "00000000000000bb");
     let mut w = b.create(&p).unwrap();
@@ -80,6 +84,22 @@ fn local_backend_keeps_the_contract() {
 #[test]
 fn memory_backend_keeps_the_contract() {
     contract(&MemBackend::new());
+}
+
+#[test]
+fn s3_backend_keeps_the_contract() {
+    let store = Arc::new(object_store::memory::InMemory::new());
+    let url = S3Url::parse(std::path::Path::new("s3://bucket/some/prefix")).unwrap();
+    let b = S3Backend::on(store.clone(), &url).unwrap();
+    contract(&b);
+    // A second prefix in the same bucket is another repository.
+    let other = S3Backend::on(
+        store,
+        &S3Url::parse(std::path::Path::new("s3://bucket/some")).unwrap(),
+    )
+    .unwrap();
+    assert!(other.list(Kind::Pack).unwrap().is_empty());
+    assert!(!other.holds_repository().unwrap());
 }
 
 #[test]

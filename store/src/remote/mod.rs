@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 
+use crate::backend::ahead::{self, Ahead, AHEAD_PIECE};
 use crate::backend::{Backend, Key, Kind, LockGuard, Object, ObjectWriter};
 use crate::error::{Error, Result};
 use wire::{err, op, Dec, Enc};
@@ -256,59 +257,6 @@ struct Conns {
     ahead: Mutex<Ahead>,
 }
 
-/// Bytes read ahead: a read that starts where an earlier read of the same
-/// object ended fetches [`READ_AHEAD`] bytes at once, in pieces in flight
-/// together, and the next reads are served from them. A restore reads a
-/// pack frame by frame (32 KiB each): without this, one round trip each.
-#[derive(Default)]
-struct Ahead {
-    /// (object, start, bytes), the most recent last.
-    windows: std::collections::VecDeque<(Key, u64, Arc<Vec<u8>>)>,
-    /// Where recent reads ended, the most recent last.
-    ends: std::collections::VecDeque<(Key, u64)>,
-}
-
-/// Bytes one sequential read fetches ahead, and the size of its pieces.
-const READ_AHEAD: u64 = 8 << 20;
-const AHEAD_PIECE: u64 = 512 << 10;
-/// Windows kept (at most 64 MiB), and read ends remembered.
-const AHEAD_WINDOWS: usize = 8;
-const AHEAD_ENDS: usize = 64;
-
-impl Ahead {
-    /// Fills `buf` from a window that holds all of it.
-    fn read(&self, key: &Key, offset: u64, buf: &mut [u8]) -> bool {
-        let end = offset + buf.len() as u64;
-        for (k, start, bytes) in self.windows.iter().rev() {
-            if k == key && *start <= offset && end <= start + bytes.len() as u64 {
-                let a = (offset - start) as usize;
-                buf.copy_from_slice(&bytes[a..a + buf.len()]);
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Whether a read at `offset` continues an earlier one.
-    fn follows(&self, key: &Key, offset: u64) -> bool {
-        self.ends.iter().any(|(k, e)| *e == offset && k == key)
-    }
-
-    fn ended(&mut self, key: &Key, end: u64) {
-        if self.ends.len() >= AHEAD_ENDS {
-            self.ends.pop_front();
-        }
-        self.ends.push_back((key.clone(), end));
-    }
-
-    fn keep(&mut self, key: &Key, start: u64, bytes: Arc<Vec<u8>>) {
-        if self.windows.len() >= AHEAD_WINDOWS {
-            self.windows.pop_front();
-        }
-        self.windows.push_back((key.clone(), start, bytes));
-    }
-}
-
 impl Conns {
     /// The connection for the next request, and its index: each in turn.
     fn pick(&self) -> Option<(usize, Arc<Conn>)> {
@@ -500,40 +448,14 @@ impl Object for RemoteObject {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let len = buf.len() as u64;
-        let lock = || {
-            self.conns
-                .ahead
-                .lock()
-                .map_err(|_| Error::Internal("a reader panicked".into()))
-        };
-        let sequential = {
-            let mut a = lock()?;
-            if a.read(&self.key, offset, buf) {
-                a.ended(&self.key, offset + len);
-                return Ok(());
-            }
-            a.follows(&self.key, offset)
-        };
-        let want = if sequential {
-            len.max(READ_AHEAD)
-                .min(self.len.saturating_sub(offset))
-                .max(len)
-        } else {
-            len
-        };
-        if want > len {
-            let mut bytes = vec![0u8; want as usize];
-            self.fetch(offset, &mut bytes)?;
-            buf.copy_from_slice(&bytes[..buf.len()]);
-            let mut a = lock()?;
-            a.keep(&self.key, offset, Arc::new(bytes));
-            a.ended(&self.key, offset + len);
-        } else {
-            self.fetch(offset, buf)?;
-            lock()?.ended(&self.key, offset + len);
-        }
-        Ok(())
+        ahead::read_through(
+            &self.conns.ahead,
+            &self.key,
+            self.len,
+            offset,
+            buf,
+            |at, b| self.fetch(at, b),
+        )
     }
 }
 
@@ -794,29 +716,6 @@ impl Backend for RemoteBackend {
 
 #[cfg(test)]
 mod tests {
-
-    /// Only a read that continues an earlier one reads ahead, and the
-    /// window serves reads it holds whole, of its own object only.
-    #[test]
-    fn read_ahead_follows_sequential_reads_only() {
-        let (a, b) = (Key::new(Kind::Pack, "a"), Key::new(Kind::Pack, "b"));
-        let mut ahead = Ahead::default();
-        assert!(!ahead.follows(&a, 100));
-        ahead.ended(&a, 100);
-        assert!(ahead.follows(&a, 100));
-        assert!(!ahead.follows(&b, 100) && !ahead.follows(&a, 99));
-        ahead.keep(&a, 100, Arc::new((0..=255u8).collect()));
-        let mut buf = [0u8; 4];
-        assert!(ahead.read(&a, 110, &mut buf));
-        assert_eq!(buf, [10, 11, 12, 13]);
-        assert!(!ahead.read(&b, 110, &mut buf));
-        assert!(!ahead.read(&a, 354, &mut buf), "past the window's end");
-        assert!(!ahead.read(&a, 98, &mut buf), "before its start");
-        for i in 0..AHEAD_WINDOWS as u64 {
-            ahead.keep(&b, 1000 * i, Arc::new(vec![0; 8]));
-        }
-        assert!(!ahead.read(&a, 110, &mut buf), "the oldest window went");
-    }
 
     use super::*;
 
