@@ -246,3 +246,101 @@ fn a_second_writer_is_refused_while_the_first_holds_the_s3_lock() {
     srv.ok(&env, &["backup", "-q", &repo, s(&img)]);
     assert_eq!(srv.ids(&env, &repo).len(), 1);
 }
+
+#[test]
+fn cp_and_qemu_img_read_versions_through_a_mount_of_an_s3_repository() {
+    if super::mount::skip() {
+        return;
+    }
+    let env = Env::new();
+    let Some(srv) = S3Server::start(&env, "S3 mount") else {
+        return;
+    };
+    let repo = format!("s3://{BUCKET}/mounted");
+    let raw = env.path("disk.raw");
+    make_image(&raw, 24 << 20, 31);
+    let mut origs = Vec::new();
+    for day in 0..2u64 {
+        if day > 0 {
+            change_image(&raw, day, 20);
+        }
+        let q = env.path("disk.qcow2");
+        let _ = std::fs::remove_file(&q);
+        let o = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&q)])
+            .output()
+            .expect("qemu-img (qemu-utils)");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (keep_q, keep_r) = (env.path(&format!("q{day}")), env.path(&format!("r{day}")));
+        std::fs::copy(&q, &keep_q).unwrap();
+        std::fs::copy(&raw, &keep_r).unwrap();
+        srv.ok(&env, &["backup", "-q", &repo, s(&q), s(&raw)]);
+        origs.push((keep_q, keep_r));
+        std::thread::sleep(Duration::from_millis(1050));
+    }
+    let dir = env.path("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsync"))
+        .args(["mount", &repo, s(&dir)])
+        .env("AWS_ACCESS_KEY_ID", KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", srv.port))
+        .env("DSYNC_CACHE_DIR", env.path("cache"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dsync mount");
+    let unmount = |child: &mut std::process::Child| {
+        let _ = Command::new("fusermount3").arg("-u").arg(&dir).status();
+        let t = Instant::now();
+        while child.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait().unwrap()
+    };
+    let t = Instant::now();
+    while !dir.join("latest").exists() {
+        if t.elapsed() > Duration::from_secs(20) || child.try_wait().unwrap().is_some() {
+            unmount(&mut child);
+            panic!("the mount of {repo} was not ready");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().contains('T') && !p.is_symlink())
+        .collect();
+    snaps.sort();
+    let checks = (|| -> Result<(), String> {
+        if snaps.len() != 2 {
+            return Err(format!("snapshot directories: {snaps:?}"));
+        }
+        for (k, d) in snaps.iter().enumerate() {
+            let (oq, or) = &origs[k];
+            let copy = env.path(&format!("copy{k}"));
+            let cp = Command::new("cp")
+                .arg(d.join("disk.raw"))
+                .arg(&copy)
+                .status()
+                .unwrap();
+            if !cp.success() || blake2(&copy) != blake2(or) {
+                return Err(format!("cp of {} differs", d.display()));
+            }
+            let cmp = Command::new("qemu-img")
+                .args(["compare", s(&d.join("disk.qcow2")), s(oq)])
+                .output()
+                .unwrap();
+            if !cmp.status.success() {
+                return Err(format!(
+                    "qemu-img compare: {}",
+                    String::from_utf8_lossy(&cmp.stdout)
+                ));
+            }
+        }
+        Ok(())
+    })();
+    let status = unmount(&mut child);
+    checks.unwrap();
+    assert!(status.success(), "dsync mount exited with {status}");
+}

@@ -37,6 +37,8 @@ pub(crate) mod ahead;
 mod local;
 mod mem;
 pub mod s3;
+#[cfg(test)]
+mod s3_faults;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,0 +1,265 @@
+//! The S3 crash test: a backup stopped at every request in turn, against
+//! `object_store`'s in-memory store behind a wrapper that fails every
+//! mutating request after a budget (a process killed between two requests
+//! leaves what the earlier ones stored). After each stop every earlier
+//! snapshot must restore byte for byte, and the next backup must work.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
+};
+
+use super::{S3Backend, S3Url};
+use crate::backup::{backup, BackupOptions, NoProgress};
+use crate::format::config::Config;
+use crate::repo::Repo;
+use crate::testdata::pseudo;
+
+/// Mutating requests (PUT, each multipart part and completion, DELETE,
+/// COPY) left before every later one fails; `None` is no limit.
+#[derive(Debug, Default)]
+struct Budget(Mutex<Option<u64>>);
+
+impl Budget {
+    fn spend(&self) -> object_store::Result<()> {
+        let mut b = self.0.lock().map_err(|_| stopped())?;
+        match &mut *b {
+            Some(0) => Err(stopped()),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+fn stopped() -> object_store::Error {
+    object_store::Error::Generic {
+        store: "faulty",
+        source: "injected fault: the writer stopped here".into(),
+    }
+}
+
+#[derive(Debug)]
+struct Faulty {
+    inner: InMemory,
+    budget: Arc<Budget>,
+}
+
+impl std::fmt::Display for Faulty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Faulty({})", self.inner)
+    }
+}
+
+#[derive(Debug)]
+struct FaultyUpload {
+    inner: Box<dyn MultipartUpload>,
+    budget: Arc<Budget>,
+}
+
+#[async_trait]
+impl MultipartUpload for FaultyUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        match self.budget.spend() {
+            Ok(()) => self.inner.put_part(data),
+            Err(e) => Box::pin(async move { Err(e) }),
+        }
+    }
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        self.budget.spend()?;
+        self.inner.complete().await
+    }
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.inner.abort().await
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Faulty {
+    async fn put_opts(
+        &self,
+        location: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.budget.spend()?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.budget.spend()?;
+        let inner = self.inner.put_multipart_opts(location, opts).await?;
+        Ok(Box::new(FaultyUpload {
+            inner,
+            budget: self.budget.clone(),
+        }))
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        let budget = self.budget.clone();
+        let inner = self.inner.clone();
+        locations
+            .then(move |p| {
+                let (budget, inner) = (budget.clone(), inner.clone());
+                async move {
+                    let p = p?;
+                    budget.spend()?;
+                    inner.delete(&p).await?;
+                    Ok(p)
+                }
+            })
+            .boxed()
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.budget.spend()?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+fn url() -> S3Url {
+    S3Url::parse(Path::new("s3://bucket/repo")).unwrap()
+}
+
+fn open(store: &Arc<Faulty>) -> Repo {
+    Repo::open_on(
+        Arc::new(S3Backend::on(store.clone(), &url()).unwrap()),
+        1 << 20,
+    )
+    .unwrap()
+}
+
+/// The bytes of `name` in snapshot `i` (oldest first).
+fn restored(repo: &Repo, i: usize, dir: &Path) -> Vec<u8> {
+    let snaps = repo.snapshots().unwrap();
+    let out = dir.join(format!("out-{i}"));
+    let _ = std::fs::remove_file(&out);
+    crate::restore::restore(repo, &snaps[i], Some("disk.img"), &out, true, &NoProgress).unwrap();
+    std::fs::read(&out).unwrap()
+}
+
+#[test]
+fn a_backup_stopped_at_any_s3_request_leaves_every_earlier_snapshot_whole() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    let store = Arc::new(Faulty {
+        inner: InMemory::new(),
+        budget: Arc::default(),
+    });
+    // Packs of 40 MiB and more go up in parts: the second version has them.
+    let v0 = pseudo(3 << 20, 1);
+    let mut v1 = v0.clone();
+    v1[1 << 20..(1 << 20) + 4096].copy_from_slice(&pseudo(4096, 2));
+    v1.extend_from_slice(&pseudo(40 << 20, 3));
+    std::fs::write(&img, &v0).unwrap();
+    let config = Config::default();
+    Repo::init_on(
+        Arc::new(S3Backend::on(store.clone(), &url()).unwrap()),
+        config,
+    )
+    .unwrap();
+    backup(
+        &open(&store),
+        std::slice::from_ref(&img),
+        &BackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    std::fs::write(&img, &v1).unwrap();
+
+    let mut stops = 0;
+    for n in 0.. {
+        *store.budget.0.lock().unwrap() = Some(n);
+        let r = backup(
+            &open(&store),
+            std::slice::from_ref(&img),
+            &BackupOptions::default(),
+            &NoProgress,
+        );
+        *store.budget.0.lock().unwrap() = None;
+        if r.is_ok() {
+            break;
+        }
+        stops += 1;
+        assert!(n < 500, "the backup never finished");
+        // A writer killed holding the lock leaves it; 30 minutes later it
+        // is stale. Here: now.
+        let lock = ObjPath::from("repo/locks/writer");
+        let _ = futures::executor::block_on(store.inner.delete(&lock));
+        let repo = open(&store);
+        let snaps = repo.snapshots().unwrap();
+        assert!(!snaps.is_empty() && snaps.len() <= 2, "after stop {n}");
+        assert_eq!(
+            restored(&repo, 0, d.path()),
+            v0,
+            "the first snapshot after stop {n}"
+        );
+        if snaps.len() == 2 {
+            // Stopped after the commit (the lock's release): whole.
+            assert_eq!(restored(&repo, 1, d.path()), v1, "after stop {n}");
+            let extra = repo.snapshots().unwrap()[1].id;
+            crate::prune::forget(&repo, &[extra]).unwrap();
+        }
+    }
+    assert!(stops >= 8, "only {stops} requests to stop at");
+    let repo = open(&store);
+    let snaps = repo.snapshots().unwrap();
+    assert_eq!(snaps.len(), 2);
+    assert_eq!(restored(&repo, 0, d.path()), v0);
+    assert_eq!(restored(&repo, 1, d.path()), v1);
+    // And it checks clean, the stopped backups' leftovers being garbage.
+    let report = crate::check::check(
+        &repo,
+        &crate::check::CheckOptions {
+            read_data: true,
+            subset: None,
+        },
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems.len());
+}
