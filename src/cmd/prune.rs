@@ -46,7 +46,7 @@ fn json(plan: &PrunePlan, rep: &GcReport, dry_run: bool) -> serde_json::Value {
         "packs_deleted": rep.packs_deleted, "packs_repacked": rep.packs_repacked,
         "maps_deleted": rep.maps_deleted, "sigs_deleted": rep.sigs_deleted,
         "manifests_rewritten": rep.manifests_rewritten, "bytes_freed": rep.bytes_freed,
-        "unused_bytes": rep.unused_bytes,
+        "unused_bytes": rep.unused_bytes, "marked": rep.marked,
     })
 }
 
@@ -83,7 +83,16 @@ fn text(
         rep.sigs_deleted,
         human(rep.bytes_freed),
         human(rep.unused_bytes)
-    )
+    )?;
+    if rep.marked > 0 {
+        writeln!(
+            out,
+            "{} objects marked: a prune {} h from now removes them if still unused (S3 removes in two phases)",
+            rep.marked,
+            dsync_store::backend::s3::grace().as_secs().div_ceil(3600)
+        )?;
+    }
+    Ok(())
 }
 
 /// `dsync forget`: the snapshots named (each resolved first, so that one

@@ -48,6 +48,9 @@ pub struct GcReport {
     pub manifests_rewritten: usize,
     /// Bytes the repository shrank by (an estimate when dry).
     pub bytes_freed: u64,
+    /// Objects marked for removal by a later prune, on a backend that
+    /// defers removal (S3: see [`crate::backend::Backend::removal_grace`]).
+    pub marked: usize,
     /// Bytes no snapshot used before this gc: unreferenced objects plus the
     /// dead part of each pack (its dead uncompressed share of the pack's
     /// size). What a gc that repacked everything would free.
@@ -308,22 +311,61 @@ pub fn execute(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Re
     let backend = repo.backend();
     let forget: Vec<Key> = plan.forget.iter().map(|&id| Key::snapshot(id)).collect();
     backend.remove(&forget)?;
-    backend.remove(&plan.unreferenced)?;
     let mut report = GcReport {
         packs_repacked: plan.repack.len() + plan.repack_meta.len(),
         ..plan.expected.clone()
     };
+    match backend.removal_grace() {
+        None => backend.remove(&plan.unreferenced)?,
+        Some(_) => report.marked += settle_marks(backend, &plan.unreferenced)?,
+    }
     if !plan.repack.is_empty() || !plan.repack_meta.is_empty() {
-        report.manifests_rewritten = repack(repo, plan, progress)?;
+        let (n, old) = repack(repo, plan, progress)?;
+        report.manifests_rewritten = n;
+        match backend.removal_grace() {
+            None => backend.remove(&old)?,
+            Some(_) => {
+                backend.mark(&old)?;
+                report.marked += old.len();
+            }
+        }
     }
     report.bytes_freed = before.saturating_sub(repo.bytes_stored()?);
     Ok(report)
 }
 
-/// Copies the live ranges of the plan's packs into one new pack, rewrites
-/// the maps and manifests that point into them, then deletes the old maps
-/// and packs. Returns how many manifests it replaced.
-fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<usize> {
+/// Two-phase removal: the objects of due marks that are still unreferenced
+/// go, with the marks; the unreferenced objects no mark holds yet get a new
+/// mark. Returns how many objects were newly marked.
+fn settle_marks(backend: &dyn crate::backend::Backend, unreferenced: &[Key]) -> Result<usize> {
+    let unref: HashSet<&Key> = unreferenced.iter().collect();
+    let mut held: HashSet<Key> = HashSet::new();
+    for m in backend.marks()? {
+        if m.due {
+            let gone: Vec<Key> = m.keys.into_iter().filter(|k| unref.contains(k)).collect();
+            backend.remove(&gone)?;
+            held.extend(gone);
+            backend.unmark(&m.name)?;
+        } else {
+            held.extend(m.keys);
+        }
+    }
+    let new: Vec<Key> = unreferenced
+        .iter()
+        .filter(|k| !held.contains(*k))
+        .cloned()
+        .collect();
+    if !new.is_empty() {
+        backend.mark(&new)?;
+    }
+    Ok(new.len())
+}
+
+/// Copies the live ranges of the plan's packs into one new pack, and
+/// rewrites the maps and manifests that point into them. Returns how many
+/// manifests it replaced, and the old maps and packs, which nothing names
+/// any more.
+fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<(usize, Vec<Key>)> {
     let backend = repo.backend();
     let cfg = repo.config().clone();
     // (A repack of meta packs alone writes no data pack.)
@@ -470,8 +512,7 @@ fn repack(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Result<
         .chain(plan.repack.iter().map(|r| Key::pack(r.pack)))
         .chain(plan.repack_meta.iter().map(|&m| Key::meta(m)))
         .collect();
-    backend.remove(&old)?;
-    Ok(rewritten + records.len())
+    Ok((rewritten + records.len(), old))
 }
 
 /// A version's signature list, its pages in repacked meta packs copied to

@@ -74,8 +74,14 @@ impl S3Server {
     /// Runs dsync with this server's endpoint and credentials, and the
     /// test's cache directory.
     fn run(&self, env: &Env, args: &[&str]) -> Output {
+        self.run_with(env, args, &[])
+    }
+
+    /// As [`S3Server::run`], with more environment variables.
+    fn run_with(&self, env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_dsync"))
             .args(args)
+            .envs(vars.iter().copied())
             .env_remove("DSYNC_REPO")
             .env("AWS_ACCESS_KEY_ID", KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -180,9 +186,22 @@ fn an_s3_repository_backs_up_restores_checks_and_prunes() {
     assert_eq!(cat.stdout, std::fs::read(&day0).unwrap());
     srv.ok(&env, &["check", "--read-data", &repo]);
 
-    // Forget the older one and prune: the newer restores the same.
+    // Forget the older one and prune: what it alone used is marked, and
+    // goes at a prune past the grace (a day; here none); the newer
+    // snapshot restores the same.
     srv.ok(&env, &["forget", "-q", &repo, &ids[0]]);
-    srv.ok(&env, &["prune", "-q", &repo]);
+    let count = |dir: &str| files_under(&srv.root.join(BUCKET).join("vms").join(dir)).len();
+    let (metas, packs) = (count("meta"), count("packs"));
+    let out = srv.ok(&env, &["prune", &repo]);
+    assert!(out.contains("objects marked"), "{out}");
+    // (A repack may have written a new pack: nothing went.)
+    assert!(count("meta") >= metas && count("packs") >= packs);
+    let (metas, packs) = (count("meta"), count("packs"));
+    assert_eq!(count("pending"), 1);
+    let o = srv.run_with(&env, &["prune", "-q", &repo], &[("DSYNC_S3_GRACE", "0")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(count("meta") + count("packs") < metas + packs);
+    assert_eq!(count("pending"), 0);
     assert_eq!(srv.ids(&env, &repo), vec![ids[1].clone()]);
     let out = env.path("after-prune");
     srv.ok(

@@ -132,6 +132,19 @@ impl Key {
         Key::new(Kind::Meta, id.to_string())
     }
 
+    /// The key whose [`Key::path`] `path` is, if it names one.
+    pub fn parse(path: &str) -> Option<Key> {
+        if path == "config" {
+            return Some(Key::config());
+        }
+        let (dir, file) = path.split_once('/')?;
+        Kind::DATA.into_iter().find_map(|kind| {
+            let name = file.strip_suffix(kind.suffix())?;
+            (kind.dir() == dir && !name.is_empty() && !name.contains('/'))
+                .then(|| Key::new(kind, name))
+        })
+    }
+
     /// The object's path relative to the repository's root
     /// (`packs/<id>.pack`): what error messages and `check` name, and the
     /// key an object store uses.
@@ -183,6 +196,17 @@ pub trait ObjectWriter: Send {
     /// # Errors
     /// [`crate::Error::Io`].
     fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// A prune's mark on a backend that defers removal
+/// ([`Backend::removal_grace`]): objects it found unreferenced, which a
+/// later prune removes if they still are once the mark is due.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub name: String,
+    pub keys: Vec<Key>,
+    /// Older than the grace.
+    pub due: bool,
 }
 
 /// Held by the one writer of a repository; dropping it releases the lock.
@@ -281,6 +305,44 @@ pub trait Backend: Send + Sync {
     /// # Errors
     /// [`crate::Error::Io`].
     fn remove(&self, keys: &[Key]) -> Result<()>;
+
+    /// How long the objects a prune finds unreferenced stay, marked, before
+    /// a later prune removes them; `None` (the default) removes them at
+    /// once. A backend without flock defers: a writer whose lock went
+    /// stale may still reference them, and a reader may still read them
+    /// (an S3 object cannot be held open as a local file can).
+    fn removal_grace(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Records `keys` in a new mark; durable when it returns.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`]; [`crate::Error::Internal`] where removal is not
+    /// deferred.
+    fn mark(&self, keys: &[Key]) -> Result<()> {
+        let _ = keys;
+        Err(crate::Error::Internal(
+            "this backend removes at once".into(),
+        ))
+    }
+
+    /// Every mark, each saying whether it is due.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`], [`crate::Error::Corrupt`] for an unreadable one.
+    fn marks(&self) -> Result<Vec<Mark>> {
+        Ok(Vec::new())
+    }
+
+    /// Removes a mark (after its objects went).
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`].
+    fn unmark(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
 
     /// Takes the writer lock, or fails at once naming its holder.
     ///

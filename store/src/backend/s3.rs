@@ -62,6 +62,20 @@ pub const STALE: Duration = Duration::from_secs(30 * 60);
 
 /// The key of the writer lock.
 const LOCK: &str = "locks/writer";
+/// Where prune's marks go (see [`Backend::removal_grace`]).
+const MARKS: &str = "pending";
+
+/// How long objects a prune found unreferenced stay marked before a later
+/// prune removes them: `DSYNC_S3_GRACE` seconds, else a day (rustic's
+/// 23 h, kopia's epochs of 24 h), so a writer whose lock went stale and a
+/// mount reading an old pack are done long before.
+pub fn grace() -> Duration {
+    std::env::var("DSYNC_S3_GRACE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(24 * 3600))
+}
 
 /// An `s3://bucket/prefix` address.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,6 +272,8 @@ pub struct S3Backend {
     shared: Arc<Shared>,
     uploads: Arc<Uploads>,
     held: Mutex<Option<Arc<Held>>>,
+    /// See [`grace`].
+    grace: Duration,
     // Last: dropped after everything that holds its handle.
     rt: tokio::runtime::Runtime,
 }
@@ -317,8 +333,15 @@ impl S3Backend {
             }),
             shared,
             held: Mutex::new(None),
+            grace: grace(),
             rt,
         })
+    }
+
+    /// This backend with marks due after `grace` instead of [`grace`]'s.
+    pub fn with_grace(mut self, grace: Duration) -> S3Backend {
+        self.grace = grace;
+        self
     }
 
     /// Whether the repository's config object exists.
@@ -725,6 +748,81 @@ impl Backend for S3Backend {
             }
         }
         Ok(())
+    }
+
+    fn removal_grace(&self) -> Option<Duration> {
+        Some(self.grace)
+    }
+
+    fn mark(&self, keys: &[Key]) -> Result<()> {
+        let s = &self.shared;
+        let k = format!("{MARKS}/{:016x}", crate::id::random_u64());
+        let mut body = String::new();
+        for key in keys {
+            body.push_str(&key.path());
+            body.push('\n');
+        }
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        self.rt
+            .block_on(
+                s.store
+                    .put_opts(&s.path(&k), PutPayload::from(body.into_bytes()), create),
+            )
+            .map_err(|e| s.err(&k, e))?;
+        Ok(())
+    }
+
+    fn marks(&self) -> Result<Vec<super::Mark>> {
+        let s = &self.shared;
+        let metas: Vec<object_store::ObjectMeta> = self
+            .rt
+            .block_on(s.store.list(Some(&s.path(MARKS))).try_collect())
+            .map_err(|e| s.err(MARKS, e))?;
+        if metas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.server_now()?;
+        let grace = self.grace;
+        let mut out = Vec::new();
+        for m in metas {
+            let Some(name) = m.location.filename().map(str::to_string) else {
+                continue;
+            };
+            let k = format!("{MARKS}/{name}");
+            let body = self
+                .rt
+                .block_on(async { s.store.get(&m.location).await?.bytes().await })
+                .map_err(|e| s.err(&k, e))?;
+            let text = std::str::from_utf8(&body)
+                .map_err(|_| Error::corrupt(format!("{}/{k}", s.url), 0, "not text"))?;
+            let keys = text
+                .lines()
+                .map(|l| {
+                    Key::parse(l).ok_or_else(|| {
+                        Error::corrupt(format!("{}/{k}", s.url), 0, format!("not a key: {l:?}"))
+                    })
+                })
+                .collect::<Result<Vec<Key>>>()?;
+            let age = (now - m.last_modified).to_std().unwrap_or_default();
+            out.push(super::Mark {
+                name,
+                keys,
+                due: age >= grace,
+            });
+        }
+        Ok(out)
+    }
+
+    fn unmark(&self, name: &str) -> Result<()> {
+        let s = &self.shared;
+        let k = format!("{MARKS}/{name}");
+        match self.rt.block_on(s.store.delete(&s.path(&k))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(s.err(&k, e)),
+        }
     }
 
     fn lock(&self) -> Result<LockGuard> {

@@ -263,3 +263,56 @@ fn a_backup_stopped_at_any_s3_request_leaves_every_earlier_snapshot_whole() {
     .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems.len());
 }
+
+#[test]
+fn prune_on_s3_marks_first_and_a_later_prune_removes_what_is_still_unused() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    let store = Arc::new(Faulty {
+        inner: InMemory::new(),
+        budget: Arc::default(),
+    });
+    let on = |grace: u64| {
+        let b = S3Backend::on(store.clone(), &url())
+            .unwrap()
+            .with_grace(std::time::Duration::from_secs(grace));
+        Repo::open_on(Arc::new(b), 1 << 20).unwrap()
+    };
+    Repo::init_on(
+        Arc::new(S3Backend::on(store.clone(), &url()).unwrap()),
+        Config::default(),
+    )
+    .unwrap();
+    let v0 = pseudo(2 << 20, 7);
+    let v1 = pseudo(2 << 20, 8);
+    for v in [&v0, &v1] {
+        std::fs::write(&img, v).unwrap();
+        backup(
+            &on(3600),
+            std::slice::from_ref(&img),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    }
+    let packs = |r: &Repo| r.backend().list(crate::backend::Kind::Pack).unwrap().len();
+    let r = on(3600);
+    let before = packs(&r);
+    let old = r.snapshots().unwrap()[0].id;
+    crate::prune::forget(&r, &[old]).unwrap();
+    let rep = crate::gc::gc(&r, 0.0, false, &NoProgress).unwrap();
+    assert!(rep.marked > 0, "{rep:?}");
+    assert_eq!(packs(&r), before, "nothing removed in the first phase");
+    let marks = r.backend().marks().unwrap();
+    assert_eq!(marks.len(), 1);
+    assert!(!marks[0].due);
+    // Within the grace, a second prune marks nothing more and removes nothing.
+    let rep = crate::gc::gc(&r, 0.0, false, &NoProgress).unwrap();
+    assert_eq!((rep.marked, packs(&r)), (0, before));
+    // Past it, the marked objects go, and the mark with them.
+    let r = on(0);
+    crate::gc::gc(&r, 0.0, false, &NoProgress).unwrap();
+    assert!(packs(&r) < before);
+    assert!(r.backend().marks().unwrap().is_empty());
+    assert_eq!(restored(&r, 0, d.path()), v1);
+}

@@ -259,6 +259,22 @@ impl Backend for CachedBackend {
         Ok(())
     }
 
+    fn removal_grace(&self) -> Option<std::time::Duration> {
+        self.inner.removal_grace()
+    }
+
+    fn mark(&self, keys: &[Key]) -> Result<()> {
+        self.inner.mark(keys)
+    }
+
+    fn marks(&self) -> Result<Vec<crate::backend::Mark>> {
+        self.inner.marks()
+    }
+
+    fn unmark(&self, name: &str) -> Result<()> {
+        self.inner.unmark(name)
+    }
+
     fn lock(&self) -> Result<LockGuard> {
         self.inner.lock()
     }
