@@ -106,6 +106,13 @@ qemu-system-x86_64 -snapshot -drive file=/mnt/history/latest/disk.qcow2"
     /// Remove snapshots (only their manifests; `prune` reclaims the data).
     #[command(after_help = "Example: dsync forget /backup/vms 2024-05-01 3f2a9c")]
     Forget(ForgetArgs),
+    /// Copy snapshots into another repository (a local one and an S3 or
+    /// ssh one, either way), creating it if missing: objects as they are,
+    /// what it already holds not again.
+    #[command(
+        after_help = "Examples:\n  dsync copy /backup/vms s3://offsite/vms\n  dsync copy s3://offsite/vms /restore/vms latest"
+    )]
+    Copy(CopyArgs),
     /// Apply a retention policy, then reclaim the space no snapshot uses.
     #[command(
         after_help = "The newest snapshot of each of the last N hours/days/weeks/months/years \
@@ -359,6 +366,22 @@ pub struct ForgetArgs {
     #[arg(required = true)]
     pub snapshots: Vec<String>,
     /// Print the forgotten ids as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The options of `dsync copy` (its help: [`Command::Copy`]).
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// The repository copied from.
+    pub src: PathBuf,
+    /// The repository copied into (created with SRC's block parameters if
+    /// missing).
+    pub dst: PathBuf,
+    /// Snapshots of SRC (ids or unique prefixes, times, days, latest); all
+    /// when none is given.
+    pub snapshots: Vec<String>,
+    /// Print what was copied as one JSON object.
     #[arg(long)]
     pub json: bool,
 }

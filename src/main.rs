@@ -89,6 +89,7 @@ fn run(command: Command, quiet: bool) -> anyhow::Result<()> {
         Command::Cat(o) => cmd::restore::cat(o, &mut out)?,
         Command::Mount(o) => cmd::mount::run(o)?,
         Command::Forget(o) => cmd::prune::forget(o, quiet, &mut out)?,
+        Command::Copy(o) => cmd::copy::run(o, quiet, &mut out)?,
         Command::Prune(o) => cmd::prune::run(o, quiet, &mut out)?,
         Command::Diff(o) => cmd::diff::run(o, quiet, &mut out)?,
         Command::Du(o) => cmd::du::run(o, &mut out)?,

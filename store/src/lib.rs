@@ -6,6 +6,7 @@ pub mod backend;
 pub(crate) mod backup;
 pub mod browse;
 pub(crate) mod check;
+pub mod copy;
 pub mod delta;
 pub mod error;
 pub mod exclude;

@@ -185,6 +185,13 @@ fn json_output_matches_the_document() {
     std::os::unix::fs::symlink("a", src.join("l")).unwrap();
     let (a, b) = (format!("{}/", s(&src)), format!("{}/", s(&dst)));
     check_command(&doc, "sync", &env.ok(&["sync", "-aH", &a, &b, "--json"]));
+    // copy: into a new repository.
+    let copied = env.path("copied");
+    check_command(
+        &doc,
+        "copy",
+        &env.ok(&["copy", "--json", s(&fresh), s(&copied)]),
+    );
     // Every documented command was run.
     assert_eq!(
         doc.keys().map(String::as_str).collect::<Vec<_>>(),
@@ -192,6 +199,7 @@ fn json_output_matches_the_document() {
             "backup",
             "backup --files",
             "check",
+            "copy",
             "diff",
             "du",
             "forget",

@@ -363,3 +363,54 @@ fn cp_and_qemu_img_read_versions_through_a_mount_of_an_s3_repository() {
     checks.unwrap();
     assert!(status.success(), "dsync mount exited with {status}");
 }
+
+#[test]
+fn copy_moves_history_from_a_local_repository_to_s3_and_back() {
+    let env = Env::new();
+    let Some(srv) = S3Server::start(&env, "S3 copy") else {
+        return;
+    };
+    let img = env.path("disk.img");
+    make_image(&img, 12 << 20, 41);
+    let mut days = Vec::new();
+    for day in 0..3u64 {
+        if day > 0 {
+            change_image(&img, day, 30);
+        }
+        let keep = env.path(&format!("day{day}"));
+        std::fs::copy(&img, &keep).unwrap();
+        days.push(keep);
+        env.ok(&["backup", "-q", s(&env.repo()), s(&img)]);
+    }
+    let ids = env.ids();
+    let off = format!("s3://{BUCKET}/offsite");
+    // The first two, then all: only the third crosses the second time.
+    let v: serde_json::Value = serde_json::from_str(&srv.ok(
+        &env,
+        &["copy", "--json", s(&env.repo()), &off, &ids[0], &ids[1]],
+    ))
+    .unwrap();
+    assert_eq!(v["copied"].as_array().unwrap().len(), 2, "{v}");
+    let first_bytes = v["bytes"].as_u64().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&srv.ok(&env, &["copy", "--json", s(&env.repo()), &off])).unwrap();
+    assert_eq!(v["copied"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["already"], 2, "{v}");
+    assert!(
+        v["bytes"].as_u64().unwrap() < first_bytes,
+        "the second copy sent {} after {first_bytes}",
+        v["bytes"]
+    );
+    assert_eq!(srv.ids(&env, &off), ids);
+    srv.ok(&env, &["check", "--read-data", &off]);
+    // And back into a new local repository.
+    let back = env.path("back");
+    srv.ok(&env, &["copy", "-q", &off, s(&back)]);
+    assert_eq!(env.ids_of(&back), ids);
+    for (k, id) in ids.iter().enumerate() {
+        let out = env.path(&format!("out{k}"));
+        env.ok(&["restore", "-q", s(&back), id, "--to", s(&out), "disk.img"]);
+        assert_eq!(blake2(&out), blake2(&days[k]), "snapshot {id}");
+    }
+    env.ok(&["check", "--read-data", s(&back)]);
+}
