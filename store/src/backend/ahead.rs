@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 /// objects of a backend.
 #[derive(Default)]
 pub(crate) struct Ahead {
+    /// Bytes a sequential read fetches ([`READ_AHEAD`] when 0).
+    window: u64,
     /// (object, start, bytes), the most recent last.
     windows: VecDeque<(Key, u64, Arc<Vec<u8>>)>,
     /// Where recent reads ended, the most recent last.
@@ -31,6 +33,14 @@ const AHEAD_WINDOWS: usize = 8;
 const AHEAD_ENDS: usize = 64;
 
 impl Ahead {
+    /// Windows of `window` bytes instead of [`READ_AHEAD`].
+    pub(crate) fn with_window(window: u64) -> Ahead {
+        Ahead {
+            window,
+            ..Ahead::default()
+        }
+    }
+
     /// Fills `buf` from a window that holds all of it.
     fn read(&self, key: &Key, offset: u64, buf: &mut [u8]) -> bool {
         let end = offset + buf.len() as u64;
@@ -84,16 +94,17 @@ pub(crate) fn read_through(
             .lock()
             .map_err(|_| Error::Internal("a reader panicked".into()))
     };
-    let sequential = {
+    let (sequential, window) = {
         let mut a = lock()?;
         if a.read(key, offset, buf) {
             a.ended(key, offset + n);
             return Ok(());
         }
-        a.follows(key, offset)
+        let window = if a.window == 0 { READ_AHEAD } else { a.window };
+        (a.follows(key, offset), window)
     };
     let want = if sequential {
-        n.max(READ_AHEAD).min(len.saturating_sub(offset)).max(n)
+        n.max(window).min(len.saturating_sub(offset)).max(n)
     } else {
         n
     };

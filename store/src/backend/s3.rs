@@ -39,7 +39,7 @@ use object_store::{
     ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
 };
 
-use super::ahead::{self, Ahead, AHEAD_PIECE};
+use super::ahead::{self, Ahead};
 use super::{Backend, Key, Kind, LockGuard, Object, ObjectWriter};
 use crate::error::{Error, Result};
 
@@ -54,6 +54,12 @@ const PARTS_IN_FLIGHT: usize = 8;
 const UPLOADS: usize = 4;
 /// Requests in flight for reads of many objects.
 const READS_IN_FLIGHT: usize = 32;
+/// Bytes a sequential read fetches ahead, in ranges of [`RANGE`]: a GET
+/// costs a round trip whatever its size (and on s3s-fs 35 ms of Nagle),
+/// so fewer and bigger than over ssh. Restoring the 2 GiB image from
+/// s3s-fs: 4,152 GETs in 17 s with the ssh backend's 8 MiB in 512 KiB.
+const WINDOW: u64 = 32 << 20;
+const RANGE: u64 = 4 << 20;
 /// How often a held lock is rewritten.
 pub const REFRESH: Duration = Duration::from_secs(5 * 60);
 /// A lock not rewritten for this long (server time) belongs to a writer
@@ -323,7 +329,7 @@ impl S3Backend {
             store,
             prefix: url.prefix.clone(),
             url: url.to_string(),
-            ahead: Mutex::default(),
+            ahead: Mutex::new(Ahead::with_window(WINDOW)),
         });
         Ok(S3Backend {
             uploads: Arc::new(Uploads {
@@ -372,7 +378,7 @@ impl S3Backend {
 
     /// Whether the server refuses to create an object that exists: the
     /// same probe key created twice.
-    fn honours_if_none_match(&self) -> Result<bool> {
+    pub(super) fn honours_if_none_match(&self) -> Result<bool> {
         let s = &self.shared;
         let k = format!("locks/probe-{:016x}", crate::id::random_u64());
         let p = s.path(&k);
@@ -427,6 +433,14 @@ impl S3Backend {
             version: r.version,
         })
     }
+}
+
+/// What a writer is told on a server that ignores `If-None-Match: *`.
+pub(super) fn single_writer_warning(url: &str) -> String {
+    format!(
+        "{url}: the server ignores If-None-Match, so dsync cannot keep two writers apart: \
+         run one backup or prune at a time (single-writer mode)"
+    )
 }
 
 /// Rewrites the lock every [`REFRESH`] until stopped; marks it lost when a
@@ -531,15 +545,14 @@ impl Object for S3Object {
 }
 
 impl S3Object {
-    /// Fills `buf` from `offset`: ranges of [`AHEAD_PIECE`] in flight
-    /// together.
+    /// Fills `buf` from `offset`: ranges of [`RANGE`] in flight together.
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
         let s = &self.shared;
         let p = s.path(&self.path);
-        let piece = AHEAD_PIECE as usize;
+        let piece = RANGE as usize;
         let ranges: Vec<std::ops::Range<u64>> = (0..buf.len())
             .step_by(piece)
             .map(|a| offset + a as u64..offset + (a + piece).min(buf.len()) as u64)
@@ -828,11 +841,7 @@ impl Backend for S3Backend {
     fn lock(&self) -> Result<LockGuard> {
         let s = &self.shared;
         if !self.honours_if_none_match()? {
-            eprintln!(
-                "dsync: warning: {}: the server ignores If-None-Match, so dsync cannot keep two \
-                 writers apart: run one backup or prune at a time",
-                s.url
-            );
+            eprintln!("dsync: warning: {}", single_writer_warning(&s.url));
         }
         let (version, took_over) = match self.write_lock(None) {
             Ok(v) => (v, None),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
 use object_store::{
@@ -53,6 +53,19 @@ fn stopped() -> object_store::Error {
 struct Faulty {
     inner: InMemory,
     budget: Arc<Budget>,
+    /// Writes `If-None-Match: *` PUTs over what exists, as Garage 2.5 and
+    /// s3rver do.
+    ignores_if_none_match: bool,
+}
+
+impl Faulty {
+    fn new() -> Faulty {
+        Faulty {
+            inner: InMemory::new(),
+            budget: Arc::default(),
+            ignores_if_none_match: false,
+        }
+    }
 }
 
 impl std::fmt::Display for Faulty {
@@ -90,9 +103,12 @@ impl ObjectStore for Faulty {
         &self,
         location: &ObjPath,
         payload: PutPayload,
-        opts: PutOptions,
+        mut opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.budget.spend()?;
+        if self.ignores_if_none_match && opts.mode == object_store::PutMode::Create {
+            opts.mode = object_store::PutMode::Overwrite;
+        }
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -186,10 +202,7 @@ fn restored(repo: &Repo, i: usize, dir: &Path) -> Vec<u8> {
 fn a_backup_stopped_at_any_s3_request_leaves_every_earlier_snapshot_whole() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.img");
-    let store = Arc::new(Faulty {
-        inner: InMemory::new(),
-        budget: Arc::default(),
-    });
+    let store = Arc::new(Faulty::new());
     // Packs of 40 MiB and more go up in parts: the second version has them.
     let v0 = pseudo(3 << 20, 1);
     let mut v1 = v0.clone();
@@ -268,10 +281,7 @@ fn a_backup_stopped_at_any_s3_request_leaves_every_earlier_snapshot_whole() {
 fn prune_on_s3_marks_first_and_a_later_prune_removes_what_is_still_unused() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.img");
-    let store = Arc::new(Faulty {
-        inner: InMemory::new(),
-        budget: Arc::default(),
-    });
+    let store = Arc::new(Faulty::new());
     let on = |grace: u64| {
         let b = S3Backend::on(store.clone(), &url())
             .unwrap()
@@ -315,4 +325,30 @@ fn prune_on_s3_marks_first_and_a_later_prune_removes_what_is_still_unused() {
     assert!(packs(&r) < before);
     assert!(r.backend().marks().unwrap().is_empty());
     assert_eq!(restored(&r, 0, d.path()), v1);
+}
+
+#[test]
+fn a_server_that_ignores_if_none_match_is_found_and_a_writer_warned() {
+    let honest = S3Backend::on(Arc::new(Faulty::new()), &url()).unwrap();
+    assert!(honest.honours_if_none_match().unwrap());
+    let store = Arc::new(Faulty {
+        ignores_if_none_match: true,
+        ..Faulty::new()
+    });
+    let b = S3Backend::on(store.clone(), &url()).unwrap();
+    assert!(!b.honours_if_none_match().unwrap());
+    assert!(super::s3::single_writer_warning("s3://b/r").contains("single-writer mode"));
+    // The probe leaves nothing behind, and the lock is still taken (one
+    // writer at a time is then the user's to keep).
+    let repo = Repo::init_on(Arc::new(b), Config::default()).unwrap();
+    drop(repo.lock().unwrap());
+    let left: Vec<String> = futures::executor::block_on(
+        store
+            .inner
+            .list(Some(&ObjPath::from("repo/locks")))
+            .map_ok(|m| m.location.to_string())
+            .try_collect(),
+    )
+    .unwrap();
+    assert!(left.is_empty(), "{left:?}");
 }
