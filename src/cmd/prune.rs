@@ -47,6 +47,7 @@ fn json(plan: &PrunePlan, rep: &GcReport, dry_run: bool) -> serde_json::Value {
         "maps_deleted": rep.maps_deleted, "sigs_deleted": rep.sigs_deleted,
         "manifests_rewritten": rep.manifests_rewritten, "bytes_freed": rep.bytes_freed,
         "unused_bytes": rep.unused_bytes, "marked": rep.marked,
+        "uploads_aborted": rep.uploads_aborted,
     })
 }
 
@@ -84,6 +85,13 @@ fn text(
         human(rep.bytes_freed),
         human(rep.unused_bytes)
     )?;
+    if rep.uploads_aborted > 0 {
+        writeln!(
+            out,
+            "{} incomplete uploads of interrupted writers aborted",
+            rep.uploads_aborted
+        )?;
+    }
     if rep.marked > 0 {
         writeln!(
             out,

@@ -51,6 +51,9 @@ pub struct GcReport {
     /// Objects marked for removal by a later prune, on a backend that
     /// defers removal (S3: see [`crate::backend::Backend::removal_grace`]).
     pub marked: usize,
+    /// Uploads that writers stopped midway left incomplete, aborted (S3:
+    /// see [`crate::backend::Backend::clean_interrupted`]).
+    pub uploads_aborted: usize,
     /// Bytes no snapshot used before this gc: unreferenced objects plus the
     /// dead part of each pack (its dead uncompressed share of the pack's
     /// size). What a gc that repacked everything would free.
@@ -313,6 +316,7 @@ pub fn execute(repo: &Repo, plan: &GcPlan, progress: &dyn crate::Progress) -> Re
     backend.remove(&forget)?;
     let mut report = GcReport {
         packs_repacked: plan.repack.len() + plan.repack_meta.len(),
+        uploads_aborted: backend.clean_interrupted()?,
         ..plan.expected.clone()
     };
     match backend.removal_grace() {

@@ -264,6 +264,28 @@ impl PackReader {
         Some((s, s + self.frames.get(i)?.ulen as u64))
     }
 
+    /// The stored ranges `[start, end)` of the frames that hold
+    /// uncompressed `[from, to)`, appended to `out`.
+    pub fn frames_in(&self, from: u64, to: u64, out: &mut Vec<(u64, u64)>) {
+        if to <= from {
+            return;
+        }
+        let (Some((a, _)), Some((b, _))) = (self.frame_at(from), self.frame_at(to - 1)) else {
+            return;
+        };
+        out.extend(
+            self.frames[a as usize..=b as usize]
+                .iter()
+                .map(|f| (f.file_offset, f.file_offset + f.clen as u64)),
+        );
+    }
+
+    /// Announces reads of stored `ranges` (ascending; see
+    /// [`crate::backend::Object::will_read`]).
+    pub fn will_read(&self, ranges: &[(u64, u64)]) {
+        self.file.will_read(ranges);
+    }
+
     /// Reads, checks and decompresses frame `i`.
     ///
     /// # Errors

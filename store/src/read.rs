@@ -181,6 +181,39 @@ impl VersionReader {
         self.read_inner(off, buf, Some(scratch))
     }
 
+    /// Announces that `[off, off + len)` will be read soon: the frames that
+    /// hold it are fetched ahead where the backend has latency (see
+    /// [`crate::backend::Object::will_read`]).
+    pub fn will_read(&self, off: u64, len: u64) {
+        let end = off.saturating_add(len).min(self.size());
+        let ex = self.map.extents();
+        let mut i = self.map.first_after(off);
+        // Per pack, so that neighbouring frames go in one request.
+        type Ranges = Vec<(u64, u64)>;
+        let mut per_pack: HashMap<PackId, (Arc<PackReader>, Ranges)> = HashMap::new();
+        while let Some(e) = ex.get(i) {
+            if e.logical >= end {
+                break;
+            }
+            let a = e.logical.max(off);
+            let b = e.end().min(end);
+            if let Ok(p) = self.pack(e.pack) {
+                let (p, ranges) = per_pack.entry(e.pack).or_insert_with(|| (p, Vec::new()));
+                p.frames_in(
+                    e.offset + (a - e.logical),
+                    e.offset + (b - e.logical),
+                    ranges,
+                );
+            }
+            i += 1;
+        }
+        for (p, mut ranges) in per_pack.into_values() {
+            ranges.sort_unstable();
+            ranges.dedup();
+            p.will_read(&ranges);
+        }
+    }
+
     /// The file range `[start, end)` around `off` whose bytes one stored
     /// frame holds (within the extent that holds `off`): what one miss at
     /// `off` has already decompressed. `None` in a hole or past the end.

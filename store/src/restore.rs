@@ -354,11 +354,17 @@ fn write_verified(
     // Each chunk in flight holds a buffer only while a thread works on it and
     // leaves 32 bytes per block behind, so a large batch costs little memory
     // and keeps both threads busy when data and holes alternate.
-    let batch = 64u64;
+    //
+    // Each batch is announced to the backend (`will_read`) while the one
+    // before it is read: over the network its frames then cross in large
+    // requests in flight together, not one round trip per frame.
+    let batch = 8u64;
     let buffers = crate::pipeline::Buffers::default();
+    reader.will_read(0, batch * CHUNK);
     let mut c0 = 0;
     while c0 < nchunks {
         let c1 = (c0 + batch).min(nchunks);
+        reader.will_read(c1 * CHUNK, batch * CHUNK);
         let chunk = |c: u64| -> Result<Vec<[u8; 32]>> {
             let off = c * CHUNK;
             let len = (size - off).min(CHUNK);
@@ -551,8 +557,14 @@ pub fn cat(repo: &Repo, snap: &Snapshot, path: &str, w: &mut dyn std::io::Write)
     let mut hasher = f.hasher(bs);
     let mut buf = vec![0u8; CHUNK as usize];
     let mut scratch = crate::read::Scratch::default();
+    // Announced AHEAD bytes ahead of the reads (see `write_verified`).
+    const AHEAD: u64 = 16 * CHUNK;
+    reader.will_read(0, AHEAD);
     let mut off = 0;
     while off < f.size {
+        if off % AHEAD == 0 {
+            reader.will_read(off + AHEAD, AHEAD);
+        }
         let n = reader.read_at_with(off, &mut buf, &mut scratch)?;
         let blocks: Vec<&[u8]> = buf[..n].chunks(bs as usize).collect();
         let mut d = Vec::with_capacity(blocks.len());

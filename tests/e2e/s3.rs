@@ -28,8 +28,11 @@ fn s3s_fs() -> PathBuf {
             .map(|d| d.join("s3s-fs"))
             .find(|f| f.is_file())
     });
-    let in_cargo = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cargo/bin/s3s-fs"))
+    // Where `cargo install` put it: $CARGO_HOME/bin, else ~/.cargo/bin.
+    let in_cargo = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin/s3s-fs"))
         .filter(|f| f.is_file());
     on_path.or(in_cargo).unwrap_or_else(|| {
         panic!(

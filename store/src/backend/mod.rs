@@ -36,6 +36,7 @@
 pub(crate) mod ahead;
 mod local;
 mod mem;
+pub(crate) mod planned;
 pub mod s3;
 #[cfg(test)]
 mod s3_faults;
@@ -176,6 +177,14 @@ pub trait Object: Send + Sync {
     /// [`crate::Error::Io`], an `UnexpectedEof` one when the range runs past
     /// the end.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Says that `ranges` (`[start, end)`, ascending) will be read soon,
+    /// in any order: a backend with latency fetches them ahead, many in
+    /// flight, and the reads take them from there. Only a hint: reads of
+    /// ranges not announced, or announced beyond what the backend keeps,
+    /// are read as always.
+    fn will_read(&self, ranges: &[(u64, u64)]) {
+        let _ = ranges;
+    }
 }
 
 /// A new object being written by appends ([`Backend::create`]).
@@ -342,6 +351,18 @@ pub trait Backend: Send + Sync {
     fn unmark(&self, name: &str) -> Result<()> {
         let _ = name;
         Ok(())
+    }
+
+    /// Cleans up what writers that stopped midway left in the backend
+    /// outside any object (S3: multipart uploads begun and never completed,
+    /// whose parts the server keeps, and bills, until they are aborted).
+    /// Called by prune, which holds the writer lock, so that no other live
+    /// writer can be midway. Returns how many were cleaned up.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`].
+    fn clean_interrupted(&self) -> Result<usize> {
+        Ok(0)
     }
 
     /// Takes the writer lock, or fails at once naming its holder.

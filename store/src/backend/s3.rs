@@ -27,19 +27,19 @@
 //! requests of [`Backend::read_many`] and the uploads are in flight
 //! together, which 2 cores of rayon threads could not do.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use object_store::multipart::MultipartStore;
 use object_store::path::Path as ObjPath;
-use object_store::{
-    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use super::ahead::{self, Ahead};
+use super::planned::Planned;
 use super::{Backend, Key, Kind, LockGuard, Object, ObjectWriter};
 use crate::error::{Error, Result};
 
@@ -60,6 +60,11 @@ const READS_IN_FLIGHT: usize = 32;
 /// s3s-fs: 4,152 GETs in 17 s with the ssh backend's 8 MiB in 512 KiB.
 const WINDOW: u64 = 32 << 20;
 const RANGE: u64 = 4 << 20;
+/// Bytes announced reads ([`Object::will_read`]: a restore's next frames)
+/// fetched ahead at most, in ranges of at most [`RANGE`], and how many of
+/// those in flight at once.
+const PLANNED: u64 = 96 << 20;
+const FETCHES_IN_FLIGHT: usize = 16;
 /// How often a held lock is rewritten.
 pub const REFRESH: Duration = Duration::from_secs(5 * 60);
 /// A lock not rewritten for this long (server time) belongs to a writer
@@ -70,6 +75,9 @@ pub const STALE: Duration = Duration::from_secs(30 * 60);
 const LOCK: &str = "locks/writer";
 /// Where prune's marks go (see [`Backend::removal_grace`]).
 const MARKS: &str = "pending";
+/// Where a multipart upload in progress is recorded: one object each,
+/// `<key>\n<upload id>\n`, removed when the upload completes.
+const UPLOADS_DIR: &str = "uploads";
 
 /// How long objects a prune found unreferenced stay marked before a later
 /// prune removes them: `DSYNC_S3_GRACE` seconds, else a day (rustic's
@@ -117,10 +125,19 @@ impl std::fmt::Display for S3Url {
 
 struct Shared {
     store: Arc<dyn ObjectStore>,
+    /// The same store, for multipart uploads by their ids.
+    multipart: Arc<dyn MultipartStore>,
+    /// The upload records ([`UPLOADS_DIR`]) of this process's uploads in
+    /// flight, which its own prune must not abort.
+    own_records: Mutex<HashSet<String>>,
     prefix: String,
     url: String,
     /// Bytes read ahead for sequential readers, shared by all objects.
     ahead: Mutex<Ahead>,
+    /// Ranges announced by readers (a restore), fetched ahead.
+    planned: Planned,
+    /// Announced fetches in flight at most.
+    fetches: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -161,24 +178,120 @@ impl Shared {
             return Ok(());
         }
         let up = self
-            .store
-            .put_multipart(&p)
+            .multipart
+            .create_multipart(&p)
             .await
             .map_err(|e| self.err(key, e))?;
-        let mut w = WriteMultipart::new_with_chunk_size(up, PART);
-        for part in bytes.chunks(PART) {
-            w.wait_for_capacity(PARTS_IN_FLIGHT)
-                .await
-                .map_err(|e| self.err(key, e))?;
-            w.write(part);
+        // Recorded before any part goes up, so that a prune can abort it if
+        // this process stops midway: the server keeps an incomplete upload's
+        // parts, and bills them, until it is aborted, and S3 lists them only
+        // through a call the client crate lacks. (A stop between the two
+        // requests is the one way to leave an upload no record names: a
+        // bucket lifecycle rule, AbortIncompleteMultipartUpload, catches it.)
+        let record = format!("{UPLOADS_DIR}/{:016x}", crate::id::random_u64());
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let noted = self
+            .store
+            .put_opts(
+                &self.path(&record),
+                PutPayload::from(format!("{key}\n{up}\n").into_bytes()),
+                create,
+            )
+            .await;
+        if let Err(e) = noted {
+            let _ = self.multipart.abort_multipart(&p, &up).await;
+            return Err(self.err(&record, e));
         }
-        w.finish().await.map_err(|e| self.err(key, e))?;
+        if let Ok(mut r) = self.own_records.lock() {
+            r.insert(record.clone());
+        }
+        let bytes = bytes::Bytes::from(bytes);
+        let sent = async {
+            let parts: Vec<object_store::multipart::PartId> =
+                futures::stream::iter((0..bytes.len().div_ceil(PART)).map(|i| {
+                    let part = bytes.slice(i * PART..((i + 1) * PART).min(bytes.len()));
+                    self.multipart.put_part(&p, &up, i, PutPayload::from(part))
+                }))
+                .buffered(PARTS_IN_FLIGHT)
+                .try_collect()
+                .await?;
+            self.multipart.complete_multipart(&p, &up, parts).await
+        }
+        .await;
+        if let Err(e) = sent {
+            let _ = self.multipart.abort_multipart(&p, &up).await;
+            let _ = self.store.delete(&self.path(&record)).await;
+            return Err(self.err(key, e));
+        }
+        // A record left behind (this delete failed) only makes a prune
+        // abort an upload that is already complete, which does nothing.
+        let _ = self.store.delete(&self.path(&record)).await;
+        if let Ok(mut r) = self.own_records.lock() {
+            r.remove(&record);
+        }
         Ok(())
+    }
+
+    /// Aborts the multipart uploads that other processes recorded and did
+    /// not finish; returns how many. The caller holds the writer lock.
+    async fn abort_recorded(&self) -> Result<usize> {
+        let metas: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&self.path(UPLOADS_DIR)))
+            .try_collect()
+            .await
+            .map_err(|e| self.err(UPLOADS_DIR, e))?;
+        let mut aborted = 0;
+        for m in metas {
+            let Some(name) = m.location.filename() else {
+                continue;
+            };
+            let record = format!("{UPLOADS_DIR}/{name}");
+            let mine = self
+                .own_records
+                .lock()
+                .map_or(true, |r| r.contains(&record));
+            if mine {
+                continue;
+            }
+            let body = async { self.store.get(&m.location).await?.bytes().await }
+                .await
+                .map_err(|e| self.err(&record, e))?;
+            let text = String::from_utf8_lossy(&body);
+            let mut lines = text.lines();
+            let (Some(key), Some(id)) = (lines.next(), lines.next()) else {
+                return Err(Error::corrupt(
+                    format!("{}/{record}", self.url),
+                    0,
+                    "not an upload record (key and upload id lines)",
+                ));
+            };
+            match self
+                .multipart
+                .abort_multipart(&self.path(key), &id.to_string())
+                .await
+            {
+                // Gone already: completed, aborted, or expired by a rule.
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err(key, e)),
+            }
+            match self.store.delete(&m.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err(&record, e)),
+            }
+            aborted += 1;
+        }
+        Ok(aborted)
     }
 }
 
 /// What the lock's refresher and the commit share.
 struct Held {
+    /// A lock not rewritten for this long is another's to take.
+    stale: Duration,
     /// Set when the lock could not be rewritten, or was taken over.
     lost: AtomicBool,
     /// When the lock was last written.
@@ -193,7 +306,7 @@ impl Held {
             && self
                 .fresh
                 .lock()
-                .map(|t| t.elapsed() < STALE / 2)
+                .map(|t| t.elapsed() < self.stale / 2)
                 .unwrap_or(false)
     }
 }
@@ -280,6 +393,9 @@ pub struct S3Backend {
     held: Mutex<Option<Arc<Held>>>,
     /// See [`grace`].
     grace: Duration,
+    /// How often a held lock is rewritten, and when one not rewritten is
+    /// stale: [`REFRESH`], [`STALE`].
+    lock_times: (Duration, Duration),
     // Last: dropped after everything that holds its handle.
     rt: tokio::runtime::Runtime,
 }
@@ -318,7 +434,7 @@ impl S3Backend {
     ///
     /// # Errors
     /// [`Error::Io`] when the runtime cannot start.
-    pub fn on(store: Arc<dyn ObjectStore>, url: &S3Url) -> Result<S3Backend> {
+    pub fn on<S: ObjectStore + MultipartStore>(store: Arc<S>, url: &S3Url) -> Result<S3Backend> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("dsync-s3")
@@ -326,10 +442,14 @@ impl S3Backend {
             .build()
             .map_err(|e| Error::io(url.to_string(), e))?;
         let shared = Arc::new(Shared {
-            store,
+            store: store.clone(),
+            multipart: store,
+            own_records: Mutex::new(HashSet::new()),
             prefix: url.prefix.clone(),
             url: url.to_string(),
             ahead: Mutex::new(Ahead::with_window(WINDOW)),
+            planned: Planned::new(PLANNED, RANGE),
+            fetches: Arc::new(tokio::sync::Semaphore::new(FETCHES_IN_FLIGHT)),
         });
         Ok(S3Backend {
             uploads: Arc::new(Uploads {
@@ -340,6 +460,7 @@ impl S3Backend {
             shared,
             held: Mutex::new(None),
             grace: grace(),
+            lock_times: (REFRESH, STALE),
             rt,
         })
     }
@@ -347,6 +468,13 @@ impl S3Backend {
     /// This backend with marks due after `grace` instead of [`grace`]'s.
     pub fn with_grace(mut self, grace: Duration) -> S3Backend {
         self.grace = grace;
+        self
+    }
+
+    /// This backend with its lock rewritten every `refresh` and taken as
+    /// stale after `stale` (tests: seconds, not minutes).
+    pub fn with_lock_times(mut self, refresh: Duration, stale: Duration) -> S3Backend {
+        self.lock_times = (refresh, stale);
         self
     }
 
@@ -450,12 +578,13 @@ fn refresher(
     handle: tokio::runtime::Handle,
     held: Arc<Held>,
     mut version: UpdateVersion,
+    refresh: Duration,
 ) {
     let tick = Duration::from_millis(200);
     let mut since = Instant::now();
     while !held.stop.load(Ordering::SeqCst) {
         std::thread::sleep(tick);
-        if since.elapsed() < REFRESH {
+        if since.elapsed() < refresh {
             continue;
         }
         since = Instant::now();
@@ -533,6 +662,9 @@ impl Object for S3Object {
                 std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
             ));
         }
+        if self.shared.planned.read(&self.key, offset, buf) {
+            return Ok(());
+        }
         ahead::read_through(
             &self.shared.ahead,
             &self.key,
@@ -541,6 +673,20 @@ impl Object for S3Object {
             buf,
             |at, b| self.fetch(at, b),
         )
+    }
+
+    fn will_read(&self, ranges: &[(u64, u64)]) {
+        let s = &self.shared;
+        for (start, end, slot) in s.planned.plan(&self.key, ranges) {
+            let (shared, p) = (s.clone(), s.path(&self.path));
+            self.handle.spawn(async move {
+                let got = match shared.fetches.acquire().await {
+                    Ok(_permit) => shared.store.get_range(&p, start..end).await.ok(),
+                    Err(_) => None,
+                };
+                slot.fill(got.filter(|b| b.len() as u64 == end - start));
+            });
+        }
     }
 }
 
@@ -838,6 +984,10 @@ impl Backend for S3Backend {
         }
     }
 
+    fn clean_interrupted(&self) -> Result<usize> {
+        self.rt.block_on(self.shared.abort_recorded())
+    }
+
     fn lock(&self) -> Result<LockGuard> {
         let s = &self.shared;
         if !self.honours_if_none_match()? {
@@ -858,7 +1008,7 @@ impl Backend for S3Backend {
                     .unwrap_or_default();
                 let now = self.server_now()?;
                 let age = (now - meta.last_modified).to_std().unwrap_or_default();
-                if age < STALE {
+                if age < self.lock_times.1 {
                     return Err(Error::Locked {
                         path: self.location(),
                         holder,
@@ -888,6 +1038,7 @@ impl Backend for S3Backend {
             Err(e) => return Err(e),
         };
         let held = Arc::new(Held {
+            stale: self.lock_times.1,
             lost: AtomicBool::new(false),
             fresh: Mutex::new(Instant::now()),
             stop: AtomicBool::new(false),
@@ -896,9 +1047,10 @@ impl Backend for S3Backend {
             *h = Some(held.clone());
         }
         let (shared, handle, h2) = (s.clone(), self.rt.handle().clone(), held.clone());
+        let refresh = self.lock_times.0;
         let thread = std::thread::Builder::new()
             .name("dsync-s3-lock".into())
-            .spawn(move || refresher(shared, handle, h2, version))
+            .spawn(move || refresher(shared, handle, h2, version, refresh))
             .map_err(|e| Error::io(format!("{}/{LOCK}", s.url), e))?;
         Ok(LockGuard {
             _inner: Box::new(Release {

@@ -275,6 +275,10 @@ impl Backend for CachedBackend {
         self.inner.unmark(name)
     }
 
+    fn clean_interrupted(&self) -> Result<usize> {
+        self.inner.clean_interrupted()
+    }
+
     fn lock(&self) -> Result<LockGuard> {
         self.inner.lock()
     }
