@@ -238,6 +238,12 @@ fn cache<K: std::hash::Hash + Eq, V>(n: usize) -> Mutex<lru::LruCache<K, V>> {
     ))
 }
 
+/// The value cached for inode `ino` (now the most recently used); a lock
+/// that a panic poisoned is a miss, the value read again.
+fn cached<V: Clone>(c: &Mutex<lru::LruCache<u64, V>>, ino: u64) -> Option<V> {
+    c.lock().ok().and_then(|mut m| m.get(&ino).cloned())
+}
+
 /// The type of an entry.
 fn entry_type(e: &Entry) -> Type {
     match &e.payload {
@@ -473,12 +479,7 @@ impl Tree {
     /// A directory list on its path that is damaged or cannot be read;
     /// [`Error::NoSuchSnapshot`] when the snapshot was forgotten meanwhile.
     fn entry(&self, ino: u64) -> Result<Option<Arc<Entry>>, Error> {
-        if let Some(e) = self
-            .entries
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get(&ino).cloned())
-        {
+        if let Some(e) = cached(&self.entries, ino) {
             return Ok(Some(e));
         }
         self.load_entry(ino, false)
@@ -569,12 +570,7 @@ impl Tree {
     /// As [`Tree::dir3`], and a page of its list that is damaged or cannot
     /// be read.
     fn list3(&self, key: &Key, ino: u64) -> Result<Option<Listing>, Error> {
-        if let Some(l) = self
-            .listings
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get(&ino).cloned())
-        {
+        if let Some(l) = cached(&self.listings, ino) {
             return Ok(Some(l));
         }
         let Some((id, list)) = self.dir3(key, ino)? else {
@@ -707,12 +703,7 @@ impl Tree {
             };
             if m.format >= 3 {
                 // One lookup in the directory's list, unless it was listed.
-                let listed = self
-                    .listings
-                    .lock()
-                    .ok()
-                    .and_then(|mut m| m.get(&parent).cloned());
-                if let Some(l) = listed {
+                if let Some(l) = cached(&self.listings, parent) {
                     return Ok(find(&l, name));
                 }
                 let Some((id, list)) = self.dir3(&key, parent)? else {
@@ -841,12 +832,7 @@ impl Tree {
 
     /// Bytes stored for file `ino` (its size when its map cannot be read).
     fn stored_bytes(&self, ino: u64, size: u64) -> u64 {
-        if let Some(n) = self
-            .stored
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get(&ino).copied())
-        {
+        if let Some(n) = cached(&self.stored, ino) {
             return n;
         }
         let Ok(r) = self.reader(ino) else { return size };
