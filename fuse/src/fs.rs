@@ -11,6 +11,8 @@ use fuser::{
     ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
+use dsync_store::Error;
+
 use crate::errno::errno;
 use crate::tree::{Attr, Tree, Type};
 
@@ -85,6 +87,17 @@ fn xattr_reply(v: &[u8], size: u32, reply: ReplyXattr) {
     }
 }
 
+/// What the tree found, or the errno to answer: ENOENT only for what is
+/// truly absent; a list or record that cannot be read answers as its error
+/// maps (damage is EIO), never as a missing name.
+fn found<T>(r: Result<Option<T>, Error>) -> Result<T, Errno> {
+    match r {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(Errno::ENOENT),
+        Err(e) => Err(errno(&e)),
+    }
+}
+
 fn ttl(a: &Attr) -> Duration {
     if a.immutable {
         TTL_FIXED
@@ -101,29 +114,30 @@ impl Filesystem for DsyncFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(key) = self.tree.lookup(parent.0, name.as_bytes()) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let ino = self.tree.ino(&key);
-        match self.tree.attr(ino) {
-            Some(a) => reply.entry(&ttl(&a), &file_attr(&a), Generation(0)),
-            None => reply.error(Errno::ENOENT),
+        let found = found(self.tree.lookup(parent.0, name.as_bytes()))
+            .and_then(|key| found(self.tree.attr(self.tree.ino(&key))));
+        match found {
+            Ok(a) => reply.entry(&ttl(&a), &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.tree.attr(ino.0) {
-            Some(a) => reply.attr(&ttl(&a), &file_attr(&a)),
-            None => reply.error(Errno::ENOENT),
+        match found(self.tree.attr(ino.0)) {
+            Ok(a) => reply.attr(&ttl(&a), &file_attr(&a)),
+            Err(e) => reply.error(e),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.tree.readlink(ino.0) {
-            Some(t) => reply.data(&t),
-            // A day link whose snapshots were forgotten is gone.
-            None if self.tree.attr(ino.0).is_none() => reply.error(Errno::ENOENT),
-            None => reply.error(Errno::EINVAL),
+            Ok(Some(t)) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+            // A day link whose snapshots were forgotten is gone (ENOENT).
+            Ok(None) => match found(self.tree.attr(ino.0)) {
+                Ok(_) => reply.error(Errno::EINVAL),
+                Err(e) => reply.error(e),
+            },
         }
     }
 
@@ -232,8 +246,10 @@ impl Filesystem for DsyncFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(entries) = self.tree.list(ino.0) else {
-            return reply.error(Errno::ENOTDIR);
+        let entries = match self.tree.list(ino.0) {
+            Ok(Some(entries)) => entries,
+            Ok(None) => return reply.error(Errno::ENOTDIR),
+            Err(e) => return reply.error(errno(&e)),
         };
         let dots = [
             (b".".to_vec(), ino.0, FileType::Directory),
@@ -258,8 +274,9 @@ impl Filesystem for DsyncFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Some(all) = self.tree.xattrs(ino.0) else {
-            return reply.error(Errno::ENOENT);
+        let all = match found(self.tree.xattrs(ino.0)) {
+            Ok(all) => all,
+            Err(e) => return reply.error(e),
         };
         match all.iter().find(|(n, _)| n.as_slice() == name.as_bytes()) {
             None => reply.error(Errno::ENODATA),
@@ -268,8 +285,9 @@ impl Filesystem for DsyncFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let Some(all) = self.tree.xattrs(ino.0) else {
-            return reply.error(Errno::ENOENT);
+        let all = match found(self.tree.xattrs(ino.0)) {
+            Ok(all) => all,
+            Err(e) => return reply.error(e),
         };
         let mut names = Vec::new();
         for (n, _) in &all {

@@ -103,6 +103,9 @@ struct SnapMeta {
     format: u32,
 }
 
+/// Extended attributes (name, value), names sorted.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A directory's entries as readdir gives them.
 type Listing = Arc<Vec<(Vec<u8>, Key, Type)>>;
 
@@ -233,6 +236,12 @@ fn cache<K: std::hash::Hash + Eq, V>(n: usize) -> Mutex<lru::LruCache<K, V>> {
     Mutex::new(lru::LruCache::new(
         std::num::NonZeroUsize::new(n).unwrap_or(std::num::NonZeroUsize::MIN),
     ))
+}
+
+/// The value cached for inode `ino` (now the most recently used); a lock
+/// that a panic poisoned is a miss, the value read again.
+fn cached<V: Clone>(c: &Mutex<lru::LruCache<u64, V>>, ino: u64) -> Option<V> {
+    c.lock().ok().and_then(|mut m| m.get(&ino).cloned())
 }
 
 /// The type of an entry.
@@ -421,51 +430,60 @@ impl Tree {
     }
 
     /// A format 2 snapshot, read whole on first use.
-    fn snap(&self, id: SnapshotId) -> Option<Arc<Snapshot>> {
-        if let Some(s) = self.flat.lock().ok()?.get(&id) {
-            return Some(s.clone());
+    ///
+    /// # Errors
+    /// [`Error::NoSuchSnapshot`] when it was forgotten meanwhile; damage
+    /// or a failing read as the store reports it.
+    fn snap(&self, id: SnapshotId) -> Result<Arc<Snapshot>, Error> {
+        if let Some(s) = self.flat.lock().ok().and_then(|m| m.get(&id).cloned()) {
+            return Ok(s);
         }
         match self.repo.load_snapshot(id) {
             Ok(s) => {
                 let s = Arc::new(s);
-                self.flat.lock().ok()?.insert(id, s.clone());
-                Some(s)
+                if let Ok(mut m) = self.flat.lock() {
+                    m.insert(id, s.clone());
+                }
+                Ok(s)
             }
             Err(e) => {
                 crate::log(&format!("snapshot {id}: {e}"));
-                None
+                Err(forgotten(id, e))
             }
         }
     }
 
     /// A format 3 snapshot's root list (read again with `fresh`, after a
     /// prune replaced its record).
+    ///
+    /// # Errors
+    /// [`Error::NoSuchSnapshot`] when it was forgotten meanwhile; as
+    /// [`browse::root`].
     fn root3(&self, id: SnapshotId, fresh: bool) -> Result<List<Entry>, Error> {
         if !fresh {
             if let Some(r) = self.roots.lock().ok().and_then(|m| m.get(&id).cloned()) {
                 return Ok(r);
             }
         }
-        let r = browse::root(&self.repo, id)?;
+        let r = browse::root(&self.repo, id).map_err(|e| forgotten(id, e))?;
         if let Ok(mut m) = self.roots.lock() {
             m.insert(id, r.clone());
         }
         Ok(r)
     }
 
-    /// The format 3 entry of inode `ino` (`Path` or `Group`).
-    fn entry(&self, ino: u64) -> Option<Arc<Entry>> {
-        if let Some(e) = self.entries.lock().ok()?.get(&ino) {
-            return Some(e.clone());
+    /// The format 3 entry of inode `ino` (`Path` or `Group`); `None` when
+    /// there is none.
+    ///
+    /// # Errors
+    /// A directory list on its path that is damaged or cannot be read;
+    /// [`Error::NoSuchSnapshot`] when the snapshot was forgotten meanwhile.
+    fn entry(&self, ino: u64) -> Result<Option<Arc<Entry>>, Error> {
+        if let Some(e) = cached(&self.entries, ino) {
+            return Ok(Some(e));
         }
-        let e = match self.load_entry(ino, false) {
-            Ok(e) => e?,
-            Err(e) => {
-                crate::log(&format!("inode {ino}: {e}"));
-                return None;
-            }
-        };
-        Some(e)
+        self.load_entry(ino, false)
+            .inspect_err(|e| crate::log(&format!("inode {ino}: {e}")))
     }
 
     /// Looks the entry of `ino` up by its path.
@@ -523,30 +541,41 @@ impl Tree {
         path
     }
 
-    /// The snapshot and list of a format 3 directory inode.
-    fn dir3(&self, key: &Key, ino: u64) -> Option<(SnapshotId, List<Entry>)> {
+    /// The snapshot and list of a format 3 directory inode; `None` when it
+    /// is not a directory.
+    ///
+    /// # Errors
+    /// As [`Tree::entry`]; [`Error::NoSuchSnapshot`] when the snapshot was
+    /// forgotten meanwhile.
+    fn dir3(&self, key: &Key, ino: u64) -> Result<Option<(SnapshotId, List<Entry>)>, Error> {
         match key {
             Key::Dir(id, None) => {
                 let root = self
                     .root3(*id, false)
-                    .map_err(|e| crate::log(&format!("snapshot {id}: {e}")))
-                    .ok()?;
-                Some((*id, root))
+                    .inspect_err(|e| crate::log(&format!("snapshot {id}: {e}")))?;
+                Ok(Some((*id, root)))
             }
-            Key::Path(id, ..) => match &self.entry(ino)?.payload {
-                Payload::Dir(l) => Some((*id, l.clone())),
-                _ => None,
+            Key::Path(id, ..) => match self.entry(ino)?.as_deref().map(|e| &e.payload) {
+                Some(Payload::Dir(l)) => Ok(Some((*id, l.clone()))),
+                _ => Ok(None),
             },
-            _ => None,
+            _ => Ok(None),
         }
     }
 
-    /// A format 3 directory's entries, keyed, their entries cached.
-    fn list3(&self, key: &Key, ino: u64) -> Option<Listing> {
-        if let Some(l) = self.listings.lock().ok()?.get(&ino) {
-            return Some(l.clone());
+    /// A format 3 directory's entries, keyed, their entries cached; `None`
+    /// when it is not a directory.
+    ///
+    /// # Errors
+    /// As [`Tree::dir3`], and a page of its list that is damaged or cannot
+    /// be read.
+    fn list3(&self, key: &Key, ino: u64) -> Result<Option<Listing>, Error> {
+        if let Some(l) = cached(&self.listings, ino) {
+            return Ok(Some(l));
         }
-        let (id, list) = self.dir3(key, ino)?;
+        let Some((id, list)) = self.dir3(key, ino)? else {
+            return Ok(None);
+        };
         let mut out = Vec::new();
         browse::for_each(&self.repo, &list, &mut |e| {
             let k = self.key_of(id, ino, &e);
@@ -557,42 +586,55 @@ impl Tree {
             out.push((name, k, t));
             Ok(())
         })
-        .map_err(|e| {
+        .inspect_err(|e| {
             crate::log(&format!(
                 "snapshot {id} {}: {e}",
                 String::from_utf8_lossy(&self.path_of(ino).unwrap_or_default())
             ))
-        })
-        .ok()?;
+        })?;
         let out = Arc::new(out);
         if let Ok(mut m) = self.listings.lock() {
             m.put(ino, out.clone());
         }
-        Some(out)
+        Ok(Some(out))
     }
 
-    /// The extended attributes of `ino` (format 3 entries have them).
-    pub fn xattrs(&self, ino: u64) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-        match self.key(ino)? {
-            Key::Path(..) | Key::Group(..) => Some(self.entry(ino)?.xattrs.clone()),
-            _ => Some(Vec::new()),
+    /// The extended attributes of `ino` (format 3 entries have them);
+    /// `None` when there is no such inode.
+    ///
+    /// # Errors
+    /// As [`Tree::entry`].
+    pub fn xattrs(&self, ino: u64) -> Result<Option<Xattrs>, Error> {
+        match self.key(ino) {
+            None => Ok(None),
+            Some(Key::Path(..) | Key::Group(..)) => Ok(self.entry(ino)?.map(|e| e.xattrs.clone())),
+            Some(_) => Ok(Some(Vec::new())),
         }
     }
 
-    /// The entries of directory `ino`: (name, key, type), in order.
-    pub fn list(&self, ino: u64) -> Option<Listing> {
-        let key = self.key(ino)?;
+    /// The entries of directory `ino`: (name, key, type), in order; `None`
+    /// when it is not a directory (or no such inode).
+    ///
+    /// # Errors
+    /// What the snapshot's tree is read with reports: damage, a failing
+    /// read, a snapshot forgotten meanwhile.
+    pub fn list(&self, ino: u64) -> Result<Option<Listing>, Error> {
+        let Some(key) = self.key(ino) else {
+            return Ok(None);
+        };
         match &key {
-            Key::Dir(id, None) | Key::Path(id, ..) if self.meta(*id)?.format >= 3 => {
-                return self.list3(&key, ino)
-            }
+            Key::Dir(id, None) | Key::Path(id, ..) => match self.meta(*id) {
+                None => return Ok(None),
+                Some(m) if m.format >= 3 => return self.list3(&key, ino),
+                Some(_) => {}
+            },
             _ => {}
         }
         match key {
             Key::Root => {
                 let _ = self.refresh(false);
-                let st = self.state.read().ok()?;
-                Some(Arc::new(
+                let st = self.state.read().map_err(poisoned)?;
+                Ok(Some(Arc::new(
                     st.root
                         .iter()
                         .map(|(name, e)| match e {
@@ -606,12 +648,12 @@ impl Tree {
                             ),
                         })
                         .collect(),
-                ))
+                )))
             }
             Key::Dir(id, dir) => {
                 let s = self.snap(id)?;
                 let parent = dir.unwrap_or(ROOT);
-                Some(Arc::new(
+                Ok(Some(Arc::new(
                     s.nodes
                         .iter()
                         .enumerate()
@@ -629,49 +671,58 @@ impl Tree {
                             (n.name.clone(), key, t)
                         })
                         .collect(),
-                ))
+                )))
             }
-            _ => None,
+            _ => Ok(None),
         }
     }
 
-    /// The entry `name` of directory `parent`.
-    pub fn lookup(&self, parent: u64, name: &[u8]) -> Option<Key> {
-        if self.key(parent)? == Key::Root {
+    /// The entry `name` of directory `parent`; `None` when it has none.
+    ///
+    /// # Errors
+    /// As [`Tree::list`]: a list that cannot be read is not taken for one
+    /// without `name` (the mount answers EIO, not ENOENT).
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Key>, Error> {
+        let Some(key) = self.key(parent) else {
+            return Ok(None);
+        };
+        if key == Key::Root {
             let _ = self.refresh(false);
-            let st = self.state.read().ok()?;
-            let name = std::str::from_utf8(name).ok()?;
-            return match st.root.get(name)? {
-                RootEntry::Snap(id) => Some(Key::Dir(*id, None)),
-                RootEntry::Link(_) => Some(Key::RootLink(name.to_string())),
+            let st = self.state.read().map_err(poisoned)?;
+            let Ok(name) = std::str::from_utf8(name) else {
+                return Ok(None);
             };
+            return Ok(st.root.get(name).map(|e| match e {
+                RootEntry::Snap(id) => Key::Dir(*id, None),
+                RootEntry::Link(_) => Key::RootLink(name.to_string()),
+            }));
         }
-        let key = self.key(parent)?;
         if let Key::Dir(id, None) | Key::Path(id, ..) = &key {
-            if self.meta(*id)?.format >= 3 {
+            let Some(m) = self.meta(*id) else {
+                return Ok(None);
+            };
+            if m.format >= 3 {
                 // One lookup in the directory's list, unless it was listed.
-                if let Some(l) = self.listings.lock().ok()?.get(&parent) {
-                    return l
-                        .iter()
-                        .find(|(n, _, _)| n == name)
-                        .map(|(_, k, _)| k.clone());
+                if let Some(l) = cached(&self.listings, parent) {
+                    return Ok(find(&l, name));
                 }
-                let (id, list) = self.dir3(&key, parent)?;
-                let e = browse::lookup(&self.repo, &list, name)
-                    .map_err(|e| crate::log(&format!("snapshot {id}: {e}")))
-                    .ok()??;
+                let Some((id, list)) = self.dir3(&key, parent)? else {
+                    return Ok(None);
+                };
+                let Some(e) = browse::lookup(&self.repo, &list, name)
+                    .inspect_err(|e| crate::log(&format!("snapshot {id}: {e}")))?
+                else {
+                    return Ok(None);
+                };
                 let k = self.key_of(id, parent, &e);
                 let child = self.ino(&k);
                 if let Ok(mut m) = self.entries.lock() {
                     m.put(child, Arc::new(e));
                 }
-                return Some(k);
+                return Ok(Some(k));
             }
         }
-        self.list(parent)?
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, k, _)| k.clone())
+        Ok(self.list(parent)?.and_then(|l| find(&l, name)))
     }
 
     /// Opens file `ino` for one more handle; its reader is shared by all
@@ -726,9 +777,7 @@ impl Tree {
     fn open_reader(&self, ino: u64) -> Result<Arc<VersionReader>, Error> {
         match self.key(ino) {
             Some(Key::File(id, node)) => {
-                let s = self.snap(id).ok_or_else(|| Error::NoSuchSnapshot {
-                    spec: id.to_string(),
-                })?;
+                let s = self.snap(id)?;
                 Ok(Arc::new(VersionReader::open_node(&self.repo, &s, node)?))
             }
             Some(Key::Path(id, ..) | Key::Group(id, _)) => self.open3(id, ino),
@@ -741,7 +790,7 @@ impl Tree {
     /// one (FORMAT.md, "Readers during prune").
     fn open3(&self, id: SnapshotId, ino: u64) -> Result<Arc<VersionReader>, Error> {
         let mut entry = self
-            .entry(ino)
+            .entry(ino)?
             .ok_or_else(|| Error::InvalidInput("no such file".into()))?;
         let mut followed = 0;
         loop {
@@ -783,12 +832,7 @@ impl Tree {
 
     /// Bytes stored for file `ino` (its size when its map cannot be read).
     fn stored_bytes(&self, ino: u64, size: u64) -> u64 {
-        if let Some(n) = self
-            .stored
-            .lock()
-            .ok()
-            .and_then(|mut m| m.get(&ino).copied())
-        {
+        if let Some(n) = cached(&self.stored, ino) {
             return n;
         }
         let Ok(r) = self.reader(ino) else { return size };
@@ -799,31 +843,43 @@ impl Tree {
         n
     }
 
-    /// The target of a symlink.
-    pub fn readlink(&self, ino: u64) -> Option<Vec<u8>> {
-        match self.key(ino)? {
-            Key::RootLink(name) => {
+    /// The target of a symlink; `None` when `ino` is not one.
+    ///
+    /// # Errors
+    /// As [`Tree::attr`].
+    pub fn readlink(&self, ino: u64) -> Result<Option<Vec<u8>>, Error> {
+        match self.key(ino) {
+            Some(Key::RootLink(name)) => {
                 let _ = self.refresh(false);
-                match self.state.read().ok()?.root.get(&name)? {
-                    RootEntry::Link(t) => Some(t.as_bytes().to_vec()),
-                    RootEntry::Snap(_) => None,
+                match self.state.read().map_err(poisoned)?.root.get(&name) {
+                    Some(RootEntry::Link(t)) => Ok(Some(t.as_bytes().to_vec())),
+                    _ => Ok(None),
                 }
             }
-            Key::NodeLink(id, node) => match &self.snap(id)?.nodes.get(node as usize)?.kind {
-                NodeKind::Symlink(t) => Some(t.clone()),
-                _ => None,
+            Some(Key::NodeLink(id, node)) => {
+                match self.snap(id)?.nodes.get(node as usize).map(|n| &n.kind) {
+                    Some(NodeKind::Symlink(t)) => Ok(Some(t.clone())),
+                    _ => Ok(None),
+                }
+            }
+            Some(Key::Path(..)) => match self.entry(ino)?.as_deref().map(|e| &e.payload) {
+                Some(Payload::Symlink(t)) => Ok(Some(t.clone())),
+                _ => Ok(None),
             },
-            Key::Path(..) => match &self.entry(ino)?.payload {
-                Payload::Symlink(t) => Some(t.clone()),
-                _ => None,
-            },
-            _ => None,
+            _ => Ok(None),
         }
     }
 
-    /// Attributes of `ino`.
-    pub fn attr(&self, ino: u64) -> Option<Attr> {
-        let key = self.key(ino)?;
+    /// Attributes of `ino`; `None` when there is no such inode (or what it
+    /// named is gone).
+    ///
+    /// # Errors
+    /// What the snapshot's tree is read with reports: damage, a failing
+    /// read, a snapshot forgotten meanwhile.
+    pub fn attr(&self, ino: u64) -> Result<Option<Attr>, Error> {
+        let Some(key) = self.key(ino) else {
+            return Ok(None);
+        };
         let dir = |mtime_ns, immutable| Attr {
             ino,
             kind: Type::Dir,
@@ -837,11 +893,13 @@ impl Tree {
             nlink: 2,
             immutable,
         };
-        match key {
+        Ok(match key {
             Key::Root => Some(dir(self.mount_time_ns, false)),
-            Key::Dir(id, None) => Some(dir(self.meta(id)?.time_ns, true)),
+            Key::Dir(id, None) => self.meta(id).map(|m| dir(m.time_ns, true)),
             Key::RootLink(_) => {
-                let t = self.readlink(ino)?;
+                let Some(t) = self.readlink(ino)? else {
+                    return Ok(None);
+                };
                 Some(Attr {
                     ino,
                     kind: Type::Symlink,
@@ -858,7 +916,9 @@ impl Tree {
             }
             Key::Dir(id, Some(node)) | Key::File(id, node) | Key::NodeLink(id, node) => {
                 let s = self.snap(id)?;
-                let n = s.nodes.get(node as usize)?;
+                let Some(n) = s.nodes.get(node as usize) else {
+                    return Ok(None);
+                };
                 let mut rdev = 0;
                 let (kind, size, stored) = match &n.kind {
                     NodeKind::File(f) => (Type::File, f.size, self.stored_bytes(ino, f.size)),
@@ -887,7 +947,9 @@ impl Tree {
                 })
             }
             Key::Path(..) | Key::Group(..) => {
-                let e = self.entry(ino)?;
+                let Some(e) = self.entry(ino)? else {
+                    return Ok(None);
+                };
                 let kind = entry_type(&e);
                 let (size, stored, rdev) = match &e.payload {
                     Payload::File(d) => (d.size, self.stored_bytes(ino, d.size), 0),
@@ -912,8 +974,34 @@ impl Tree {
                     immutable: true,
                 })
             }
-        }
+        })
     }
+}
+
+/// The key of `name` in listing `l`.
+fn find(l: &Listing, name: &[u8]) -> Option<Key> {
+    l.iter()
+        .find(|(n, _, _)| n == name)
+        .map(|(_, k, _)| k.clone())
+}
+
+/// A snapshot whose record or manifest is not found was forgotten (a
+/// prune or `forget` meanwhile): the mount answers ENOENT for it, and EIO
+/// for everything else.
+fn forgotten(id: SnapshotId, e: Error) -> Error {
+    if e.is_not_found() {
+        Error::NoSuchSnapshot {
+            spec: id.to_string(),
+        }
+    } else {
+        e
+    }
+}
+
+/// A lock that a panicking thread left poisoned: the tree cannot be
+/// trusted to answer, which is EIO, never ENOENT.
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {
+    Error::Internal("a lock of the mount's tree was poisoned".into())
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ pub fn run(o: InitArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()> 
         format: o.format,
         ..Default::default()
     };
-    // Check the parameters as a reader would, before creating anything.
-    Config::decode(&cfg.encode(), "config")
+    // Before creating anything: of the parameters, only these two are the
+    // user's to get wrong.
+    cfg.validate()
         .map_err(|_| anyhow::anyhow!("frame size must be 4K..4M and the zstd level -7..22"))?;
     Repo::init(&o.repo, cfg)?;
     if !quiet {

@@ -11,8 +11,11 @@ use crate::id::{MapId, PackId, SnapshotId};
 use crate::map::FileMap;
 use crate::repo::Repo;
 
+mod diff;
 mod tree;
-pub use tree::{diff_trees, PathDiff};
+pub use diff::diff_snapshots;
+pub(crate) use tree::diff_trees;
+pub use tree::PathDiff;
 
 /// Byte ranges `[start, end)` where two versions' maps point at different
 /// stored bytes (or one has a hole where the other has data), and their total.
@@ -185,7 +188,7 @@ pub fn du(repo: &Repo) -> Result<DuReport> {
 ///
 /// # Errors
 /// [`crate::Error::NoSuchPath`]; as [`crate::VersionReader::open_node`].
-pub fn version_map(repo: &Repo, snap: &crate::Snapshot, name: &str) -> Result<FileMap> {
+pub(crate) fn version_map(repo: &Repo, snap: &crate::Snapshot, name: &str) -> Result<FileMap> {
     Ok(crate::restore::open_path(repo, snap, name)?.map().clone())
 }
 

@@ -68,8 +68,12 @@ impl Repo {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] when `path` is a non-empty directory or a file,
+    /// or a parameter of `config` is out of range, and
+    /// [`Error::UnsupportedVersion`] for a format newer than this build
+    /// ([`Config::validate`], checked before anything is created);
     /// [`Error::Io`] when it cannot be written.
     pub fn init(path: &Path, config: Config) -> Result<Repo> {
+        config.validate()?;
         if let Some(u) = S3Url::parse(path) {
             let b = cached(Arc::new(S3Backend::connect(&u)?), config.repo_id);
             return Repo::init_on(b, config);

@@ -255,67 +255,64 @@ fn cstr_bytes(p: *const libc::c_char) -> Vec<u8> {
     unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes().to_vec()
 }
 
-fn user_name(uid: u32) -> Vec<u8> {
-    let mut buf = vec![0 as libc::c_char; 16 << 10];
-    // SAFETY: passwd is plain data; getpwuid_r writes into pw and buf (of
-    // the length given) and sets res.
-    unsafe {
-        let mut pw: libc::passwd = std::mem::zeroed();
-        let mut res: *mut libc::passwd = std::ptr::null_mut();
-        if libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut res) == 0
-            && !res.is_null()
-        {
-            return cstr_bytes(pw.pw_name);
+/// The buffer for a passwd or group record starts here (most records fit)
+/// and grows on ERANGE up to the cap (a group with thousands of members is
+/// large; past the cap the name is taken as unknown).
+const DB_BUF_START: usize = 16 << 10;
+const DB_BUF_MAX: usize = 16 << 20;
+
+/// One `getpw*_r` / `getgr*_r` lookup, its buffer grown on ERANGE; `read`
+/// sees the record found (its strings point into the buffer, so `read`
+/// copies what it keeps). `None` when there is no such record, or on any
+/// other error.
+///
+/// `call(record, buf, buf_len, result)` must be one of those functions with
+/// its key bound: it writes the record into `record`, its strings into
+/// `buf` (`buf_len` bytes), and sets `result` to `record` or to null.
+fn db_lookup<R, T>(
+    call: impl Fn(*mut R, *mut libc::c_char, usize, *mut *mut R) -> libc::c_int,
+    read: impl FnOnce(&R) -> T,
+) -> Option<T> {
+    let mut size = DB_BUF_START;
+    loop {
+        let mut buf = vec![0 as libc::c_char; size];
+        let mut rec = std::mem::MaybeUninit::<R>::uninit();
+        let mut res: *mut R = std::ptr::null_mut();
+        match call(rec.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut res) {
+            // SAFETY: on success with a non-null result the call filled the
+            // record `res` points at (`rec`), its strings in `buf`; both
+            // live until `read` returns.
+            0 if !res.is_null() => return Some(read(unsafe { &*res })),
+            libc::ERANGE if size < DB_BUF_MAX => size *= 4,
+            _ => return None,
         }
     }
-    Vec::new()
+}
+
+fn user_name(uid: u32) -> Vec<u8> {
+    // SAFETY: getpwuid_r with the pointers and length db_lookup gives.
+    let call = |p, b, n, r| unsafe { libc::getpwuid_r(uid, p, b, n, r) };
+    db_lookup(call, |pw: &libc::passwd| cstr_bytes(pw.pw_name)).unwrap_or_default()
 }
 
 fn group_name(gid: u32) -> Vec<u8> {
-    let mut buf = vec![0 as libc::c_char; 16 << 10];
     // SAFETY: as in user_name.
-    unsafe {
-        let mut gr: libc::group = std::mem::zeroed();
-        let mut res: *mut libc::group = std::ptr::null_mut();
-        if libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut res) == 0
-            && !res.is_null()
-        {
-            return cstr_bytes(gr.gr_name);
-        }
-    }
-    Vec::new()
+    let call = |p, b, n, r| unsafe { libc::getgrgid_r(gid, p, b, n, r) };
+    db_lookup(call, |gr: &libc::group| cstr_bytes(gr.gr_name)).unwrap_or_default()
 }
 
 fn user_id(name: &[u8]) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; 16 << 10];
-    // SAFETY: as in user_name.
-    unsafe {
-        let mut pw: libc::passwd = std::mem::zeroed();
-        let mut res: *mut libc::passwd = std::ptr::null_mut();
-        if libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut res) == 0
-            && !res.is_null()
-        {
-            return Some(pw.pw_uid);
-        }
-    }
-    None
+    // SAFETY: as in user_name; `c` is a C string alive for the call.
+    let call = |p, b, n, r| unsafe { libc::getpwnam_r(c.as_ptr(), p, b, n, r) };
+    db_lookup(call, |pw: &libc::passwd| pw.pw_uid)
 }
 
 fn group_id(name: &[u8]) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; 16 << 10];
-    // SAFETY: as in user_name.
-    unsafe {
-        let mut gr: libc::group = std::mem::zeroed();
-        let mut res: *mut libc::group = std::ptr::null_mut();
-        if libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut res) == 0
-            && !res.is_null()
-        {
-            return Some(gr.gr_gid);
-        }
-    }
-    None
+    // SAFETY: as in user_id.
+    let call = |p, b, n, r| unsafe { libc::getgrnam_r(c.as_ptr(), p, b, n, r) };
+    db_lookup(call, |gr: &libc::group| gr.gr_gid)
 }
 
 #[cfg(test)]
@@ -376,5 +373,43 @@ mod tests {
         let g = o.group(0);
         assert_eq!(o.gid(&g), Some(0));
         assert_eq!(o.uid(b"no-such-user-dsync"), None);
+        assert_eq!(o.gid(b"no-such-group-dsync"), None);
+        assert_eq!(o.uid(b"nul\0inside"), None);
+    }
+
+    /// A record larger than the buffer (ERANGE) is found with a larger
+    /// one; one larger than the cap is unknown, as is one not found.
+    #[test]
+    fn db_lookup_grows_the_buffer_on_erange() {
+        let needs = |need: usize| {
+            let sizes = std::cell::RefCell::new(Vec::new());
+            let call = |rec: *mut usize, _: *mut libc::c_char, n: usize, res: *mut *mut usize| {
+                sizes.borrow_mut().push(n);
+                if n < need {
+                    return libc::ERANGE;
+                }
+                // SAFETY: db_lookup passes valid pointers.
+                unsafe {
+                    rec.write(n);
+                    *res = rec;
+                }
+                0
+            };
+            let got = db_lookup(call, |&n| n);
+            (got, sizes.into_inner())
+        };
+        assert_eq!(needs(1), (Some(16 << 10), vec![16 << 10]));
+        assert_eq!(
+            needs(100_000),
+            (Some(256 << 10), vec![16 << 10, 64 << 10, 256 << 10])
+        );
+        let (got, sizes) = needs(usize::MAX);
+        assert_eq!(got, None);
+        assert_eq!(sizes.last(), Some(&(16 << 20)));
+        // Not found: the call succeeds with a null result.
+        let none = db_lookup(|_: *mut u8, _, _, _| 0, |_| ());
+        assert_eq!(none, None);
+        let err = db_lookup(|_: *mut u8, _, _, _| libc::EIO, |_| ());
+        assert_eq!(err, None);
     }
 }

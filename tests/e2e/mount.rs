@@ -357,6 +357,95 @@ fn damaged_frame_gives_eio_and_the_rest_reads() {
     m.unmount();
 }
 
+/// Flips one byte in the middle of every frame of the pack at `path`
+/// (store/FORMAT.md, "Packs": the trailer locates the index, the index
+/// every frame), so that whichever blob a reader asks for is damaged.
+fn damage_every_frame(path: &Path) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut trailer = [0u8; 32];
+    f.read_exact_at(&mut trailer, len - 32).unwrap();
+    assert_eq!(&trailer[24..], b"DSYNCEND", "{}", path.display());
+    let index = u64::from_le_bytes(trailer[0..8].try_into().unwrap());
+    let frames = u32::from_le_bytes(trailer[8..12].try_into().unwrap());
+    assert!(frames > 0, "{} has no frame", path.display());
+    for k in 0..u64::from(frames) {
+        let mut e = [0u8; 24];
+        f.read_exact_at(&mut e, index + 24 * k).unwrap();
+        let at = u64::from_le_bytes(e[0..8].try_into().unwrap());
+        let clen = u32::from_le_bytes(e[8..12].try_into().unwrap());
+        let mid = at + u64::from(clen) / 2;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, mid).unwrap();
+        f.write_all_at(&[b[0] ^ 0x5a], mid).unwrap();
+    }
+}
+
+/// A format 3 directory whose list pages are damaged answers EIO, for a
+/// name it holds and for one it does not (which cannot be known): never
+/// ENOENT, which would say the name is absent. A name truly absent from a
+/// readable directory stays ENOENT, and the rest of the tree reads.
+#[test]
+fn damaged_directory_list_gives_eio_not_enoent() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    env.ok(&["init", "--format", "3", s(&env.repo())]);
+    let t = env.path("t");
+    let big = t.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    // Far more than an inline list holds (16 KiB): the list is paged, its
+    // pages are blobs in a meta pack.
+    let name = |i: u32| format!("a-file-with-a-long-enough-name-{i:05}.txt");
+    for i in 0..2000 {
+        std::fs::write(big.join(name(i)), format!("{i}")).unwrap();
+    }
+    std::fs::write(t.join("small.txt"), b"still readable").unwrap();
+    env.ok(&["backup", "-q", s(&env.repo()), s(&t)]);
+    let metas: Vec<PathBuf> = std::fs::read_dir(env.repo().join("meta"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!metas.is_empty(), "no meta pack");
+    for p in &metas {
+        damage_every_frame(p);
+    }
+    let m = Mount::new(&env, &[]);
+    let snap = m.dir.join("latest/t");
+    let errno = |r: std::io::Result<std::fs::Metadata>| r.err().and_then(|e| e.raw_os_error());
+    // Outside the damaged list: as before.
+    assert_eq!(
+        std::fs::read(snap.join("small.txt")).unwrap(),
+        b"still readable"
+    );
+    assert_eq!(
+        errno(std::fs::metadata(snap.join("absent"))),
+        Some(libc::ENOENT)
+    );
+    assert!(std::fs::metadata(snap.join("big")).unwrap().is_dir());
+    // Inside it: EIO, whether the name is there or not.
+    for p in [name(0), name(1999), "absent".to_string()] {
+        assert_eq!(
+            errno(std::fs::metadata(snap.join("big").join(&p))),
+            Some(libc::EIO),
+            "stat of big/{p}"
+        );
+    }
+    let listed =
+        std::fs::read_dir(snap.join("big")).and_then(|d| d.collect::<std::io::Result<Vec<_>>>());
+    assert_eq!(
+        listed.err().and_then(|e| e.raw_os_error()),
+        Some(libc::EIO),
+        "ls of big"
+    );
+    m.unmount();
+}
+
 #[test]
 fn new_snapshots_appear_and_sigterm_unmounts() {
     if skip() {

@@ -70,23 +70,53 @@ impl Config {
             format: version.max(2),
         };
         r.finish()?;
-        let bad = |what: &str| Error::corrupt(object, 0, format!("{what} out of range"));
-        if !super::valid_block_size(c.block_size) {
-            return Err(bad("block size"));
-        }
-        if !super::valid_page_entries(c.page_entries) {
-            return Err(bad("page entries"));
-        }
-        if !(4096..=super::pack::MAX_FRAME).contains(&c.frame_size) {
-            return Err(bad("frame size"));
-        }
-        if !(-7..=22).contains(&c.zstd_level) {
-            return Err(bad("zstd level"));
-        }
-        if !(1 << 20..=1 << 36).contains(&c.pack_target) {
-            return Err(bad("pack target"));
+        if let Some(what) = c.out_of_range() {
+            return Err(Error::corrupt(object, 0, format!("{what} out of range")));
         }
         Ok(c)
+    }
+
+    /// Checks the parameters as a reader of the config does, so that a
+    /// repository is never created that no dsync could open (`dsync init`
+    /// calls it before creating anything; [`crate::Repo::init`] too).
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedVersion`] for a format newer than this build
+    /// reads; [`Error::InvalidInput`] naming the first parameter out of
+    /// range.
+    pub fn validate(&self) -> Result<()> {
+        if self.format > FORMAT_3 {
+            return Err(Error::UnsupportedVersion {
+                path: "config".into(),
+                found: self.format,
+                supported: FORMAT_3,
+            });
+        }
+        match self.out_of_range() {
+            Some(what) => Err(Error::InvalidInput(format!("{what} out of range"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The first parameter outside the range every reader accepts (the
+    /// table in FORMAT.md, "Config"), by name.
+    fn out_of_range(&self) -> Option<&'static str> {
+        if !super::valid_block_size(self.block_size) {
+            return Some("block size");
+        }
+        if !super::valid_page_entries(self.page_entries) {
+            return Some("page entries");
+        }
+        if !(4096..=super::pack::MAX_FRAME).contains(&self.frame_size) {
+            return Some("frame size");
+        }
+        if !(-7..=22).contains(&self.zstd_level) {
+            return Some("zstd level");
+        }
+        if !(1 << 20..=1 << 36).contains(&self.pack_target) {
+            return Some("pack target");
+        }
+        None
     }
 }
 
@@ -100,7 +130,49 @@ mod tests {
         assert_eq!(Config::decode(&c.encode(), "config").unwrap(), c);
     }
 
+    #[test]
+    fn validate_names_the_parameter_out_of_range() {
+        let ok = Config::default();
+        assert!(ok.validate().is_ok());
+        let bad = |c: Config| c.validate().unwrap_err().to_string();
+        assert_eq!(
+            bad(Config {
+                frame_size: 1024,
+                ..ok.clone()
+            }),
+            "frame size out of range"
+        );
+        assert_eq!(
+            bad(Config {
+                zstd_level: 23,
+                ..ok.clone()
+            }),
+            "zstd level out of range"
+        );
+        assert!(matches!(
+            Config { format: 4, ..ok }.validate(),
+            Err(Error::UnsupportedVersion { found: 4, .. })
+        ));
+    }
+
     proptest::proptest! {
+        /// `validate` accepts exactly the configs a reader decodes.
+        #[test]
+        fn validate_agrees_with_decode(
+            block_size in proptest::sample::select(vec![0u32, 256, 512, 4096, 4097, 1 << 20, 1 << 21]),
+            page_entries in 0u32..70_000,
+            frame_size in 0u32..5 << 20,
+            zstd_level in -10i32..25,
+            pack_target in 0u64..1 << 37,
+            format in 0u32..5,
+        ) {
+            let c = Config { repo_id: 7, block_size, page_entries, frame_size, zstd_level, pack_target, format };
+            proptest::prop_assert_eq!(
+                c.validate().is_ok(),
+                Config::decode(&c.encode(), "config").is_ok()
+            );
+        }
+
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
             let _ = Config::decode(&bytes, "c");

@@ -36,7 +36,7 @@ pub struct PathDiff {
 ///
 /// # Errors
 /// [`crate::Error::NoSuchPath`] when `only` is in neither; as the reads.
-pub fn diff_trees(
+pub(crate) fn diff_trees(
     repo: &Repo,
     a: &Snapshot,
     b: &Snapshot,
