@@ -7,6 +7,7 @@
 //! garbage.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 
 use crate::backend::{Backend, Key, Kind, Object, ObjectWriter};
@@ -103,10 +104,55 @@ fn decompress_frame_to_slice(src: &[u8], out: &mut [u8]) -> std::io::Result<usiz
     })
 }
 
+/// Where a client of a repository with latency (remote, S3) keeps a copy
+/// of a data pack's tail (its index and trailer), so that opening the
+/// pack costs no round trip: `index-packs-<id>.pack` in the client's
+/// directory, holding `len:u64` (the pack's size) and then the pack's
+/// bytes from its index offset to its end. A pack never changes under its
+/// name, so a copy is never stale; one that fails its checks is ignored.
+/// Meta packs are cached whole, so they need none.
+fn index_copy(backend: &dyn Backend, key: &Key) -> Option<PathBuf> {
+    (key.kind == Kind::Pack).then_some(())?;
+    Some(
+        backend
+            .client_dir()?
+            .join(format!("index-{}", key.path().replace('/', "-"))),
+    )
+}
+
+/// The pack's size and tail from a copy's bytes.
+fn split_copy(b: &[u8]) -> Option<(u64, &[u8])> {
+    let len = u64::from_le_bytes(b.get(..8)?.try_into().ok()?);
+    Some((len, &b[8..]))
+}
+
+/// Keeps a copy of a pack's tail (best effort: without it, the pack is
+/// opened the long way).
+fn keep_copy(path: &Path, len: u64, tail: &[u8]) {
+    let mut b = Vec::with_capacity(8 + tail.len());
+    b.extend_from_slice(&len.to_le_bytes());
+    b.extend_from_slice(tail);
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, &b).is_err() || std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// Drops the copy of a removed pack's tail (see [`index_copy`]).
+pub(crate) fn forget_copy(client_dir: &Path, key: &Key) {
+    if key.kind == Kind::Pack {
+        let _ = std::fs::remove_file(
+            client_dir.join(format!("index-{}", key.path().replace('/', "-"))),
+        );
+    }
+}
+
 /// Appends frames to a new pack object.
 pub struct PackWriter {
     pub id: PackId,
     w: Box<dyn ObjectWriter>,
+    /// Where this client keeps a copy of the pack's index ([`index_copy`]).
+    copy: Option<PathBuf>,
     ulen: u64,
     frames: Vec<FrameEntry>,
 }
@@ -125,11 +171,13 @@ impl PackWriter {
     /// [`Error::Io`] when the object cannot be created.
     pub fn create_as(backend: &dyn Backend, kind: Kind) -> Result<PackWriter> {
         let id = PackId::random();
-        let mut w = backend.create(&Key::new(kind, id.to_string()))?;
+        let key = Key::new(kind, id.to_string());
+        let mut w = backend.create(&key)?;
         w.append(&fmt::header(FORMAT_VERSION))?;
         Ok(PackWriter {
             id,
             w,
+            copy: index_copy(backend, &key),
             ulen: 0,
             frames: Vec::new(),
         })
@@ -174,6 +222,9 @@ impl PackWriter {
         self.w.append(&idx)?;
         let n = self.w.len();
         self.w.finish()?;
+        if let Some(p) = self.copy {
+            keep_copy(&p, n, &idx);
+        }
         Ok(n)
     }
 }
@@ -206,7 +257,17 @@ impl PackReader {
             Kind::Meta => format!("meta pack {id}"),
             _ => format!("pack {id}"),
         };
-        let file = backend.open(&Key::new(kind, id.to_string()))?;
+        let key = Key::new(kind, id.to_string());
+        let copy = index_copy(backend, &key);
+        if let Some(b) = copy.as_ref().and_then(|p| std::fs::read(p).ok()) {
+            if let Some((len, tail)) = split_copy(&b) {
+                let file = backend.open_sized(&key, len)?;
+                if let Ok(r) = PackReader::from_tail(id, &name, file, len, tail) {
+                    return Ok(r);
+                }
+            }
+        }
+        let file = backend.open(&key)?;
         let len = file.len();
         if len < fmt::HEADER_SIZE + fmt::TRAILER_SIZE {
             return Err(Error::corrupt(
@@ -220,10 +281,36 @@ impl PackReader {
         fmt::check_header(&h, &name)?;
         let mut t = [0u8; fmt::TRAILER_SIZE as usize];
         file.read_at(len - fmt::TRAILER_SIZE, &mut t)?;
-        let (index_offset, count, sum) = fmt::decode_trailer(&t, len, &name)?;
-        let mut idx = vec![0u8; count as usize * fmt::INDEX_ENTRY_SIZE as usize];
-        file.read_at(index_offset, &mut idx)?;
-        let frames = fmt::decode_index(&idx, sum, index_offset, &name)?;
+        let (index_offset, _, _) = fmt::decode_trailer(&t, len, &name)?;
+        let mut tail = vec![0u8; (len - index_offset) as usize];
+        file.read_at(index_offset, &mut tail)?;
+        let r = PackReader::from_tail(id, &name, file, len, &tail)?;
+        if let Some(p) = copy {
+            keep_copy(&p, len, &tail);
+        }
+        Ok(r)
+    }
+
+    /// A reader of `file` (`len` bytes) from its tail: the index and the
+    /// trailer, checked.
+    fn from_tail(
+        id: PackId,
+        name: &str,
+        file: Arc<dyn Object>,
+        len: u64,
+        tail: &[u8],
+    ) -> Result<PackReader> {
+        let t = tail
+            .len()
+            .checked_sub(fmt::TRAILER_SIZE as usize)
+            .map(|at| &tail[at..])
+            .ok_or_else(|| Error::corrupt(name, 0, "pack index shorter than its trailer"))?;
+        let (index_offset, count, sum) = fmt::decode_trailer(t, len, name)?;
+        let n = count as usize * fmt::INDEX_ENTRY_SIZE as usize;
+        if index_offset != len - tail.len() as u64 || n + t.len() != tail.len() {
+            return Err(Error::corrupt(name, index_offset, "pack index size"));
+        }
+        let frames = fmt::decode_index(&tail[..n], sum, index_offset, name)?;
         let mut starts = Vec::with_capacity(frames.len());
         let mut u = 0u64;
         for f in &frames {
@@ -232,7 +319,7 @@ impl PackReader {
         }
         Ok(PackReader {
             id,
-            name,
+            name: name.to_string(),
             file,
             frames,
             starts,
@@ -612,5 +699,49 @@ impl PackCache {
                 st.spare.push(buf);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemBackend;
+
+    /// A client with a directory keeps each pack's tail as it writes the
+    /// pack, opens the pack from it, and ignores a copy that fails its
+    /// checks.
+    #[test]
+    fn a_client_opens_packs_from_its_copy_of_their_index() {
+        let d = tempfile::tempdir().unwrap();
+        let b = crate::remote::cache::CachedBackend::wrap(
+            Arc::new(MemBackend::new()),
+            d.path().to_path_buf(),
+        );
+        let frames: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000 + i as usize]).collect();
+        let mut w = PackWriter::create(&*b).unwrap();
+        for f in &frames {
+            let c = zstd::bulk::compress(f, 1).unwrap();
+            w.append(&c, f.len() as u32, xxhash_rust::xxh3::xxh3_64(&c))
+                .unwrap();
+        }
+        let id = w.id;
+        w.finish().unwrap();
+        let copy = index_copy(&*b, &Key::new(Kind::Pack, id.to_string())).unwrap();
+        assert!(copy.is_file(), "the writer kept the index");
+        let read_all = || {
+            let r = PackReader::open(&*b, id).unwrap();
+            (0..3).map(|i| r.read_frame(i).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(read_all(), frames);
+        // A damaged copy is passed over, and replaced.
+        let mut bad = std::fs::read(&copy).unwrap();
+        let n = bad.len();
+        bad[n - 40] ^= 1;
+        std::fs::write(&copy, &bad).unwrap();
+        assert_eq!(read_all(), frames);
+        assert_ne!(std::fs::read(&copy).unwrap(), bad);
+        // Removed with the pack.
+        b.remove(&[Key::new(Kind::Pack, id.to_string())]).unwrap();
+        assert!(!copy.exists());
     }
 }

@@ -251,6 +251,17 @@ pub trait Backend: Send + Sync {
     /// [`crate::Error::Io`].
     fn open(&self, key: &Key) -> Result<Arc<dyn Object>>;
 
+    /// As [`Backend::open`] for an object whose length the caller knows
+    /// (from a copy it keeps): a backend with latency may skip asking for
+    /// it, and then reports a missing object at the first read instead.
+    ///
+    /// # Errors
+    /// As [`Backend::open`].
+    fn open_sized(&self, key: &Key, len: u64) -> Result<Arc<dyn Object>> {
+        let _ = len;
+        self.open(key)
+    }
+
     /// A whole object as shared bytes that stay valid while held: the local
     /// backend maps the file (signatures are read this way, page by page).
     ///

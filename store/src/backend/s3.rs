@@ -812,6 +812,18 @@ impl Backend for S3Backend {
         }))
     }
 
+    fn open_sized(&self, key: &Key, len: u64) -> Result<Arc<dyn Object>> {
+        let k = key.path();
+        self.uploads.wait_for(&k)?;
+        Ok(Arc::new(S3Object {
+            shared: self.shared.clone(),
+            handle: self.rt.handle().clone(),
+            key: key.clone(),
+            path: k,
+            len,
+        }))
+    }
+
     fn list(&self, kind: Kind) -> Result<Vec<(String, u64)>> {
         let s = &self.shared;
         if kind == Kind::Config {

@@ -223,6 +223,13 @@ impl Backend for CachedBackend {
         self.inner.open(key)
     }
 
+    fn open_sized(&self, key: &Key, len: u64) -> Result<Arc<dyn Object>> {
+        if cached(key.kind) {
+            return self.open(key);
+        }
+        self.inner.open_sized(key, len)
+    }
+
     fn list(&self, kind: Kind) -> Result<Vec<(String, u64)>> {
         self.inner.list(kind)
     }
@@ -253,8 +260,11 @@ impl Backend for CachedBackend {
 
     fn remove(&self, keys: &[Key]) -> Result<()> {
         self.inner.remove(keys)?;
-        for k in keys.iter().filter(|k| cached(k.kind)) {
-            let _ = std::fs::remove_file(self.path(k));
+        for k in keys {
+            if cached(k.kind) {
+                let _ = std::fs::remove_file(self.path(k));
+            }
+            crate::pack::forget_copy(&self.dir, k);
         }
         Ok(())
     }
