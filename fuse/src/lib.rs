@@ -41,6 +41,9 @@ use std::path::Path;
 
 use dsync_store::Repo;
 
+/// Threads serving a mount of a repository with latency (see [`mount`]).
+const REMOTE_THREADS: usize = 16;
+
 /// What `dsync mount` was asked for.
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -105,6 +108,13 @@ pub fn mount(
     // Resolved now: once mounted, looking the path up would ask the mount.
     let canonical = std::fs::canonicalize(mountpoint)?;
     let repo = Repo::open_with_cache(repo, opts.cache_bytes).map_err(io::Error::other)?;
+    // A repository across a network is served by more threads: each waits
+    // a round trip per uncached frame, and random readers then have that
+    // many in flight.
+    let threads = match repo.is_remote() {
+        true => opts.threads.max(REMOTE_THREADS),
+        false => opts.threads.max(1),
+    };
     let cache = repo.cache().clone();
     let frame_size = repo.config().frame_size as usize;
     let tree = tree::Tree::new(repo).map_err(io::Error::other)?;
@@ -126,7 +136,7 @@ pub fn mount(
     if opts.allow_other {
         config.acl = fuser::SessionACL::All;
     }
-    config.n_threads = Some(opts.threads.max(1));
+    config.n_threads = Some(threads);
 
     // SIGINT and SIGTERM are handled by one thread that unmounts; every other
     // thread (fuser's included) inherits the blocked mask.

@@ -213,6 +213,12 @@ impl Repo {
         &*self.backend
     }
 
+    /// Whether the repository is across a network (over ssh, on S3): each
+    /// read of an uncached object waits a round trip.
+    pub fn is_remote(&self) -> bool {
+        self.backend.client_dir().is_some()
+    }
+
     /// A directory for large temporary files beside the repository (on its
     /// file system), when it has one.
     pub fn scratch_dir(&self) -> Option<PathBuf> {
