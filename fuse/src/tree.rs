@@ -12,6 +12,15 @@
 //! (the listing is re-read at most once a second). Inode numbers are given out
 //! on first sight and never reused while mounted; a snapshot's contents never
 //! change, so the kernel may cache them for long.
+//!
+//! What a format 3 snapshot holds never changes, but where it is stored may:
+//! a prune that repacks meta packs replaces the record of a kept snapshot
+//! with one whose lists point into the new meta pack, then deletes the old
+//! one. The root lists and entries cached here still point into the old one,
+//! so a read through them that finds an object gone re-reads the record,
+//! drops what was cached from the old one and reads again ([`Tree::follow`],
+//! store/FORMAT.md "Readers during prune"); only a snapshot whose record is
+//! gone (forgotten) answers that it is not there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -24,6 +33,9 @@ use dsync_store::{Error, NodeKind, Repo, Snapshot, SnapshotId, VersionReader};
 
 pub const ROOT_INO: u64 = 1;
 const REFRESH: Duration = Duration::from_secs(1);
+/// Replaced records a read of a format 3 tree follows before it takes an
+/// object still missing for damage (as store's `VersionReader::open_node`).
+const FOLLOW: usize = 8;
 
 /// What an inode is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -125,6 +137,28 @@ struct Inodes {
     by_ino: HashMap<u64, Key>,
     by_key: HashMap<Key, u64>,
     paths: Paths,
+}
+
+impl Inodes {
+    /// The snapshot inode `ino` is part of (`None` for the root and its
+    /// links).
+    fn snap(&self, ino: u64) -> Option<SnapshotId> {
+        match ino.checked_sub(PATH_BASE) {
+            Some(n) => self
+                .paths
+                .nodes
+                .get(usize::try_from(n).ok()?)
+                .map(|n| n.snap),
+            None => match self.by_ino.get(&ino)? {
+                Key::Dir(id, _)
+                | Key::File(id, _)
+                | Key::NodeLink(id, _)
+                | Key::Path(id, ..)
+                | Key::Group(id, _) => Some(*id),
+                Key::Root | Key::RootLink(_) => None,
+            },
+        }
+    }
 }
 
 /// The `Path` inodes: the mount never forgets an inode (the kernel may come
@@ -482,8 +516,63 @@ impl Tree {
         if let Some(e) = cached(&self.entries, ino) {
             return Ok(Some(e));
         }
-        self.load_entry(ino, false)
+        let Some(id) = self.inodes.read().ok().and_then(|i| i.snap(ino)) else {
+            return Ok(None);
+        };
+        self.follow(id, || self.load_entry(ino, false))
             .inspect_err(|e| crate::log(&format!("inode {ino}: {e}")))
+    }
+
+    /// Runs `read`, a read of format 3 snapshot `id`'s tree through what is
+    /// cached of it; when that finds an object gone, a prune replaced the
+    /// snapshot's record (store/FORMAT.md, "Readers during prune"): the
+    /// record is read again, the entries cached from the old one dropped,
+    /// and `read` runs again, following up to [`FOLLOW`] replacements.
+    ///
+    /// # Errors
+    /// [`Error::NoSuchSnapshot`] when the record is gone (the snapshot was
+    /// forgotten: ENOENT); the object still missing once the record read
+    /// again is the one read before (damage: EIO); what `read` returns.
+    fn follow<T>(&self, id: SnapshotId, read: impl Fn() -> Result<T, Error>) -> Result<T, Error> {
+        let mut followed = 0;
+        loop {
+            let e = match read() {
+                Err(e) if e.is_not_found() && followed < FOLLOW => e,
+                r => return r,
+            };
+            followed += 1;
+            let before = self.roots.lock().ok().and_then(|m| m.get(&id).cloned());
+            self.drop_entries(id);
+            let now = self.root3(id, true)?;
+            // The first time, what failed may have come from an entry
+            // cached before the record was read again elsewhere (`open3`, a
+            // concurrent lookup): read once more whatever the record says.
+            if followed > 1 && before.as_ref() == Some(&now) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Drops the cached entries of snapshot `id` (their lists may point
+    /// into a meta pack a prune deleted). Listings stay: they hold names
+    /// and keys (paths), which a prune does not change.
+    fn drop_entries(&self, id: SnapshotId) {
+        let inos: Vec<u64> = match self.entries.lock() {
+            Ok(m) => m.iter().map(|(ino, _)| *ino).collect(),
+            Err(_) => return,
+        };
+        let stale: Vec<u64> = match self.inodes.read() {
+            Ok(i) => inos
+                .into_iter()
+                .filter(|&n| i.snap(n) == Some(id))
+                .collect(),
+            Err(_) => return,
+        };
+        if let Ok(mut m) = self.entries.lock() {
+            for ino in stale {
+                m.pop(&ino);
+            }
+        }
     }
 
     /// Looks the entry of `ino` up by its path.
@@ -573,25 +662,34 @@ impl Tree {
         if let Some(l) = cached(&self.listings, ino) {
             return Ok(Some(l));
         }
-        let Some((id, list)) = self.dir3(key, ino)? else {
+        let (Key::Dir(id, None) | Key::Path(id, ..)) = key else {
             return Ok(None);
         };
-        let mut out = Vec::new();
-        browse::for_each(&self.repo, &list, &mut |e| {
-            let k = self.key_of(id, ino, &e);
-            let t = entry_type(&e);
-            let child = self.ino(&k);
-            let name = e.name.clone();
-            self.remember(child, e);
-            out.push((name, k, t));
-            Ok(())
-        })
-        .inspect_err(|e| {
-            crate::log(&format!(
-                "snapshot {id} {}: {e}",
-                String::from_utf8_lossy(&self.path_of(ino).unwrap_or_default())
-            ))
-        })?;
+        let read = || {
+            let Some((id, list)) = self.dir3(key, ino)? else {
+                return Ok(None);
+            };
+            let mut out = Vec::new();
+            browse::for_each(&self.repo, &list, &mut |e| {
+                let k = self.key_of(id, ino, &e);
+                let t = entry_type(&e);
+                let child = self.ino(&k);
+                let name = e.name.clone();
+                self.remember(child, e);
+                out.push((name, k, t));
+                Ok(())
+            })
+            .inspect_err(|e| {
+                crate::log(&format!(
+                    "snapshot {id} {}: {e}",
+                    String::from_utf8_lossy(&self.path_of(ino).unwrap_or_default())
+                ))
+            })?;
+            Ok(Some(out))
+        };
+        let Some(out) = self.follow(*id, read)? else {
+            return Ok(None);
+        };
         let out = Arc::new(out);
         if let Ok(mut m) = self.listings.lock() {
             m.put(ino, out.clone());
@@ -706,12 +804,15 @@ impl Tree {
                 if let Some(l) = cached(&self.listings, parent) {
                     return Ok(find(&l, name));
                 }
-                let Some((id, list)) = self.dir3(&key, parent)? else {
-                    return Ok(None);
+                let read = || {
+                    let Some((id, list)) = self.dir3(&key, parent)? else {
+                        return Ok(None);
+                    };
+                    let e = browse::lookup(&self.repo, &list, name)
+                        .inspect_err(|e| crate::log(&format!("snapshot {id}: {e}")))?;
+                    Ok(e.map(|e| (id, e)))
                 };
-                let Some(e) = browse::lookup(&self.repo, &list, name)
-                    .inspect_err(|e| crate::log(&format!("snapshot {id}: {e}")))?
-                else {
+                let Some((id, e)) = self.follow(*id, read)? else {
                     return Ok(None);
                 };
                 let k = self.key_of(id, parent, &e);

@@ -107,13 +107,11 @@ fn text(
 /// bad name forgets nothing); `prune` reclaims their data.
 pub fn forget(o: ForgetArgs, quiet: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let r = Repo::open(&o.repo)?;
-    let mut ids = Vec::new();
+    let mut named = Vec::new();
     for spec in &o.snapshots {
-        ids.push(r.resolve(spec)?.id);
+        named.push(r.resolve(spec)?.id);
     }
-    ids.sort();
-    ids.dedup();
-    dsync_store::prune::forget(&r, &ids)?;
+    let ids = dsync_store::prune::forget(&r, &named)?;
     match Style::new(o.json, quiet) {
         Style::Json => {
             let v: Vec<String> = ids.iter().map(|i| i.to_string()).collect();

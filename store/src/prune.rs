@@ -93,14 +93,21 @@ pub fn apply<T: Timed>(snaps: &[T], policy: &KeepPolicy) -> Vec<Decision> {
     out
 }
 
-/// Removes the manifests of `ids`. Takes the writer lock.
+/// Removes the manifests of `ids`. Takes the writer lock. An id given more
+/// than once (a snapshot named by its id and by its time) is removed and
+/// reported once. Returns the ids forgotten, in id order, each once, for
+/// the caller to report.
 ///
 /// # Errors
 /// [`crate::Error::Locked`], [`crate::Error::Io`].
-pub fn forget(repo: &Repo, ids: &[SnapshotId]) -> Result<()> {
+pub fn forget(repo: &Repo, ids: &[SnapshotId]) -> Result<Vec<SnapshotId>> {
+    let mut ids = ids.to_vec();
+    ids.sort();
+    ids.dedup();
     let _lock = repo.lock()?;
     let keys: Vec<Key> = ids.iter().map(|&id| Key::snapshot(id)).collect();
-    repo.backend().remove(&keys)
+    repo.backend().remove(&keys)?;
+    Ok(ids)
 }
 
 /// What `dsync prune` will do: the policy's decision for every snapshot,
@@ -342,5 +349,40 @@ mod tests {
             ),
             vec![2, 3, 4]
         );
+    }
+
+    /// A snapshot named twice is removed once and reported once; the others
+    /// stay.
+    #[test]
+    fn forget_removes_and_reports_an_id_given_twice_once() {
+        use crate::backend::MemBackend;
+        use crate::backup::{backup_stream, BackupOptions, NoProgress};
+        use crate::format::config::Config;
+        let m = MemBackend::new();
+        let repo = Repo::init_on(std::sync::Arc::new(m.clone()), Config::default()).unwrap();
+        let mut ids = Vec::new();
+        for day in 0..3i64 {
+            let opts = BackupOptions {
+                name: Some("f".into()),
+                time_ns: Some(1_700_000_000_000_000_000 + day * 86_400_000_000_000),
+                ..Default::default()
+            };
+            let data = crate::testdata::pseudo(4096, day as u64);
+            let rep = backup_stream(&repo, &mut &data[..], &opts, &NoProgress).unwrap();
+            ids.push(rep.snapshot.id);
+        }
+        let writes = m.writes();
+        let forgot = forget(&repo, &[ids[1], ids[1]]).unwrap();
+        assert_eq!(forgot, vec![ids[1]]);
+        assert_eq!(m.writes() - writes, 1, "one removal");
+        let left: Vec<SnapshotId> = repo.infos().unwrap().iter().map(|i| i.id).collect();
+        assert_eq!(left.len(), 2);
+        assert!(left.contains(&ids[0]) && left.contains(&ids[2]));
+        // In id order, each once, whatever order and repeats they came in.
+        let forgot = forget(&repo, &[ids[2], ids[0], ids[2]]).unwrap();
+        let mut want = vec![ids[0], ids[2]];
+        want.sort();
+        assert_eq!(forgot, want);
+        assert!(repo.infos().unwrap().is_empty());
     }
 }

@@ -446,6 +446,46 @@ fn damaged_directory_list_gives_eio_not_enoent() {
     m.unmount();
 }
 
+/// A meta pack missing with no prune about (the snapshot's record, read
+/// again, still names it) is damage: the mount re-reads the record a
+/// bounded number of times (as after a prune that replaced it), then
+/// answers EIO, not ENOENT, and the rest of the tree reads.
+#[test]
+fn missing_meta_pack_gives_eio_not_enoent() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    env.ok(&["init", "--format", "3", s(&env.repo())]);
+    let t = env.path("t");
+    let big = t.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let name = |i: u32| format!("a-file-with-a-long-enough-name-{i:05}.txt");
+    for i in 0..2000 {
+        std::fs::write(big.join(name(i)), format!("{i}")).unwrap();
+    }
+    std::fs::write(t.join("small.txt"), b"still readable").unwrap();
+    env.ok(&["backup", "-q", s(&env.repo()), s(&t)]);
+    for e in std::fs::read_dir(env.repo().join("meta")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let m = Mount::new(&env, &[]);
+    let snap = m.dir.join("latest/t");
+    let errno = |r: std::io::Result<std::fs::Metadata>| r.err().and_then(|e| e.raw_os_error());
+    assert_eq!(
+        std::fs::read(snap.join("small.txt")).unwrap(),
+        b"still readable"
+    );
+    for p in [name(0), "absent".to_string()] {
+        assert_eq!(
+            errno(std::fs::metadata(snap.join("big").join(&p))),
+            Some(libc::EIO),
+            "stat of big/{p}"
+        );
+    }
+    m.unmount();
+}
+
 #[test]
 fn new_snapshots_appear_and_sigterm_unmounts() {
     if skip() {

@@ -1,7 +1,9 @@
 //! Readers that run while prune repacks: a mount (files opened before the
-//! prune and files opened after it) and `dsync cat` stopped mid-stream. Every
-//! byte they return is compared with the original; a kept snapshot never
-//! fails, a forgotten one vanishes from the mount cleanly.
+//! prune and files opened after it; a format 3 tree whose directory lists
+//! were cached before the prune moved them to a new meta pack) and `dsync
+//! cat` stopped mid-stream. Every byte they return is compared with the
+//! original; a kept snapshot never fails, a forgotten one vanishes from the
+//! mount cleanly.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -10,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::mount::{skip, Mount};
+use super::tree::{assert_same, chmod, write};
 use super::util::*;
 
 /// Three versions of a 24 MiB image; each day rewrites 3/4 of it (day 2
@@ -169,4 +172,182 @@ fn cat_survives_a_prune_that_runs_while_it_streams() {
     ]);
     let o = Command::new("cmp").arg(&to).arg(&orig[2]).output().unwrap();
     assert!(o.status.success(), "restored day 3 differs");
+}
+
+/// Writes the nested tree of [`a_mount_walks_a_kept_tree_after_prune_repacks_its_meta_packs`]:
+/// `d0..d3/s0..s2` of 40 files each and `flat` of 150, sizes from a few
+/// bytes to 24 KiB (signatures from 8 KiB), three modes, mtimes with
+/// nanoseconds. Each `d*` directory's list is over 16 KiB, so it is paged:
+/// its pages are blobs in a meta pack.
+fn nested_tree(src: &Path) {
+    let mut n = 0u64;
+    let mut file = |p: PathBuf| {
+        n += 1;
+        write(&p, &pseudo((n as usize * 211) % 24_000 + 1, n));
+        let mode = [0o644, 0o600, 0o755][n as usize % 3];
+        chmod(&p, mode);
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        let t = std::time::UNIX_EPOCH + Duration::new(1_700_000_000 + n * 61, (n * 7_919) as u32);
+        f.set_modified(t).unwrap();
+    };
+    for d in 0..4 {
+        for sub in 0..3 {
+            for k in 0..40 {
+                file(src.join(format!("d{d}/s{sub}/a-file-with-a-longer-name-{k:03}.dat")));
+            }
+        }
+    }
+    for k in 0..150 {
+        file(src.join(format!("flat/f{k:03}")));
+    }
+}
+
+/// Day 2's changes: some files of `d0` rewritten, one added to `d1/s1`,
+/// one removed from `d2/s0`, modes changed in `flat`; `d3` as it was, so
+/// day 2 still names day 1's pages of it.
+fn change_tree(src: &Path) {
+    for k in (0..40).step_by(7) {
+        let p = src.join(format!("d0/s1/a-file-with-a-longer-name-{k:03}.dat"));
+        write(&p, &pseudo(10_000 + k, 99 + k as u64));
+    }
+    write(&src.join("d1/s1/added"), b"new on day 2");
+    std::fs::remove_file(src.join("d2/s0/a-file-with-a-longer-name-005.dat")).unwrap();
+    for k in (0..150).step_by(11) {
+        chmod(&src.join(format!("flat/f{k:03}")), 0o640);
+    }
+}
+
+/// Each directory under `mnt` holds the names its counterpart under `src`
+/// holds, each with the same type, permissions, mtime (to the nanosecond)
+/// and, for files, size; by `readdir` and `lstat` only, no file opened.
+/// With `files` false, only directories are looked up: the mount's
+/// attributes of a file open its reader (for `st_blocks`), and a reader
+/// that finds its data repacked re-reads the snapshot's record on its own,
+/// which would hide a directory lookup that does not.
+fn same_names_and_attributes(src: &Path, mnt: &Path, files: bool) {
+    use std::os::unix::fs::MetadataExt;
+    let names = |d: &Path| -> std::collections::BTreeSet<std::ffi::OsString> {
+        std::fs::read_dir(d)
+            .and_then(|r| r.map(|e| e.map(|e| e.file_name())).collect())
+            .unwrap_or_else(|e| panic!("ls {}: {e}", d.display()))
+    };
+    let want = names(src);
+    assert_eq!(want, names(mnt), "the names in {}", mnt.display());
+    for n in want {
+        let (p, q) = (src.join(&n), mnt.join(&n));
+        let a = std::fs::symlink_metadata(&p).unwrap();
+        if !files && !a.is_dir() {
+            continue;
+        }
+        let b =
+            std::fs::symlink_metadata(&q).unwrap_or_else(|e| panic!("stat {}: {e}", q.display()));
+        let size = |m: &std::fs::Metadata| if m.is_file() { m.len() } else { 0 };
+        assert_eq!(
+            (a.mode(), a.mtime(), a.mtime_nsec(), size(&a)),
+            (b.mode(), b.mtime(), b.mtime_nsec(), size(&b)),
+            "mode, mtime and size of {}",
+            q.display()
+        );
+        if a.is_dir() {
+            same_names_and_attributes(&p, &q, files);
+        }
+    }
+}
+
+fn meta_packs(env: &Env) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(env.repo().join("meta"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A format 3 mount whose root and directory lists were read before a
+/// prune that repacks the meta packs holding them: every path of the kept
+/// snapshot, visited before or not, still resolves with the attributes and
+/// bytes of the source (rsync is the judge), and a path of the forgotten
+/// snapshot answers ENOENT, not EIO.
+#[test]
+fn a_mount_walks_a_kept_tree_after_prune_repacks_its_meta_packs() {
+    if skip() {
+        return;
+    }
+    let env = Env::new();
+    env.ok(&["init", "--format", "3", s(&env.repo())]);
+    let src = env.path("src");
+    nested_tree(&src);
+    env.ok(&[
+        "backup",
+        "-q",
+        "--time",
+        "2024-05-01T03:00:00",
+        s(&env.repo()),
+        s(&src),
+    ]);
+    let day1_metas = meta_packs(&env);
+    assert!(!day1_metas.is_empty(), "day 1 wrote no meta pack");
+    change_tree(&src);
+    env.ok(&[
+        "backup",
+        "-q",
+        "--time",
+        "2024-05-02T03:00:00",
+        s(&env.repo()),
+        s(&src),
+    ]);
+
+    let m = Mount::new(&env, &[]);
+    let kept = m.dir.join("2024-05-02/src");
+    let gone = m.dir.join("2024-05-01/src");
+    // Part of each snapshot visited before the prune: its root list and
+    // some directory lists and entries are in the mount's caches.
+    let ls = |p: &Path| std::fs::read_dir(p).unwrap().count();
+    assert_eq!(ls(&kept), 5);
+    assert_eq!(ls(&kept.join("d0/s0")), 40);
+    for e in std::fs::read_dir(kept.join("d0/s0")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.strip_prefix(&kept).unwrap();
+        assert!(std::fs::read(&p).unwrap() == std::fs::read(src.join(name)).unwrap());
+    }
+    std::fs::metadata(kept.join("d1/s1/a-file-with-a-longer-name-003.dat")).unwrap();
+    std::fs::read(kept.join("flat/f007")).unwrap();
+    assert_eq!(ls(&gone.join("d2")), 3);
+
+    let v: serde_json::Value = serde_json::from_str(
+        env.ok(&[
+            "prune",
+            s(&env.repo()),
+            "--keep-last",
+            "1",
+            "--repack-below",
+            "1",
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(v["forgotten"].as_array().map(Vec::len), Some(1), "{v}");
+    assert!(
+        v["packs_repacked"].as_u64() >= Some(1) && v["manifests_rewritten"].as_u64() == Some(1),
+        "the test needs a prune that rewrites the kept record: {v}"
+    );
+    let after = meta_packs(&env);
+    assert!(
+        day1_metas.iter().all(|p| !after.contains(p)),
+        "day 1's meta packs (which day 2 shares) were not repacked: {day1_metas:?} -> {after:?}"
+    );
+
+    // The whole kept snapshot: its directories, then every name's
+    // attributes, then (rsync) every byte.
+    same_names_and_attributes(&src, &kept, false);
+    same_names_and_attributes(&src, &kept, true);
+    // A path of the forgotten snapshot that was never looked up.
+    let e = std::fs::metadata(gone.join("d2/s2/a-file-with-a-longer-name-000.dat"))
+        .expect_err("a path of the forgotten snapshot still resolves");
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ENOENT),
+        "forgotten snapshot: {e}"
+    );
+    assert_same(&src, &kept);
+    m.unmount();
 }
