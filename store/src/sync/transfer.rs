@@ -175,7 +175,8 @@ pub(super) fn transfer(s: &Shared<'_>, j: &Job) -> io::Result<()> {
     }
     let (tmp, out, start, big) = open_out(s, &j.rel, &j.dname, &st, dir, old.as_ref())?;
     let r = (|| -> io::Result<()> {
-        let mut checkpoint = checkpointer(&st, &j.dname, dir, &out, old.as_ref(), big, start);
+        let mut cp = checkpointer(&st, &j.dname, dir, &out, old.as_ref(), big, start);
+        let mut checkpoint = |at| cp.at(at);
         match &old {
             Some(old) => {
                 let old_size = source::stat_fd(old.as_fd())?.size;
@@ -204,6 +205,7 @@ pub(super) fn transfer(s: &Shared<'_>, j: &Job) -> io::Result<()> {
                 });
             }
         }
+        cp.finish()?;
         s.attrs(Target::Fd(out.as_fd()), &st, xattrs.as_ref(), true)?;
         rustix::fs::renameat(dir, tmp.as_slice(), dir, j.dname.as_slice())?;
         Ok(())
@@ -257,8 +259,12 @@ pub(super) fn open_out(
 /// copied from the cache.
 const LET_GO_BEHIND: u64 = 64 << 20;
 
-/// Told each offset written: a big file's data is made durable and its
-/// checkpoint written every [`checkpoint_every`] bytes.
+/// Told each offset written ([`Checkpointer::at`]): a big file's data is
+/// made durable and its checkpoint written every [`checkpoint_every`]
+/// bytes, in the background: the copy goes on while the disk catches up
+/// (inline, the 16 `fdatasync`s of a 2 GiB image cost 1.2 s of its
+/// sync). One checkpoint is in flight at a time; [`Checkpointer::finish`]
+/// waits for it, before the partial file is renamed or left.
 ///
 /// The old file's cached pages are also let go [`LET_GO_BEHIND`] behind
 /// the writing when the rename will free them anyway (no other link), so
@@ -266,6 +272,18 @@ const LET_GO_BEHIND: u64 = 64 << 20;
 /// far more on a virtual machine that hands free memory back to its host:
 /// a 2 GiB `copy_file_range` here took 3.5-3.9 s, and 0.6 s letting the
 /// source go behind it.
+pub(super) struct Checkpointer<'f> {
+    st: &'f Stat,
+    name: &'f [u8],
+    dir: BorrowedFd<'f>,
+    out: &'f File,
+    old: Option<&'f File>,
+    big: bool,
+    last: u64,
+    let_go: Option<(&'f File, u64)>,
+    pending: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
 pub(super) fn checkpointer<'f>(
     st: &'f Stat,
     name: &'f [u8],
@@ -274,13 +292,27 @@ pub(super) fn checkpointer<'f>(
     old: Option<&'f File>,
     big: bool,
     start: u64,
-) -> impl FnMut(u64) -> io::Result<()> + 'f {
-    let mut last = start;
-    let mut let_go = old
+) -> Checkpointer<'f> {
+    let let_go = old
         .filter(|f| big && source::stat_fd(f.as_fd()).is_ok_and(|o| o.nlink == 1))
         .map(|f| (f, 0u64));
-    move |at: u64| -> io::Result<()> {
-        if let Some((f, from)) = &mut let_go {
+    Checkpointer {
+        st,
+        name,
+        dir,
+        out,
+        old,
+        big,
+        last: start,
+        let_go,
+        pending: None,
+    }
+}
+
+impl Checkpointer<'_> {
+    /// Everything before `at` is written.
+    pub(super) fn at(&mut self, at: u64) -> io::Result<()> {
+        if let Some((f, from)) = &mut self.let_go {
             let to = at.saturating_sub(LET_GO_BEHIND);
             if to >= *from + file::STEP {
                 // Advice only: a failure costs nothing but the cache.
@@ -293,12 +325,40 @@ pub(super) fn checkpointer<'f>(
                 *from = to;
             }
         }
-        if big && at - last >= checkpoint_every(st.size) && at < st.size {
-            out.sync_data()?;
-            write_checkpoint(dir, name, &Checkpoint::of(st, old, at)?)?;
-            last = at;
+        if self.big && at - self.last >= checkpoint_every(self.st.size) && at < self.st.size {
+            self.finish()?;
+            let c = Checkpoint::of(self.st, self.old, at)?;
+            let out = self.out.try_clone()?;
+            let dir = rustix::io::fcntl_dupfd_cloexec(self.dir, 0)?;
+            let name = self.name.to_vec();
+            self.pending = Some(
+                std::thread::Builder::new()
+                    .name("dsync-checkpoint".into())
+                    .spawn(move || {
+                        out.sync_data()?;
+                        write_checkpoint(dir.as_fd(), &name, &c)
+                    })?,
+            );
+            self.last = at;
         }
         Ok(())
+    }
+
+    /// Waits for the checkpoint in flight; its error, if it failed.
+    pub(super) fn finish(&mut self) -> io::Result<()> {
+        match self.pending.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the checkpoint thread panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Checkpointer<'_> {
+    /// A transfer that failed leaves no checkpoint being written behind it.
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
 }
 

@@ -709,16 +709,11 @@ fn transfer_once(s: &Shared<'_>, j: &Job, d: &Dir, ahead: Option<Fetch>) -> io::
                     .fetch(d.arg, &join(&d.rel, &j.sname), start, sig.as_ref())?
             }
         };
-        let mut checkpoint =
-            transfer::checkpointer(&j.st, &j.dname, dir, &out, old.as_ref(), big, start);
-        let ((size, mtime), moved) = apply(
-            &rx,
-            old.as_ref(),
-            &out,
-            start,
-            s.opts.sparse,
-            &mut checkpoint,
-        )?;
+        let mut cp = transfer::checkpointer(&j.st, &j.dname, dir, &out, old.as_ref(), big, start);
+        let ((size, mtime), moved) = apply(&rx, old.as_ref(), &out, start, s.opts.sparse, |at| {
+            cp.at(at)
+        })?;
+        cp.finish()?;
         file::set_len(&out, size)?;
         let mut st = j.st;
         st.size = size;
