@@ -31,7 +31,10 @@ impl Slot {
     /// failed, and they read the ordinary way, which reports the error).
     pub(crate) fn fill(&self, bytes: Option<bytes::Bytes>) {
         if let Ok(mut v) = self.value.lock() {
-            *v = Some(bytes);
+            // The first filling counts (see [`Unfilled`]).
+            if v.is_none() {
+                *v = Some(bytes);
+            }
         }
         self.ready.notify_all();
     }
@@ -42,6 +45,17 @@ impl Slot {
             v = self.ready.wait(v).ok()?;
         }
         v.clone().flatten()
+    }
+}
+
+/// Held by a fetch until it fills its slot: a fetch dropped before it
+/// could (its runtime shut down, its task gone) fills it with a failure
+/// as it goes, so that no reader waits for it for ever.
+pub(crate) struct Unfilled(pub(crate) Arc<Slot>);
+
+impl Drop for Unfilled {
+    fn drop(&mut self) {
+        self.0.fill(None);
     }
 }
 
@@ -241,10 +255,14 @@ mod tests {
         assert_eq!(buf[9], 39);
         // Read again (two reads share a frame): still there.
         assert!(p.read(&k, 30, &mut buf));
-        // A failed fetch sends its readers the ordinary way.
+        // A failed fetch sends its readers the ordinary way, and so does
+        // one dropped before it filled its slot.
         let f = p.plan(&k, &[(0, 8)]);
         f[0].2.fill(None);
         assert!(!p.read(&k, 0, &mut [0u8; 8]));
+        let f = p.plan(&k, &[(100, 108)]);
+        drop(Unfilled(f[0].2.clone()));
+        assert!(!p.read(&k, 100, &mut [0u8; 8]));
         assert!(!p.read(&k, 0, &mut [0u8; 4]), "let go");
     }
 }

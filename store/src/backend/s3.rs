@@ -39,7 +39,7 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 
 use super::ahead::{self, Ahead};
-use super::planned::Planned;
+use super::planned::{Planned, Unfilled};
 use super::{Backend, Key, Kind, LockGuard, Object, ObjectWriter};
 use crate::error::{Error, Result};
 
@@ -679,12 +679,13 @@ impl Object for S3Object {
         let s = &self.shared;
         for (start, end, slot) in s.planned.plan(&self.key, ranges) {
             let (shared, p) = (s.clone(), s.path(&self.path));
+            let slot = Unfilled(slot);
             self.handle.spawn(async move {
                 let got = match shared.fetches.acquire().await {
                     Ok(_permit) => shared.store.get_range(&p, start..end).await.ok(),
                     Err(_) => None,
                 };
-                slot.fill(got.filter(|b| b.len() as u64 == end - start));
+                slot.0.fill(got.filter(|b| b.len() as u64 == end - start));
             });
         }
     }
