@@ -385,6 +385,26 @@ fn damage_every_frame(path: &Path) {
     }
 }
 
+/// The name of file `i` of [`paged_tree_backup`]'s big directory.
+fn name(i: u32) -> String {
+    format!("a-file-with-a-long-enough-name-{i:05}.txt")
+}
+
+/// A format 3 repository holding one backup of `t/`: `t/small.txt` and
+/// `t/big/` with 2,000 files, far more than an inline list holds (16 KiB),
+/// so that big's list is paged and its pages are blobs in a meta pack.
+fn paged_tree_backup(env: &Env) {
+    env.ok(&["init", "--format", "3", s(&env.repo())]);
+    let t = env.path("t");
+    let big = t.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    for i in 0..2000 {
+        std::fs::write(big.join(name(i)), format!("{i}")).unwrap();
+    }
+    std::fs::write(t.join("small.txt"), b"still readable").unwrap();
+    env.ok(&["backup", "-q", s(&env.repo()), s(&t)]);
+}
+
 /// A format 3 directory whose list pages are damaged answers EIO, for a
 /// name it holds and for one it does not (which cannot be known): never
 /// ENOENT, which would say the name is absent. A name truly absent from a
@@ -395,18 +415,7 @@ fn damaged_directory_list_gives_eio_not_enoent() {
         return;
     }
     let env = Env::new();
-    env.ok(&["init", "--format", "3", s(&env.repo())]);
-    let t = env.path("t");
-    let big = t.join("big");
-    std::fs::create_dir_all(&big).unwrap();
-    // Far more than an inline list holds (16 KiB): the list is paged, its
-    // pages are blobs in a meta pack.
-    let name = |i: u32| format!("a-file-with-a-long-enough-name-{i:05}.txt");
-    for i in 0..2000 {
-        std::fs::write(big.join(name(i)), format!("{i}")).unwrap();
-    }
-    std::fs::write(t.join("small.txt"), b"still readable").unwrap();
-    env.ok(&["backup", "-q", s(&env.repo()), s(&t)]);
+    paged_tree_backup(&env);
     let metas: Vec<PathBuf> = std::fs::read_dir(env.repo().join("meta"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -456,16 +465,7 @@ fn missing_meta_pack_gives_eio_not_enoent() {
         return;
     }
     let env = Env::new();
-    env.ok(&["init", "--format", "3", s(&env.repo())]);
-    let t = env.path("t");
-    let big = t.join("big");
-    std::fs::create_dir_all(&big).unwrap();
-    let name = |i: u32| format!("a-file-with-a-long-enough-name-{i:05}.txt");
-    for i in 0..2000 {
-        std::fs::write(big.join(name(i)), format!("{i}")).unwrap();
-    }
-    std::fs::write(t.join("small.txt"), b"still readable").unwrap();
-    env.ok(&["backup", "-q", s(&env.repo()), s(&t)]);
+    paged_tree_backup(&env);
     for e in std::fs::read_dir(env.repo().join("meta")).unwrap() {
         std::fs::remove_file(e.unwrap().path()).unwrap();
     }
