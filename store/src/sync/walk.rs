@@ -82,8 +82,10 @@ pub(super) struct Walker<'s, 'a> {
     pub(super) src_errors: u64,
     /// DST's directory (none in a dry run that would create it).
     pub(super) root: Option<Arc<OwnedFd>>,
-    /// Changes made (or queued) in DST so far: a directory whose count
-    /// moved while its entries were done gets its attributes set again.
+    /// Changes made (or queued) in DST's directory being walked, among
+    /// its own entries: a directory whose count moved while its entries
+    /// were done gets its attributes set again (what is written in a
+    /// subdirectory moves that one's mtime, not its parent's).
     pub(super) changes: u64,
     /// Subdirectories opened and listed ahead, by path.
     pub(super) prefetched: HashMap<Vec<u8>, Prefetched>,
@@ -740,10 +742,9 @@ impl<'s, 'a> Walker<'s, 'a> {
                 new,
             });
         }
-        if new {
-            // A new directory changed its parent.
-            self.changes += 1;
-        }
+        // What changed within is this directory's own (noted above); its
+        // parent changed only if it is new.
+        self.changes = changes + u64::from(new);
         Ok(())
     }
 
@@ -1187,29 +1188,60 @@ impl<'s, 'a> Walker<'s, 'a> {
             }
         }
         // Deepest first (each was noted after its entries).
+        let mut chain = Chain::default();
         for d in std::mem::take(&mut self.dirs) {
-            let r = if d.rel.is_empty() {
-                match root {
-                    Some(root) => {
-                        s.attrs(Target::Fd(root.as_fd()), &d.st, d.xattrs.as_ref(), d.new)
+            let r = match root {
+                Some(root) if d.rel.is_empty() => {
+                    s.attrs(Target::Fd(root.as_fd()), &d.st, d.xattrs.as_ref(), d.new)
+                }
+                Some(root) => match chain.parent(root.as_fd(), &d.rel) {
+                    Some((dir, name)) => {
+                        s.attrs(Target::At(dir, name), &d.st, d.xattrs.as_ref(), d.new)
                     }
-                    None => Ok(()),
-                }
-            } else {
-                match self.reopen_parent(&d.rel) {
-                    Some((dir, name)) => s.attrs(
-                        Target::At(dir.as_fd(), &name),
-                        &d.st,
-                        d.xattrs.as_ref(),
-                        d.new,
-                    ),
                     None => Err(io::ErrorKind::NotFound.into()),
-                }
+                },
+                None => Ok(()),
             };
             if let Err(e) = r {
                 s.error(format!("{}: attributes not set: {e}", show(&d.rel)));
             }
         }
+    }
+}
+
+/// DST's directories along the path last reopened from its root, name by
+/// name (never through a symlink), kept for the next path: the end's
+/// passes go in walk order, so neighbours share most of their path.
+#[derive(Default)]
+struct Chain {
+    open: Vec<(Vec<u8>, OwnedFd)>,
+}
+
+impl Chain {
+    /// The directory holding `rel` (`root` when it has no parent), and
+    /// `rel`'s last name.
+    fn parent<'c, 'r>(
+        &'c mut self,
+        root: BorrowedFd<'c>,
+        rel: &'r [u8],
+    ) -> Option<(BorrowedFd<'c>, &'r [u8])> {
+        let mut names: Vec<&[u8]> = rel.split(|&c| c == b'/').collect();
+        let last = names.pop()?;
+        let same = self
+            .open
+            .iter()
+            .zip(&names)
+            .take_while(|((a, _), b)| a.as_slice() == **b)
+            .count();
+        self.open.truncate(same);
+        for n in &names[same..] {
+            let at = self.open.last().map_or(root, |(_, fd)| fd.as_fd());
+            match source::open_dir(Some(at), n) {
+                Ok(fd) => self.open.push((n.to_vec(), fd)),
+                Err(_) => return None,
+            }
+        }
+        Some((self.open.last().map_or(root, |(_, fd)| fd.as_fd()), last))
     }
 }
 
