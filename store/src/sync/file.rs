@@ -580,8 +580,9 @@ pub(crate) fn copy_data_to(f: &File, from: u64, len: u64, out: &File, to: u64) -
     Ok(())
 }
 
-/// Writes the plan into `out` (a new file); `at` is where it starts. With
-/// `sparse`, holes of either file stay holes.
+/// Writes the plan into `out` (a new file); `at` is where it starts. The
+/// old file's holes stay holes (as `cp --sparse=auto` keeps a copy's);
+/// with `sparse`, SRC's too.
 ///
 /// # Errors
 /// A read or write error.
@@ -594,17 +595,14 @@ pub(crate) fn write_plan(
     sparse: bool,
     mut done: impl FnMut(u64) -> io::Result<()>,
 ) -> io::Result<()> {
-    let copy = |f: &File, from: u64, n: u64, to: u64| match sparse {
-        true => copy_data_to(f, from, n, out, to),
-        false => copy_range(f, from, out, to, n),
-    };
     for p in pieces {
         let mut off = 0;
         while off < p.len() {
             let n = (p.len() - off).min(STEP);
             match *p {
-                Piece::Old { from, .. } => copy(old, from + off, n, at)?,
-                Piece::New { from, .. } => copy(src, from + off, n, at)?,
+                Piece::Old { from, .. } => copy_data_to(old, from + off, n, out, at)?,
+                Piece::New { from, .. } if sparse => copy_data_to(src, from + off, n, out, at)?,
+                Piece::New { from, .. } => copy_range(src, from + off, out, at, n)?,
                 Piece::Zero { .. } => {}
             }
             at += n;
@@ -663,6 +661,38 @@ mod tests {
         let (got, m) = rebuild(&new, &old);
         assert_eq!(got, new);
         assert!(m.literal < 4 * BLOCK, "{m:?}");
+    }
+
+    #[test]
+    fn the_old_files_holes_stay_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let (size, hole) = (12u64 << 20, 4u64 << 20..8 << 20);
+        let mut src = pseudo(size as usize, 7);
+        src[hole.start as usize..hole.end as usize].fill(0);
+        src[..100].fill(9);
+        // The old file: SRC's bytes but for the first block, the zeros a hole.
+        let o = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(d.path().join("o"))
+            .unwrap();
+        o.write_all_at(&src[..hole.start as usize], 0).unwrap();
+        o.write_all_at(&src[hole.end as usize..], hole.end).unwrap();
+        o.write_all_at(&[1; 100], 0).unwrap();
+        let s = file(d.path(), "s", &src);
+        let (pieces, _) = plan(&s, size, &o, size, 0).unwrap();
+        let out = File::create(d.path().join("n")).unwrap();
+        write_plan(&pieces, &s, &o, &out, 0, false, |_| Ok(())).unwrap();
+        set_len(&out, size).unwrap();
+        assert_eq!(std::fs::read(d.path().join("n")).unwrap(), src);
+        let used = out.metadata().unwrap().blocks() * 512;
+        assert!(
+            used <= size - (hole.end - hole.start),
+            "{used} bytes allocated"
+        );
     }
 
     #[test]

@@ -582,13 +582,15 @@ fn records(
 
 /// The sender's answer to a fetch, applied to `out` from `start` on:
 /// ranges of `old`, new bytes, zeros (left unwritten: `out` is new).
+/// The holes of `old` stay holes, as in a local sync (`file::write_plan`):
+/// writing them out was a third of the time of a next-day push of a 2 GiB
+/// image whose old copy had 0.8 GiB of holes, for bytes that read the same.
 /// Returns the file's (size, mtime) and the bytes (new, matched).
 fn apply(
     rx: &Fetch,
     old: Option<&File>,
     out: &File,
     start: u64,
-    sparse: bool,
     done: impl FnMut(u64) -> io::Result<()>,
 ) -> io::Result<((u64, i64), (u64, u64))> {
     let pos = std::cell::Cell::new(start);
@@ -607,11 +609,7 @@ fn apply(
                     let mut off = 0;
                     while off < len {
                         let n = (len - off).min(file::STEP);
-                        if sparse {
-                            file::copy_data_to(old, from + off, n, out, at + off)?;
-                        } else {
-                            file::copy_range(old, from + off, out, at + off, n)?;
-                        }
+                        file::copy_data_to(old, from + off, n, out, at + off)?;
                         off += n;
                         if off < len {
                             (done.borrow_mut())(at + off)?;
@@ -710,9 +708,7 @@ fn transfer_once(s: &Shared<'_>, j: &Job, d: &Dir, ahead: Option<Fetch>) -> io::
             }
         };
         let mut cp = transfer::checkpointer(&j.st, &j.dname, dir, &out, old.as_ref(), big, start);
-        let ((size, mtime), moved) = apply(&rx, old.as_ref(), &out, start, s.opts.sparse, |at| {
-            cp.at(at)
-        })?;
+        let ((size, mtime), moved) = apply(&rx, old.as_ref(), &out, start, |at| cp.at(at))?;
         cp.finish()?;
         file::set_len(&out, size)?;
         let mut st = j.st;
