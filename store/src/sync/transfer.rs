@@ -508,7 +508,14 @@ pub(super) fn partial_open(
                 Mode::empty(),
             ) {
                 let f = File::from(f);
-                if source::stat_fd(f.as_fd())?.size >= c.done {
+                let size = source::stat_fd(f.as_fd())?.size;
+                if size >= c.done {
+                    // What was written after the checkpoint goes: the rest
+                    // is written again, but a hole or zeros are left
+                    // unwritten, and must not show an interrupted run's bytes.
+                    if size > c.done {
+                        f.set_len(c.done)?;
+                    }
                     return Ok((pname, f, c.done));
                 }
             }
@@ -527,4 +534,36 @@ pub(super) fn partial_open(
         Mode::from_raw_mode(0o600),
     )?;
     Ok((pname, File::from(f), 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_resumed_partial_file_keeps_nothing_written_after_its_checkpoint() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::write(&src, vec![7u8; 1 << 20]).unwrap();
+        let st = source::stat_fd(File::open(&src).unwrap().as_fd()).unwrap();
+        let dir = File::open(d.path()).unwrap();
+        // An interrupted run: 64 KiB vouched for, 1 MiB written.
+        let partial = d.path().join(OsStr::from_bytes(&partial_name(b"f")));
+        std::fs::write(&partial, vec![9u8; 1 << 20]).unwrap();
+        let ck = Checkpoint::of(&st, None, 64 << 10).unwrap();
+        let ckp = d.path().join(OsStr::from_bytes(&checkpoint_name(b"f")));
+        std::fs::write(&ckp, ck.encode()).unwrap();
+        let (_, f, start) = partial_open(dir.as_fd(), b"f", &st, None).unwrap();
+        assert_eq!(start, 64 << 10);
+        // A hole or zeros after the checkpoint, left unwritten, read as zeros.
+        f.set_len(1 << 20).unwrap();
+        let mut b = vec![1u8; 4096];
+        File::open(&partial)
+            .unwrap()
+            .read_exact_at(&mut b, 512 << 10)
+            .unwrap();
+        assert!(b.iter().all(|&c| c == 0), "an interrupted run's bytes show");
+    }
 }
